@@ -147,6 +147,7 @@ class TrainConfig:
     seed: int = 0  # data order, rollout sampling and LoRA init
     run_dir: str = "runs/default"  # local path or gs://; a run restarted here resumes
     init_from: str = ""  # HF directory to start from (e.g. a previous run's export/) with a fresh optimizer
+    teacher_init_from: str = ""  # HF directory whose weights start the teacher (default: the student's start); full FT only
     export: bool = True  # write the final student as an HF directory (LoRA merged)
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
@@ -167,6 +168,9 @@ class TrainConfig:
             raise ValueError("method 'sft' needs loss.name = 'sft'")
         if self.method == "sdft" and self.loss.name == "sft":
             raise ValueError("method 'sdft' needs a distillation loss (loss.name != 'sft')")
+        if self.teacher_init_from and (self.method == "sft" or self.model.lora_rank):
+            raise ValueError("teacher_init_from needs method 'sdft' with full fine-tuning (model.lora_rank = 0): "
+                             "SFT has no teacher, and with LoRA the teacher shares the student's frozen base")
 
 
 class ConfigError(ValueError):

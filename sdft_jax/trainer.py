@@ -32,9 +32,9 @@ from sdft_jax.data import offline_tasks, tasks
 from sdft_jax.data.pipeline import BatchIterator, PipelineConfig
 from sdft_jax.data.prompts import render_prompts, render_sft
 from sdft_jax.distill.batch import make_step_batch
-from sdft_jax.distill.train_state import OptimConfig, init_train_state, student_model
+from sdft_jax.distill.train_state import OptimConfig, init_train_state, student_model, with_teacher
 from sdft_jax.distill.train_step import StepConfig, make_train_step, shard_batch
-from sdft_jax.eval.runner import DEFAULT_MAX_NEW_TOKENS, evaluate
+from sdft_jax.eval.runner import evaluate_tasks
 from sdft_jax.metrics import MetricsWriter, read_metrics
 from sdft_jax.models.sharding import make_mesh
 from sdft_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, Sampler, SamplingConfig
@@ -42,7 +42,7 @@ from sdft_jax.tokenization import load_tokenizer, stop_token_ids
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,8 +86,8 @@ class Trainer:
             global_batch_size=cfg.train.prompts_per_step, seed=cfg.seed, num_epochs=None))
 
         # Model and train state.
-        model = load_hf(self.model_path, mesh=self.mesh, dtype=_DTYPES[cfg.model.dtype],
-                        param_dtype=_DTYPES[cfg.model.param_dtype], lora=cfg.model.lora(), remat=cfg.model.remat,
+        model = load_hf(self.model_path, mesh=self.mesh, dtype=DTYPES[cfg.model.dtype],
+                        param_dtype=DTYPES[cfg.model.param_dtype], lora=cfg.model.lora(), remat=cfg.model.remat,
                         seed=cfg.seed)
         self.max_seq_len = model.cfg.max_position_embeddings
         o = cfg.optim
@@ -99,6 +99,11 @@ class Trainer:
             skip_nonfinite=True)
         self.graphdef, self.state = init_train_state(model, self.step_cfg.optim, seed=cfg.seed)
         del model
+        if cfg.teacher_init_from:
+            teacher = load_hf(resolve_model(cfg.teacher_init_from), mesh=self.mesh, dtype=DTYPES[cfg.model.dtype],
+                              param_dtype=DTYPES[cfg.model.param_dtype], remat=cfg.model.remat)
+            self.state = with_teacher(self.state, teacher)
+            del teacher
         self.train_step = make_train_step(self.graphdef, self.state, self.step_cfg, mesh=self.mesh)
         self.sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
@@ -133,18 +138,10 @@ class Trainer:
 
     def _evaluate(self, step: int) -> dict[str, Any]:
         cfg = self.cfg.eval
-        results = {}
-        model = student_model(self.graphdef, self.state)
-        for task, records in self.eval_records.items():
-            if cfg.limit:
-                records = records[: cfg.limit]
-            max_new = cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 32)
-            result = evaluate(model, self.tokenizer, self.sampler, records, max_new_tokens=max_new,
-                              batch_size=cfg.batch_size, prompt_config=self.cfg.prompts)
-            if self.primary:
-                result.write(os.path.join(self.run_dir, "eval", f"step_{step:06d}"), task)
-            results[task] = result.summary
-        return results
+        out_dir = os.path.join(self.run_dir, "eval", f"step_{step:06d}") if self.primary else None
+        return evaluate_tasks(student_model(self.graphdef, self.state), self.tokenizer, self.sampler,
+                              self.eval_records, limit=cfg.limit, max_new_tokens=cfg.max_new_tokens,
+                              batch_size=cfg.batch_size, prompt_config=self.cfg.prompts, out_dir=out_dir)
 
     # -- the run ---------------------------------------------------------------------------------
 

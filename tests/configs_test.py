@@ -10,6 +10,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CASES = [("demo.py", ""), ("sdft_tooluse.py", ""), ("sdft_tooluse.py", "full_kl"), ("sdft_tooluse.py", "lora"),
          ("sdft_science.py", ""), ("sdft_science.py", "thinking"), ("sft.py", ""), ("sft.py", "tooluse"), ("sft.py", "science"),
          ("qwen3_8b_tpu.py", ""), ("qwen3_8b_tpu.py", "lora")]
+# Experiment configs (not one trainer config each); their plans are validated in tests/continual/plan_test.py.
+EXPERIMENTS = [("continual.py", ""), ("continual.py", "upstream")]
 
 
 def _get_config(name, variant):
@@ -34,7 +36,16 @@ def test_config_validates(name, variant):
 
 
 def test_every_config_file_is_covered():
-    assert {p.name for p in CONFIGS.glob("*.py")} == {name for name, _ in CASES}
+    assert {p.name for p in CONFIGS.glob("*.py")} == {name for name, _ in CASES + EXPERIMENTS}
+
+
+@pytest.mark.parametrize("name, variant", EXPERIMENTS)
+def test_experiment_config_validates(name, variant):
+    from sdft_jax.continual.plan import make_plan
+
+    raw = _get_config(name, variant)
+    raw.train.data.data_dir = raw.train.data.data_dir or "/data/self-distillation"
+    assert make_plan(raw).runs
 
 
 def test_unknown_variant_fails():

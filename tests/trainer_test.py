@@ -13,36 +13,7 @@ import pytest
 from sdft_jax.checkpoints.safetensors_io import SafetensorsDir
 from sdft_jax.config import base_config, load_train_config
 from sdft_jax.metrics import read_metrics
-
-
-def tiny_config(model_dir, run_dir, **overrides):
-    c = base_config()
-    c.run_dir = str(run_dir)
-    c.model.name = model_dir
-    c.model.remat = "none"
-    c.data.task = "capitals"
-    c.data.offline_num_train = 8
-    c.prompts.max_prompt_tokens = 512
-    c.rollout.max_new_tokens = 8
-    c.loss.chunk_size = 16
-    c.optim.learning_rate = 1e-3
-    c.optim.schedule = "constant"
-    c.optim.warmup_ratio = 0.0
-    c.train.steps = 3
-    c.train.prompts_per_step = 2
-    c.eval.tasks = "capitals"
-    c.eval.limit = 2
-    c.eval.max_new_tokens = 4
-    c.checkpoint.every = 1
-    c.checkpoint.async_save = False
-    c.mesh.data, c.mesh.tensor = 2, -1  # the 8 fake devices of the test process: 2 x 4
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+from sdft_jax.testing.configs import tiny_config
 
 
 def test_three_steps_end_to_end(tiny_model_dir, tmp_path, torch_model):
@@ -104,6 +75,28 @@ def test_cli_typos_fail_before_compiling(tmp_path):
     assert time.time() - start < 60  # no model was loaded nor compiled
 
 
+def test_teacher_starts_from_another_model(tiny_model_dir, tmp_path):
+    """teacher_init_from: the student starts from one model, the teacher from another of the same shape."""
+    from sdft_jax.trainer import Trainer
+
+    student_dir, teacher_dir = tiny_model_dir("llama"), tiny_model_dir("llama", seed=1)
+    trainer = Trainer(load_train_config(tiny_config(student_dir, tmp_path / "run", teacher_init_from=teacher_dir)))
+    try:
+        names = ["model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.weight"]
+        student, teacher = SafetensorsDir(student_dir), SafetensorsDir(teacher_dir)
+        assert not np.allclose(student.read(names[0]), teacher.read(names[0]))
+        np.testing.assert_array_equal(np.asarray(trainer.state.teacher["embed"][...]), teacher.read(names[0]))
+        np.testing.assert_array_equal(np.asarray(trainer.state.params["embed"][...]), student.read(names[0]))
+    finally:
+        trainer.checkpointer.close()
+    for key, value in (("model.lora_rank", 4), ("method", "sft")):
+        c = tiny_config(student_dir, tmp_path / "bad", teacher_init_from=teacher_dir, **{key: value})
+        if value == "sft":
+            c.loss.name = "sft"
+        with pytest.raises(ValueError, match="teacher_init_from needs method 'sdft' with full fine-tuning"):
+            load_train_config(c)
+
+
 _COMPARED = ("loss", "kl", "grad_norm", "teacher_entropy", "rollout/mean_length", "completion_tokens")
 
 
@@ -118,7 +111,7 @@ def test_killed_run_resumes_exactly(tiny_model_dir, tmp_path):
     kill_after = int(np.random.default_rng().integers(1, 5))  # a random step in 1..4
     run = tmp_path / "killed"
     script = ("import sys; sys.path.insert(0, {root!r})\n"
-              "from tests.trainer_test import tiny_config\n"
+              "from sdft_jax.testing.configs import tiny_config\n"
               "from sdft_jax.config import load_train_config\n"
               "from sdft_jax.trainer import train\n"
               "train(load_train_config(tiny_config({m!r}, {r!r}, **{o!r})))\n").format(

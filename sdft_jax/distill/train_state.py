@@ -127,6 +127,27 @@ def init_train_state(
     return graphdef, state
 
 
+def with_teacher(state: TrainState, model: Transformer) -> TrainState:
+    """`state` with its teacher replaced by `model`'s weights (fp32, on the teacher's shardings).
+
+    For a teacher that starts elsewhere than the student (e.g. the original base model in a continual
+    experiment's second stage). `model` must have the student's architecture and no LoRA adapters, and
+    the state must be a full fine-tuning one (with LoRA the teacher shares the student's frozen base).
+    """
+    if model.layers.lora is not None:
+        raise ValueError("with_teacher: the teacher model must not have LoRA adapters")
+    _, trainable, _ = split_model(model)
+    if jax.tree.structure(trainable) != jax.tree.structure(state.teacher):
+        raise ValueError("with_teacher: the state's teacher holds other parameters than the model (a LoRA state "
+                         "shares its frozen base with the teacher and cannot take a separate one)")
+    for (path, t), new in zip(jax.tree_util.tree_leaves_with_path(state.teacher), jax.tree.leaves(trainable)):
+        if t.shape != new.shape:
+            raise ValueError(f"with_teacher: {jax.tree_util.keystr(path)} has shape {new.shape} in the teacher "
+                             f"model but {t.shape} in the student")
+    teacher = jax.jit(_to_f32, out_shardings=jax.tree.map(lambda x: x.sharding, state.teacher))(trainable)
+    return dataclasses.replace(state, teacher=teacher)
+
+
 def student_model(graphdef: nnx.GraphDef, state: TrainState) -> Transformer:
     """The current student as a module (params cast to the model's parameter dtype)."""
     return nnx.merge(graphdef, state.params, state.frozen)

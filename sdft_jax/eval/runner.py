@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -96,3 +96,31 @@ def evaluate(
     summary.update(prompt=prompt, max_new_tokens=max_new_tokens,
                    mean_completion_chars=float(np.mean([len(c) for c in completions])) if completions else 0.0)
     return EvalResult(summary=summary, items=rows)
+
+
+def evaluate_tasks(
+    model: Transformer,
+    tokenizer: PreTrainedTokenizerBase,
+    sampler: Sampler,
+    records_by_task: Mapping[str, Sequence[Record]],
+    *,
+    limit: int = 0,
+    max_new_tokens: int = 0,
+    batch_size: int = 16,
+    prompt_config: PromptConfig = PromptConfig(),
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Evaluates several tasks with one model; returns {task: summary} and writes each task's rows to `out_dir`.
+
+    `limit` keeps the first N records of each task (0 = all); `max_new_tokens` 0 means the task's
+    default (DEFAULT_MAX_NEW_TOKENS, else 32).
+    """
+    summaries = {}
+    for task, records in records_by_task.items():
+        records = records[:limit] if limit else records
+        result = evaluate(model, tokenizer, sampler, records, batch_size=batch_size, prompt_config=prompt_config,
+                          max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 32))
+        if out_dir is not None:
+            result.write(out_dir, task)
+        summaries[task] = result.summary
+    return summaries

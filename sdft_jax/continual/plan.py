@@ -1,0 +1,178 @@
+"""The continual-learning experiment as data: which runs exist and the trainer config of each.
+
+Spec section 8. For every method x learning rate x seed:
+    stage 1: from the base model, train on task A;
+    stage 2: from stage 1's exported weights (fresh optimizer), train on task B;
+and after each stage evaluate task A, task B and the probe tasks (what the base model already knew).
+The base model is evaluated once on the same tasks. A run's directory is
+`<out_dir>/<method>_lr<lr>_seed<seed>/stage<1|2>`; the base evaluation lives in `<out_dir>/base/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Literal
+
+import ml_collections
+
+from sdft_jax.config import ConfigError, TrainConfig, load_train_config
+
+# method -> (trainer method, loss name)
+METHODS: dict[str, tuple[str, str]] = {
+    "sft": ("sft", "sft"),
+    "sdft_topk": ("sdft", "topk"),
+    "sdft_full_kl": ("sdft", "full_kl"),
+    "sdft_reverse": ("sdft", "reverse_topk"),
+    "sdft_is": ("sdft", "importance_sampling"),
+}
+Stage2Teacher = Literal["stage1", "base"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Run:
+    """One stage of one (method, learning rate, seed) cell of the grid."""
+
+    method: str
+    learning_rate: float
+    seed: int
+    stage: int  # 1 or 2
+    config: TrainConfig
+
+    @property
+    def name(self) -> str:
+        return run_name(self.method, self.learning_rate, self.seed)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    out_dir: str
+    task_a: str
+    task_b: str
+    probe_tasks: tuple[str, ...]
+    base_config: TrainConfig  # the shared settings; evaluates the base model
+    runs: tuple[Run, ...]  # stage 1 of a cell always precedes its stage 2
+
+    @property
+    def eval_tasks(self) -> tuple[str, ...]:
+        return (self.task_a, self.task_b, *self.probe_tasks)
+
+    @property
+    def base_dir(self) -> str:
+        return os.path.join(self.out_dir, "base")
+
+
+def run_name(method: str, learning_rate: float, seed: int) -> str:
+    return f"{method}_lr{learning_rate:g}_seed{seed}"
+
+
+def _split(value: Any, key: str) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        items = [str(v).strip() for v in value]
+    elif isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    else:
+        items = [str(value)]
+    items = [v for v in items if v]
+    if len(set(items)) != len(items):
+        raise ConfigError(f"config.{key} lists a value twice: {value!r}")
+    return items
+
+
+def _numbers(value: Any, key: str, kind: type) -> list:
+    out = []
+    for item in _split(value, key):
+        try:
+            number = kind(item)
+        except ValueError:
+            raise ConfigError(f"config.{key}: {item!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not number > 0:
+            raise ConfigError(f"config.{key}: learning rates must be > 0, got {item}")
+        out.append(number)
+    if not out:
+        raise ConfigError(f"config.{key} is empty")
+    return out
+
+
+_KEYS = {"out_dir", "task_a", "task_b", "probe_tasks", "methods", "learning_rates", "seeds", "stage2_teacher",
+         "stage2_steps", "compilation_cache", "train"}
+
+
+def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
+    """Validates the experiment config (see configs/continual.py) and builds every run's TrainConfig.
+
+    Raises ConfigError naming the key for unknown keys, unknown methods, bad numbers or a trainer
+    setting that fails validation (reported as `config.train.<key>`).
+    """
+    raw = c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key config.{unknown[0]} (valid keys: {', '.join(sorted(_KEYS))})")
+    missing = sorted(_KEYS - set(raw))
+    if missing:
+        raise ConfigError(f"missing config key config.{missing[0]}")
+    methods = _split(raw["methods"], "methods")
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"config.methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
+    if not methods:
+        raise ConfigError("config.methods is empty")
+    lrs = _numbers(raw["learning_rates"], "learning_rates", float)
+    seeds = _numbers(raw["seeds"], "seeds", int)
+    task_a, task_b = str(raw["task_a"]), str(raw["task_b"])
+    probes = tuple(_split(raw["probe_tasks"], "probe_tasks"))
+    if task_a == task_b or {task_a, task_b} & set(probes):
+        raise ConfigError(f"config.task_a, task_b and probe_tasks must be different tasks, got "
+                          f"{task_a!r}, {task_b!r}, {probes}")
+    teacher = raw["stage2_teacher"]
+    if teacher not in ("stage1", "base"):
+        raise ConfigError(f"config.stage2_teacher must be 'stage1' or 'base', got {teacher!r}")
+    stage2_steps = raw["stage2_steps"]
+    if not isinstance(stage2_steps, int) or stage2_steps < 0:
+        raise ConfigError(f"config.stage2_steps must be an int >= 0 (0 = train.steps), got {stage2_steps!r}")
+    out_dir = str(raw["out_dir"])
+    train = dict(raw["train"])
+    base_model = train.get("init_from") or train.get("model", {}).get("name", "")
+    if teacher == "base" and train.get("model", {}).get("lora_rank", 0):
+        raise ConfigError("config.stage2_teacher='base' needs full fine-tuning (config.train.model.lora_rank = 0): "
+                          "with LoRA the teacher shares the student's frozen base")
+
+    def stage_config(method: str, lr: float, seed: int, stage: int) -> TrainConfig:
+        trainer_method, loss = METHODS[method]
+        d = _deep_copy(train)
+        run_dir = os.path.join(out_dir, run_name(method, lr, seed), f"stage{stage}")
+        d.update(method=trainer_method, seed=seed, run_dir=run_dir, export=True)
+        d.setdefault("loss", {})["name"] = loss
+        d.setdefault("optim", {})["learning_rate"] = lr
+        d.setdefault("data", {})["task"] = task_a if stage == 1 else task_b
+        d.setdefault("eval", {}).update(tasks=",".join((task_a, task_b, *probes)), at_start=False, every=0)
+        if stage == 2:
+            d["init_from"] = os.path.join(out_dir, run_name(method, lr, seed), "stage1", "export")
+            if stage2_steps:
+                d.setdefault("train", {})["steps"] = stage2_steps
+            if teacher == "base" and trainer_method == "sdft":
+                d["teacher_init_from"] = base_model
+        return _validated(d)
+
+    runs = []
+    for method in methods:
+        for lr in lrs:
+            for seed in seeds:
+                runs += [Run(method=method, learning_rate=lr, seed=seed, stage=s, config=stage_config(method, lr, seed, s))
+                         for s in (1, 2)]
+    base = _deep_copy(train)
+    base.setdefault("eval", {})["tasks"] = ",".join((task_a, task_b, *probes))
+    base["run_dir"] = os.path.join(out_dir, "base")
+    return Plan(out_dir=out_dir, task_a=task_a, task_b=task_b, probe_tasks=probes, base_config=_validated(base),
+                runs=tuple(runs))
+
+
+def _deep_copy(d: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _validated(d: dict) -> TrainConfig:
+    try:
+        return load_train_config(d)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config.", "config.train.", 1)) from None

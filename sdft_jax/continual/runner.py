@@ -1,0 +1,104 @@
+"""Runs a continual-learning plan: the base evaluation, then every stage in order; finished parts are skipped.
+
+A stage is finished when its `summary.json` exists (the trainer writes it last, after the export);
+an interrupted stage resumes from its latest checkpoint through the trainer itself. The base
+evaluation is finished when `<out_dir>/base/summary.json` exists. After the runs, the report
+(results.csv, results.md, results.png) is rebuilt from the files on disk.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+
+from sdft_jax import distributed
+from sdft_jax.continual.plan import Plan, Run
+from sdft_jax.continual.report import write_report
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def evaluate_base(plan: Plan) -> dict[str, Any]:
+    """Evaluates the starting model on every task of the plan (skipped when done); returns its summary."""
+    path = os.path.join(plan.base_dir, "summary.json")
+    done = _read_json(path)
+    if done is not None:
+        return done
+    from sdft_jax.checkpoints.hf import load_hf
+    from sdft_jax.checkpoints.registry import resolve_model
+    from sdft_jax.eval.runner import evaluate_tasks
+    from sdft_jax.models.sharding import make_mesh
+    from sdft_jax.sampling.sampler import Sampler
+    from sdft_jax.tokenization import load_tokenizer, stop_token_ids
+    from sdft_jax.trainer import DTYPES, load_records
+
+    cfg = plan.base_config
+    t0 = time.perf_counter()
+    mesh = make_mesh(cfg.mesh.shape())
+    model_path = resolve_model(cfg.init_from or cfg.model.name)
+    tokenizer = load_tokenizer(model_path)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = load_hf(model_path, mesh=mesh, dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype])
+    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=int(pad), mesh=mesh)
+    records = {t: load_records(cfg, t, "eval") for t in plan.eval_tasks}
+    primary = jax.process_index() == 0
+    evals = evaluate_tasks(model, tokenizer, sampler, records, limit=cfg.eval.limit,
+                           max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                           prompt_config=cfg.prompts, out_dir=os.path.join(plan.base_dir, "eval") if primary else None)
+    summary = {"model": model_path, "eval": evals, "time_s": time.perf_counter() - t0}
+    if primary:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def run_stage(run: Run) -> dict[str, Any]:
+    """Trains one stage (or returns its summary if it finished before)."""
+    summary = _read_json(os.path.join(run.config.run_dir, "summary.json"))
+    if summary is not None:
+        log.info("%s stage %d: finished before, skipped", run.name, run.stage)
+        return summary
+    if run.stage == 2 and not os.path.isdir(run.config.init_from):
+        raise FileNotFoundError(f"{run.name} stage 2 starts from {run.config.init_from}, which does not exist "
+                                "(stage 1 did not export)")
+    from sdft_jax.trainer import train
+
+    t0 = time.perf_counter()
+    summary = train(run.config)
+    log.info("%s stage %d: %.0f s, eval %s", run.name, run.stage, time.perf_counter() - t0,
+             {t: s["accuracy"] for t, s in summary["eval"].items()})
+    # Each stage builds its own model, sampler and step: drop their compiled programs before the next.
+    jax.clear_caches()
+    gc.collect()
+    return summary
+
+
+def run_plan(plan: Plan, *, compilation_cache: bool = True) -> str:
+    """Runs the whole plan and writes the report; returns the path of results.md."""
+    distributed.maybe_initialize(plan.base_config.distributed)
+    if compilation_cache:
+        # Every stage compiles the same programs (same shapes); the persistent cache makes it once.
+        jax.config.update("jax_compilation_cache_dir", os.path.join(plan.out_dir, "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    os.makedirs(plan.out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    evaluate_base(plan)
+    for run in plan.runs:
+        run_stage(run)
+    log.info("all runs finished in %.0f s", time.perf_counter() - t0)
+    if jax.process_index() != 0:
+        return os.path.join(plan.out_dir, "results.md")
+    return write_report(plan)

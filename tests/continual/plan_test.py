@@ -1,0 +1,108 @@
+"""The experiment's plan: every stage's trainer config, and bad experiment configs named by key."""
+
+import pathlib
+import runpy
+
+import pytest
+
+from sdft_jax.config import ConfigError
+from sdft_jax.continual.plan import METHODS, make_plan
+
+CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "continual.py"
+
+
+def continual_config(variant=""):
+    get = runpy.run_path(str(CONFIG))["get_config"]
+    return get(variant) if variant else get()
+
+
+def test_default_plan_builds_both_stages_of_every_cell():
+    c = continual_config()
+    c.methods = "sft,sdft_topk,sdft_is"
+    c.learning_rates = "5e-5,1e-4"
+    c.seeds = "0,1"
+    c.out_dir = "/exp"
+    plan = make_plan(c)
+    assert plan.eval_tasks == ("capitals", "elements", "probe")
+    assert len(plan.runs) == 3 * 2 * 2 * 2
+    for first, second in zip(plan.runs[::2], plan.runs[1::2]):
+        assert (first.stage, second.stage) == (1, 2)
+        assert (first.method, first.learning_rate, first.seed) == (second.method, second.learning_rate, second.seed)
+        method, loss = METHODS[first.method]
+        for run in (first, second):
+            cfg = run.config
+            assert (cfg.method, cfg.loss.name) == (method, loss)
+            assert cfg.optim.learning_rate == run.learning_rate and cfg.seed == run.seed
+            assert cfg.eval.tasks == "capitals,elements,probe" and not cfg.eval.at_start and cfg.eval.every == 0
+            assert cfg.export and cfg.teacher_init_from == ""
+        assert first.config.data.task == "capitals" and second.config.data.task == "elements"
+        name = f"{first.method}_lr{first.learning_rate:g}_seed{first.seed}"
+        assert first.config.run_dir == f"/exp/{name}/stage1" and second.config.run_dir == f"/exp/{name}/stage2"
+        assert first.config.init_from == "" and second.config.init_from == f"/exp/{name}/stage1/export"
+    assert plan.base_config.eval.tasks == "capitals,elements,probe"
+    assert plan.base_dir == "/exp/base"
+
+
+def test_stage2_teacher_from_the_base_model_and_own_step_count():
+    c = continual_config()
+    c.methods = "sft,sdft_full_kl"
+    c.stage2_teacher = "base"
+    c.stage2_steps = 7
+    plan = make_plan(c)
+    by_method = {(r.method, r.stage): r.config for r in plan.runs}
+    assert by_method["sdft_full_kl", 2].teacher_init_from == "smollm2-135m"
+    assert by_method["sdft_full_kl", 1].teacher_init_from == ""
+    assert by_method["sft", 2].teacher_init_from == ""  # SFT has no teacher
+    assert by_method["sft", 2].train.steps == 7 and by_method["sft", 1].train.steps == 48
+
+
+def test_upstream_variant_needs_data_dir_then_plans_tool_use_then_science():
+    c = continual_config("upstream")
+    with pytest.raises(ConfigError, match="config.train.data.data_dir"):
+        make_plan(c)
+    c.train.data.data_dir = "/data/self-distillation"
+    plan = make_plan(c)
+    assert (plan.task_a, plan.task_b, plan.probe_tasks) == ("tooluse", "science", ())
+    assert {r.method for r in plan.runs} == set(METHODS)
+    assert plan.runs[0].config.eval.max_new_tokens == 0  # the tasks' own defaults (1024 / 2048)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("methods", "sft,sdft_kl", "config.methods: unknown method 'sdft_kl'"),
+    ("methods", "sft,sft", "config.methods lists a value twice"),
+    ("methods", "", "config.methods is empty"),
+    ("learning_rates", "1e-4,fast", "config.learning_rates: 'fast' is not a number"),
+    ("learning_rates", "0", "config.learning_rates: learning rates must be > 0"),
+    ("seeds", "0.5", "config.seeds: '0.5' is not an integer"),
+    ("task_b", "capitals", "must be different tasks"),
+    ("stage2_teacher", "student", "config.stage2_teacher must be 'stage1' or 'base'"),
+    ("stage2_steps", -1, "config.stage2_steps"),
+])
+def test_bad_experiment_keys_are_named(key, value, message):
+    c = continual_config()
+    c[key] = value
+    with pytest.raises(ConfigError, match=message):
+        make_plan(c)
+
+
+def test_bad_trainer_keys_are_named_under_train():
+    c = continual_config()
+    c.train.loss.top_k = 0
+    with pytest.raises(ConfigError, match=r"config\.train\.loss\.top_k"):
+        make_plan(c)
+    c = continual_config().to_dict()
+    c["train"]["optim"]["lr"] = 1.0
+    with pytest.raises(ConfigError, match=r"unknown config key config\.train\.optim\.lr"):
+        make_plan(c)
+    c = continual_config().to_dict()
+    c["methods_list"] = "sft"
+    with pytest.raises(ConfigError, match=r"unknown config key config\.methods_list"):
+        make_plan(c)
+
+
+def test_base_teacher_with_lora_is_refused():
+    c = continual_config()
+    c.stage2_teacher = "base"
+    c.train.model.lora_rank = 8
+    with pytest.raises(ConfigError, match="needs full fine-tuning"):
+        make_plan(c)
