@@ -429,6 +429,18 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(one, tree)
 
 
+def put(x, sharding: jax.sharding.Sharding):
+    """A global array of host value `x` (equal on every process) laid out by `sharding`.
+
+    Unlike `jax.device_put`, works when the sharding spans other processes' devices: each process
+    fills only its own devices' slices. Typed PRNG keys keep their implementation.
+    """
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def agree_max(values: Sequence[int]) -> tuple[int, ...]:
     """Elementwise maximum of `values` over all processes (a collective), e.g. to agree on padded widths."""
     local = np.asarray(values, np.int64)

@@ -12,6 +12,7 @@ run returns its summary without training.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sdft_jax import distributed
@@ -66,10 +68,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        distributed.maybe_initialize(cfg.distributed)
-        self.primary = jax.process_index() == 0
+        distributed.maybe_initialize(cfg.distributed, fingerprint=config_fingerprint(cfg))
+        self.primary = distributed.is_primary()
         self.run_dir = cfg.run_dir
         self.mesh = make_mesh(cfg.mesh.shape())
+        # This process's block of every global batch (index 0 of 1 with one process).
+        self.shard = distributed.data_shard(self.mesh)
         self.model_path = resolve_model(cfg.init_from or cfg.model.name)
         self.tokenizer = load_tokenizer(self.model_path)
         pad = self.tokenizer.pad_token_id
@@ -82,8 +86,10 @@ class Trainer:
         rendered = render(self.tokenizer, records, cfg.prompts)
         self.dropped = dict(rendered.dropped)
         self.items = rendered.items
-        self.iterator = BatchIterator(self.items, PipelineConfig(
-            global_batch_size=cfg.train.prompts_per_step, seed=cfg.seed, num_epochs=None))
+        # The pipeline yields this process's item indices; _global_items gathers the whole batch.
+        self.iterator = BatchIterator(range(len(self.items)), PipelineConfig(
+            global_batch_size=cfg.train.prompts_per_step, seed=cfg.seed, num_epochs=None),
+            process_index=self.shard.index, process_count=self.shard.count)
 
         # Model and train state.
         model = load_hf(self.model_path, mesh=self.mesh, dtype=DTYPES[cfg.model.dtype],
@@ -111,6 +117,23 @@ class Trainer:
         self.eval_records = {t: load_records(cfg, t, "eval") for t in cfg.eval.task_list()}
 
     # -- one step --------------------------------------------------------------------------------
+
+    def _global_items(self, local: list[int]) -> list:
+        """The items of the whole global batch, in order, from this process's block of indices.
+
+        Rollouts sample the global batch on the whole mesh (every process passes the same prompts),
+        and padded widths are then chosen from all rows, so every process builds the same shapes.
+        """
+        if self.shard.count == 1:
+            return [self.items[i] for i in local]
+        blocks = np.asarray(multihost_utils.process_allgather(np.asarray([self.shard.index, *local], np.int64)))
+        by_block = {int(b[0]): [int(i) for i in b[1:]] for b in blocks}  # processes sharing a block agree
+        return [self.items[i] for block in range(self.shard.count) for i in by_block[block]]
+
+    def _local_rows(self, batch):
+        """This process's rows of a global StepBatch, placed on the mesh as one global batch."""
+        rows = self.shard.rows(batch.student_tokens.shape[0])
+        return shard_batch(jax.tree.map(lambda x: x[rows], batch), self.mesh)
 
     def _rollout_batch(self, items, step: int):
         """Samples completions with the current student; returns the StepBatch and rollout metrics."""
@@ -176,12 +199,12 @@ class Trainer:
                    desc=f"{cfg.method} {os.path.basename(self.run_dir.rstrip('/'))}", dynamic_ncols=True)
         for step in bar:
             t0 = time.perf_counter()
-            items = next(self.iterator)
+            items = self._global_items(next(self.iterator))
             batch, stats = self._sft_batch(items) if cfg.method == "sft" else self._rollout_batch(items, step)
             t1 = time.perf_counter()
             self.sampler.clear_cache()
-            self.state, metrics = self.train_step(self.state, shard_batch(batch, self.mesh))
-            metrics = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
+            self.state, metrics = self.train_step(self.state, self._local_rows(batch))
+            metrics = {k: np.asarray(v).item() for k, v in distributed.to_host(metrics).items()}
             t2 = time.perf_counter()
             if metrics["skipped_nonfinite"] and cfg.train.nonfinite == "stop":
                 self.checkpointer.wait()
@@ -213,7 +236,9 @@ class Trainer:
         if evals:
             writer.write(cfg.train.steps, _flatten_eval(evals))
         export_dir = os.path.join(self.run_dir, "export")
-        if cfg.export and not os.path.exists(export_dir):
+        # Agreed before anyone writes: the export is a collective, so every process must take part or none.
+        exported = distributed.agree_max([int(os.path.exists(export_dir))])[0]
+        if cfg.export and not exported:
             save_hf(student_model(self.graphdef, self.state), export_dir, tokenizer_dir=self.model_path)
         summary = {"method": cfg.method, "loss": cfg.loss.name, "steps": cfg.train.steps, "eval": evals,
                    "export": export_dir if cfg.export else None, "dropped_items": self.dropped,
@@ -222,6 +247,15 @@ class Trainer:
             with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
         return summary
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+    """Equal on every process started with the same config (the distributed section, which holds each
+    process's own id, left out): the rendezvous refuses a host started with a different config."""
+    resolved = to_dict(cfg)
+    resolved.pop("distributed")
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{distributed.default_fingerprint()} config={digest}"
 
 
 def _flatten_eval(evals: dict[str, Any]) -> dict[str, float]:

@@ -364,3 +364,68 @@ def test_a_process_whose_peers_never_start_fails_clearly():
     assert f"process 0 of 2 waited 3 s at coordinator localhost:{port0}, but process(es) [1] never joined" in out0
     assert rc2 != 0 and "DistributedError" in out2
     assert f"process 2 of 3 could not reach the coordinator localhost:{port2} (process 0) within 3 s" in out2
+
+
+# --- The trainer as several processes ---------------------------------------------------------------
+
+TRAINER_CONFIG = '''
+from sdft_jax.testing.configs import tiny_config
+
+def get_config():
+    return tiny_config({model!r}, {run!r}, **{{"mesh.data": 2, "mesh.tensor": 2, "train.steps": 3,
+                                              "checkpoint.every": 2}})
+'''
+
+
+def spawn_trainer(config_file, devices, **env):
+    return subprocess.Popen([sys.executable, "-m", "sdft_jax.train", f"--config={config_file}"],
+                            env={**subprocess_env(devices), **env}, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_trainer_like_one(tmp_path, tiny_model_dir):
+    """`python -m sdft_jax.train` as 2 processes x 2 devices (rollouts, steps, eval, checkpoints, export)
+    ends exactly like 1 process x 4 devices: same rollouts, losses, evaluation and exported weights."""
+    from safetensors.numpy import load_file
+
+    from sdft_jax.metrics import read_metrics
+
+    model = tiny_model_dir("llama")
+    runs = {}
+    for name in ("single", "multi"):
+        runs[name] = tmp_path / name
+        (tmp_path / f"{name}.py").write_text(TRAINER_CONFIG.format(model=model, run=str(runs[name])))
+    coordinator = f"localhost:{free_port()}"
+    procs = [spawn_trainer(tmp_path / "single.py", 4)]
+    procs += [spawn_trainer(tmp_path / "multi.py", 2, SDFT_COORDINATOR=coordinator, SDFT_NUM_PROCESSES="2",
+                            SDFT_PROCESS_ID=str(i), SDFT_INIT_TIMEOUT_S="120") for i in range(2)]
+    for name, (rc, out) in zip(("1 process", "process 0 of 2", "process 1 of 2"), wait_all(procs, 500)):
+        assert rc == 0, f"{name} failed:\n{out[-5000:]}"
+    single, multi = (read_metrics(str(runs[n])) for n in ("single", "multi"))
+    steps = [r for r in single if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    compared = ("loss", "kl", "grad_norm", "completion_tokens", "rollout/mean_length", "eval/capitals/accuracy")
+    for a, b in zip(single, multi, strict=True):
+        assert {k: a[k] for k in compared if k in a} == {k: b[k] for k in compared if k in b}, (a, b)
+    for name in ("summary.json", "eval/step_000003/capitals.jsonl"):
+        assert (runs["single"] / name).read_text() == (runs["multi"] / name).read_text().replace("multi", "single")
+    a = load_file(str(runs["single"] / "export" / "model.safetensors"))
+    b = load_file(str(runs["multi"] / "export" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    assert sorted(os.listdir(runs["multi"] / "checkpoints")) == ["2", "3"]
+
+
+def test_put_places_host_values_like_device_put_and_keeps_key_types():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    x = np.arange(24, dtype=np.int32).reshape(8, 3)
+    sharding = jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    placed = distributed.put(x, sharding)
+    assert placed.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(placed), x)
+    key = jax.random.fold_in(jax.random.key(3), 7)
+    placed_key = distributed.put(key, jax.sharding.NamedSharding(mesh, PartitionSpec()))
+    assert jax.dtypes.issubdtype(placed_key.dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.uniform(placed_key, (4,)), jax.random.uniform(key, (4,)))

@@ -88,7 +88,9 @@ def run_stage(run: Run) -> dict[str, Any]:
 
 def run_plan(plan: Plan, *, compilation_cache: bool = True) -> str:
     """Runs the whole plan and writes the report; returns the path of results.md."""
-    distributed.maybe_initialize(plan.base_config.distributed)
+    from sdft_jax.trainer import config_fingerprint
+
+    distributed.maybe_initialize(plan.base_config.distributed, fingerprint=config_fingerprint(plan.base_config))
     if compilation_cache:
         # Every stage compiles the same programs (same shapes); the persistent cache makes it once.
         jax.config.update("jax_compilation_cache_dir", os.path.join(plan.out_dir, "jax_cache"))

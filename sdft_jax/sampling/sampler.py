@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, Key
 
-from sdft_jax.distributed import to_host
+from sdft_jax.distributed import put, to_host
 from sdft_jax.models import attention, transformer
 from sdft_jax.models.attention import KVCache
 from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, activation_sharding, constrain, logical_sharding
@@ -407,8 +407,8 @@ class Sampler:
         two = logical_sharding(("batch", "length"), tokens.shape, self.mesh, self.rules)
         one = logical_sharding(("batch",), row_ids.shape, self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        return (jax.device_put(tokens, two), jax.device_put(mask, two), jax.device_put(row_ids, one),
-                jax.device_put(key, replicated))
+        # Every process passes the same prompts; each fills only its own devices' rows.
+        return (put(tokens, two), put(mask, two), put(row_ids, one), put(key, replicated))
 
     def _take_cache(self, model: Transformer, batch: int, length: int) -> KVCache:
         """The kept cache when it fits this call exactly, else a new one (the old one is freed first)."""
