@@ -136,3 +136,15 @@ def test_killed_run_resumes_exactly(tiny_model_dir, tmp_path):
     a, b = SafetensorsDir(tmp_path / "straight" / "export"), SafetensorsDir(run / "export")
     for name in a.names:
         np.testing.assert_array_equal(np.asarray(a.read(name)), np.asarray(b.read(name)), err_msg=name)
+
+
+def test_config_fingerprint_ignores_the_process_id_only(tmp_path):
+    from sdft_jax.trainer import config_fingerprint
+
+    def fingerprint(**overrides):
+        return config_fingerprint(load_train_config(tiny_config("/m", tmp_path, **overrides)))
+
+    base = fingerprint(**{"distributed.process_id": 0, "distributed.num_processes": 2})
+    assert fingerprint(**{"distributed.process_id": 1, "distributed.num_processes": 2}) == base
+    assert fingerprint(**{"distributed.process_id": 1, "distributed.num_processes": 2,
+                          "optim.learning_rate": 2e-3}) != base
