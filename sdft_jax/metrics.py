@@ -1,12 +1,24 @@
-"""Per-step metrics to JSONL and TensorBoard (tensorboardX), from the primary process only."""
+"""Per-step metrics to JSONL and TensorBoard (tensorboardX), from the primary process only.
+
+A run directory in a bucket (`gs://`) has no append: rows and event files then go to a local staging
+directory, and `flush()` / `close()` upload them whole (the trainer flushes at every checkpoint, so a
+resumed run finds the rows up to its checkpoint).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import uuid
 from collections.abc import Mapping
 
 import numpy as np
+
+from sdft_jax import storage
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def _plain(value):
@@ -25,12 +37,23 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self.run_dir = run_dir
+        self._staging = tempfile.mkdtemp(prefix="sdft_jax-metrics-") if storage.is_remote(run_dir) else None
+        local = self._staging or run_dir
+        os.makedirs(local, exist_ok=True)
+        jsonl = os.path.join(local, METRICS_FILE)
+        remote_jsonl = os.path.join(run_dir, METRICS_FILE)
+        if self._staging and storage.exists(remote_jsonl):  # continue the rows of the earlier attempts
+            with open(jsonl, "wb") as f:
+                f.write(storage.read_bytes(remote_jsonl))
+        self._jsonl = open(jsonl, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            # Each writer makes its own event file (named by the second it started, plus a random suffix
+            # when uploaded), so an upload never replaces an earlier attempt's.
+            suffix = f".{uuid.uuid4().hex[:8]}" if self._staging else ""
+            self._tb = SummaryWriter(os.path.join(local, "tensorboard"), filename_suffix=suffix)
 
     def write(self, step: int, metrics: Mapping[str, object]) -> None:
         if not self.enabled:
@@ -43,18 +66,31 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, int(step))
 
+    def flush(self) -> None:
+        """Makes every row written so far readable in the run directory (uploads it for a remote one)."""
+        if not self.enabled:
+            return
+        self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        if self._staging:
+            storage.copy_tree(self._staging, self.run_dir)
+
     def close(self) -> None:
         if not self.enabled:
             return
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._staging:
+            storage.copy_tree(self._staging, self.run_dir)
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
 
 def read_metrics(run_dir: str) -> list[dict]:
     """The rows of `{run_dir}/metrics.jsonl` (for tests and reports)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not storage.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).split("\n") if line.strip()]

@@ -4,8 +4,8 @@
     update; one jitted function) -> metrics -> periodic evaluation -> checkpoint
 and, at the end, the final student exported as an HF directory plus an evaluation summary.
 
-A run directory holds `config.json`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `eval/`,
-`export/` and `summary.json`. Started again on the same directory, a run resumes from its latest
+A run directory (local or `gs://`) holds `config.json`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`,
+`eval/`, `export/` and `summary.json`. Started again on the same directory, a run resumes from its latest
 complete checkpoint (state and data position) and continues exactly as if never stopped; a finished
 run returns its summary without training.
 """
@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from sdft_jax import distributed
+from sdft_jax import distributed, storage
 from sdft_jax.checkpointing import Checkpointer
 from sdft_jax.checkpoints.hf import load_hf, save_hf
 from sdft_jax.checkpoints.registry import resolve_model
@@ -181,13 +181,11 @@ class Trainer:
         cfg = self.cfg
         summary_path = os.path.join(self.run_dir, "summary.json")
         start = self._resume()
-        if start >= cfg.train.steps and os.path.exists(summary_path):
-            with open(summary_path, encoding="utf-8") as f:
-                return json.load(f)
+        if start >= cfg.train.steps and storage.exists(summary_path):
+            return storage.read_json(summary_path)
         if self.primary:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(to_dict(cfg), f, indent=2)
+            storage.makedirs(self.run_dir)
+            storage.write_json(os.path.join(self.run_dir, "config.json"), to_dict(cfg))
             _truncate_metrics(self.run_dir, start)
         writer = MetricsWriter(self.run_dir, enabled=self.primary)
         evals: dict[str, Any] = {}
@@ -224,6 +222,7 @@ class Trainer:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{stats.get('rollout/mean_length', 0):.0f}")
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
                 self.checkpointer.save(done, self.state, self.iterator.get_state())
+                writer.flush()  # a resume from this checkpoint finds the metric rows up to it
         bar.close()
         self.checkpointer.wait()
         summary = self._finish(writer)
@@ -237,15 +236,16 @@ class Trainer:
             writer.write(cfg.train.steps, _flatten_eval(evals))
         export_dir = os.path.join(self.run_dir, "export")
         # Agreed before anyone writes: the export is a collective, so every process must take part or none.
-        exported = distributed.agree_max([int(os.path.exists(export_dir))])[0]
+        # config.json is the export's last file: a remote export without it is incomplete and redone.
+        exported = distributed.agree_max([int(storage.exists(os.path.join(export_dir, "config.json")))])[0]
         if cfg.export and not exported:
             save_hf(student_model(self.graphdef, self.state), export_dir, tokenizer_dir=self.model_path)
         summary = {"method": cfg.method, "loss": cfg.loss.name, "steps": cfg.train.steps, "eval": evals,
                    "export": export_dir if cfg.export else None, "dropped_items": self.dropped,
                    "train_items": len(self.items)}
+        writer.flush()  # the summary is written last: a run with one is complete
         if self.primary:
-            with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
+            storage.write_json(os.path.join(self.run_dir, "summary.json"), summary)
         return summary
 
 
@@ -266,9 +266,8 @@ def _truncate_metrics(run_dir: str, step: int) -> None:
     """Drops metric rows after `step` (written before a crash, redone after the resume)."""
     rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
     path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if storage.exists(path):
+        storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

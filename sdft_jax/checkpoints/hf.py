@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -22,7 +23,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
-from sdft_jax.checkpoints.cache import atomic_directory
+from sdft_jax import storage
+from sdft_jax.checkpoints.cache import atomic_directory, cache_root
 from sdft_jax.distributed import to_host
 from sdft_jax.checkpoints.safetensors_io import INDEX_FILE, SafetensorsDir
 from sdft_jax.models import lora as lora_lib
@@ -213,13 +215,32 @@ def save_hf(
     dtype=np.float32,
     max_shard_bytes: int = 4 << 30,
 ) -> None:
-    """Writes an HF directory (config.json, safetensors, tokenizer files) atomically, from process 0."""
+    """Writes an HF directory (config.json, safetensors, tokenizer files) atomically, from process 0.
+
+    A remote `out_dir` (`gs://`) is built in a local temporary directory and uploaded with config.json
+    last: a remote export is complete when its config.json exists, and one without it (an interrupted
+    upload) is replaced.
+    """
     tensors = export_tensors(model, dtype)
     if jax.process_index() != 0:
         return
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir):
+    remote = storage.is_remote(out_dir)
+    if storage.exists(os.path.join(out_dir, "config.json") if remote else out_dir):
         raise FileExistsError(f"{out_dir}: already exists; refusing to overwrite an export")
+    if not remote:
+        _write_export(model, tensors, out_dir, tokenizer_dir, dtype, max_shard_bytes)
+        return
+    os.makedirs(cache_root(), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="export-", dir=cache_root()) as scratch:
+        local = os.path.join(scratch, "export")
+        _write_export(model, tensors, local, tokenizer_dir, dtype, max_shard_bytes)
+        storage.rmtree(out_dir)  # what an interrupted upload left
+        storage.copy_tree(local, out_dir, last=["config.json"])
+
+
+def _write_export(model: Transformer, tensors: dict[str, np.ndarray], out_dir: str, tokenizer_dir, dtype,
+                  max_shard_bytes: int) -> None:
     with atomic_directory(out_dir) as tmp:
         config = model.cfg.to_hf_dict()
         config["torch_dtype"] = "bfloat16" if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else "float32"

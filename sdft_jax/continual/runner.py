@@ -9,7 +9,6 @@ evaluation is finished when `<out_dir>/base/summary.json` exists. After the runs
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 import jax
 
-from sdft_jax import distributed
+from sdft_jax import distributed, storage
 from sdft_jax.continual.plan import Plan, Run
 from sdft_jax.continual.report import write_report
 
@@ -25,10 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return storage.read_json(path) if storage.exists(path) else None
 
 
 def evaluate_base(plan: Plan) -> dict[str, Any]:
@@ -60,8 +56,7 @@ def evaluate_base(plan: Plan) -> dict[str, Any]:
                            prompt_config=cfg.prompts, out_dir=os.path.join(plan.base_dir, "eval") if primary else None)
     summary = {"model": model_path, "eval": evals, "time_s": time.perf_counter() - t0}
     if primary:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        storage.write_json(path, summary)
     return summary
 
 
@@ -71,7 +66,8 @@ def run_stage(run: Run) -> dict[str, Any]:
     if summary is not None:
         log.info("%s stage %d: finished before, skipped", run.name, run.stage)
         return summary
-    if run.stage == 2 and not os.path.isdir(run.config.init_from):
+    # An export is complete when its config.json exists (written last to a bucket).
+    if run.stage == 2 and not storage.exists(os.path.join(run.config.init_from, "config.json")):
         raise FileNotFoundError(f"{run.name} stage 2 starts from {run.config.init_from}, which does not exist "
                                 "(stage 1 did not export)")
     from sdft_jax.trainer import train
@@ -95,7 +91,7 @@ def run_plan(plan: Plan, *, compilation_cache: bool = True) -> str:
         # Every stage compiles the same programs (same shapes); the persistent cache makes it once.
         jax.config.update("jax_compilation_cache_dir", os.path.join(plan.out_dir, "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    os.makedirs(plan.out_dir, exist_ok=True)
+    storage.makedirs(plan.out_dir)
     t0 = time.perf_counter()
     evaluate_base(plan)
     for run in plan.runs:

@@ -1,4 +1,5 @@
-"""One way to get the records of any task: offline tasks are generated, the others read from disk."""
+"""One way to get the records of any task: offline tasks are generated, the others read from disk
+(a remote `data_dir`, `gs://...`, is downloaded once into the local cache first)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 from typing import Any
 
+from sdft_jax import storage
 from sdft_jax.data import offline_tasks
 from sdft_jax.data.readers import read_task
 from sdft_jax.data.records import Record
@@ -27,7 +29,7 @@ def load_records(
         return list(offline_tasks.make_task(task, split, offline))
     if not data_dir:
         raise ValueError(f"task {task!r} needs a data directory (the folder holding {task}_data/)")
-    result = read_task(data_dir, task, split, **read_options)
+    result = read_task(storage.local_copy(data_dir), task, split, **read_options)
     if result.num_skipped:
         log.warning("%s/%s: skipped %d bad rows %s", task, split, result.num_skipped, dict(result.skipped))
     return list(result.records)

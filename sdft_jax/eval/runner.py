@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from sdft_jax import storage
 from sdft_jax.data.prompts import PromptConfig, render_prompts
 from sdft_jax.data.records import Record
 from sdft_jax.eval.scorers import score_record
@@ -35,13 +36,12 @@ class EvalResult:
     items: list[dict[str, Any]]
 
     def write(self, directory: str | os.PathLike, name: str) -> None:
-        """Writes `{name}.jsonl` (one row per item) and `{name}.summary.json`."""
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-            for item in self.items:
-                f.write(json.dumps(item) + "\n")
-        with open(os.path.join(directory, f"{name}.summary.json"), "w", encoding="utf-8") as f:
-            json.dump(self.summary, f, indent=2)
+        """Writes `{name}.jsonl` (one row per item) and `{name}.summary.json` (local or remote `directory`)."""
+        directory = os.fspath(directory)
+        storage.makedirs(directory)
+        rows = "".join(json.dumps(item) + "\n" for item in self.items)
+        storage.write_text(os.path.join(directory, f"{name}.jsonl"), rows)
+        storage.write_json(os.path.join(directory, f"{name}.summary.json"), self.summary)
 
 
 def summarize(task: str, items: list[dict[str, Any]], dropped: dict[str, int] | None = None) -> dict[str, Any]:

@@ -1,0 +1,256 @@
+"""Local and gs:// files through one API; the gs:// path runs against fsspec's in-memory filesystem."""
+
+import json
+import os
+import pathlib
+from typing import ClassVar
+
+import fsspec
+import pytest
+from etils.epath import backend as epath_backend
+from etils.epath import gpath as epath_gpath
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import _registry as fsspec_registry
+
+from sdft_jax import storage
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch, tmp_path):
+    """gs:// served by a fresh in-memory filesystem (etils.epath's fsspec backend asks fsspec for "gcs");
+    the local cache moves to tmp_path. Returns the filesystem class (its `store` holds the objects)."""
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store: ClassVar[dict] = {}
+        pseudo_dirs: ClassVar[list] = [""]
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = os.fspath(path)
+            for prefix in ("gs://", "gcs://"):
+                path = path.removeprefix(prefix)
+            return super()._strip_protocol(path)
+
+    for name in ("gs", "gcs"):
+        monkeypatch.setitem(fsspec_registry, name, FakeGCS)
+    monkeypatch.setattr(epath_gpath, "_is_tf_installed", lambda: False)  # epath would pick TF's gfile
+    monkeypatch.setenv("SDFT_JAX_CACHE", str(tmp_path / "cache"))
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    assert isinstance(fsspec.filesystem("gcs"), FakeGCS)
+    yield FakeGCS
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_is_remote():
+    assert storage.is_remote("gs://bucket/run") and not storage.is_remote("/tmp/run")
+    assert not storage.is_remote("runs/x")
+
+
+@pytest.fixture(params=["local", "gs"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root")
+    request.getfixturevalue("fake_gcs")
+    return "gs://bucket/root"
+
+
+def test_whole_file_operations(root):
+    storage.makedirs(os.path.join(root, "sub"))
+    assert not storage.exists(os.path.join(root, "a.json"))
+    storage.write_json(os.path.join(root, "a.json"), {"x": [1, "é"]})
+    storage.write_text(os.path.join(root, "sub", "b.txt"), "line 1\nline 2\n")
+    storage.write_bytes(os.path.join(root, "c.bin"), b"\x00\xff")
+    assert storage.read_json(os.path.join(root, "a.json")) == {"x": [1, "é"]}
+    assert storage.read_text(os.path.join(root, "a.json")) == json.dumps({"x": [1, "é"]}, indent=2)
+    assert storage.read_text(os.path.join(root, "sub", "b.txt")) == "line 1\nline 2\n"
+    assert storage.read_bytes(os.path.join(root, "c.bin")) == b"\x00\xff"
+    assert storage.listdir(root) == ["a.json", "c.bin", "sub"]
+    assert storage.isdir(os.path.join(root, "sub")) and not storage.isdir(os.path.join(root, "c.bin"))
+    storage.write_text(os.path.join(root, "sub", "b.txt"), "replaced")  # a write replaces the whole file
+    assert storage.read_text(os.path.join(root, "sub", "b.txt")) == "replaced"
+    storage.rmtree(os.path.join(root, "sub"))
+    assert not storage.exists(os.path.join(root, "sub", "b.txt")) and storage.listdir(root) == ["a.json", "c.bin"]
+    storage.rmtree(os.path.join(root, "missing"))  # nothing to remove is not an error
+
+
+def _tree(directory):
+    os.makedirs(os.path.join(directory, "sub"))
+    files = {"config.json": "{}", "model.safetensors": "weights", "sub/tokenizer.json": "tok"}
+    for rel, text in files.items():
+        with open(os.path.join(directory, rel), "w") as f:
+            f.write(text)
+    return files
+
+
+def test_copy_tree_copies_the_marker_last(root, tmp_path, monkeypatch):
+    files = _tree(tmp_path / "src")
+    copied = []
+    copy_file = storage._copy_file
+    monkeypatch.setattr(storage, "_copy_file", lambda src, dst: (copied.append(dst), copy_file(src, dst)))
+    storage.copy_tree(tmp_path / "src", root, last=["config.json"])
+    assert copied[-1] == os.path.join(root, "config.json") and len(copied) == 3
+    for rel, text in files.items():
+        assert storage.read_text(os.path.join(root, rel)) == text
+
+
+def test_local_copy_passes_local_paths_through(tmp_path):
+    assert storage.local_copy(tmp_path) == str(tmp_path)
+
+
+def test_local_copy_downloads_once(fake_gcs, tmp_path, monkeypatch):
+    files = _tree(tmp_path / "src")
+    storage.copy_tree(tmp_path / "src", "gs://bucket/models/m")
+    local = storage.local_copy("gs://bucket/models/m/")
+    assert local.startswith(str(tmp_path / "cache")) and os.path.basename(local) == "m"
+    for rel, text in files.items():
+        assert pathlib.Path(local, rel).read_text() == text
+    # Remote inputs are immutable: a second call reuses the copy without reading the bucket.
+    monkeypatch.setattr(storage, "_download", lambda *a: pytest.fail("downloaded twice"))
+    assert storage.local_copy("gs://bucket/models/m") == local
+    # A single remote file is copied too (a JSONL data file).
+    monkeypatch.undo()
+    monkeypatch.setenv("SDFT_JAX_CACHE", str(tmp_path / "cache"))
+    single = storage.local_copy("gs://bucket/models/m/sub/tokenizer.json")
+    assert os.path.basename(single) == "tokenizer.json" and pathlib.Path(single).read_text() == "tok"
+    with pytest.raises(FileNotFoundError, match="gs://bucket/nothing: does not exist"):
+        storage.local_copy("gs://bucket/nothing")
+
+
+def test_local_copy_never_trusts_a_half_download(fake_gcs, tmp_path, monkeypatch):
+    _tree(tmp_path / "src")
+    storage.copy_tree(tmp_path / "src", "gs://bucket/data")
+    copy_file = storage._copy_file
+    calls = []
+
+    def fail_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise ConnectionError("network gone")
+        copy_file(src, dst)
+
+    monkeypatch.setattr(storage, "_copy_file", fail_second)
+    with pytest.raises(ConnectionError):
+        storage.local_copy("gs://bucket/data")
+    assert os.listdir(tmp_path / "cache" / "remote") == []  # the partial download was removed
+    monkeypatch.setattr(storage, "_copy_file", copy_file)
+    local = storage.local_copy("gs://bucket/data")
+    assert sorted(os.listdir(local)) == ["config.json", "model.safetensors", "sub"]
+
+
+# -- the modules that write run, model and data files ------------------------------------------------------
+
+
+def test_metrics_writer_uploads_on_flush_and_continues_rows(fake_gcs):
+    from sdft_jax.metrics import MetricsWriter, read_metrics
+
+    writer = MetricsWriter("gs://bucket/run")
+    writer.write(1, {"loss": 0.5})
+    assert read_metrics("gs://bucket/run") == []  # nothing uploaded before a flush
+    writer.flush()
+    assert read_metrics("gs://bucket/run") == [{"step": 1, "loss": 0.5}]
+    writer.write(2, {"loss": 0.25})
+    writer.close()
+    assert [r["step"] for r in read_metrics("gs://bucket/run")] == [1, 2]
+    events = storage.listdir("gs://bucket/run/tensorboard")
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+    # A resumed run appends to the rows already in the bucket, and keeps the earlier event file.
+    writer = MetricsWriter("gs://bucket/run")
+    writer.write(3, {"loss": 0.125})
+    writer.close()
+    assert [r["step"] for r in read_metrics("gs://bucket/run")] == [1, 2, 3]
+    assert len(storage.listdir("gs://bucket/run/tensorboard")) == 2
+
+
+def test_jsonl_task_from_a_bucket(fake_gcs, tmp_path):
+    from sdft_jax.data.tasks import load_records
+
+    row = json.dumps({"question": "Q?", "demonstration": "A."}) + "\n"
+    storage.write_text("gs://bucket/data/train.jsonl", row)
+    storage.write_text("gs://bucket/one.jsonl", row + row)
+    assert [r.demonstration for r in load_records("jsonl", "train", data_dir="gs://bucket/data")] == ["A."]
+    assert len(load_records("jsonl", "train", data_dir="gs://bucket/one.jsonl")) == 2
+    assert os.listdir(tmp_path / "cache" / "remote")  # read from the local copy
+
+
+def test_remote_export_is_complete_only_with_its_config(fake_gcs, tiny_model_dir):
+    import numpy as np
+
+    from sdft_jax.checkpoints.hf import load_hf, save_hf
+    from sdft_jax.checkpoints.registry import resolve_model
+    from sdft_jax.checkpoints.safetensors_io import SafetensorsDir
+
+    model_dir = tiny_model_dir("llama")
+    model = load_hf(model_dir)
+    storage.write_text("gs://bucket/export/model.safetensors", "half an upload")  # interrupted, no config.json
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model("gs://bucket/export")
+    save_hf(model, "gs://bucket/export", tokenizer_dir=model_dir)
+    assert "tokenizer.json" in storage.listdir("gs://bucket/export")
+    with pytest.raises(FileExistsError):
+        save_hf(model, "gs://bucket/export")
+    local = resolve_model("gs://bucket/export")
+    name = "model.layers.0.mlp.up_proj.weight"
+    np.testing.assert_array_equal(SafetensorsDir(local).read(name), SafetensorsDir(model_dir).read(name))
+    assert load_hf(local).cfg == model.cfg
+
+
+def test_training_run_in_a_bucket(fake_gcs, tiny_model_dir, tmp_path, monkeypatch):
+    from sdft_jax import trainer
+    from sdft_jax.checkpoints.hf import load_hf
+    from sdft_jax.checkpoints.registry import resolve_model
+    from sdft_jax.config import load_train_config
+    from sdft_jax.metrics import read_metrics
+    from sdft_jax.testing.configs import tiny_config
+
+    # Orbax writes arrays with TensorStore's own GCS driver, which no fsspec filesystem can stand in for
+    # (and its CheckpointManager needs google-cloud-storage for gs://): only the checkpoints stay local.
+    checkpointer = trainer.Checkpointer
+    monkeypatch.setattr(trainer, "Checkpointer", lambda run_dir, **kw: checkpointer(
+        str(tmp_path / "ckpt" / run_dir.removeprefix("gs://")), **kw))
+    run = "gs://bucket/run"
+    cfg = load_train_config(tiny_config(tiny_model_dir("llama"), run, **{
+        "eval.tasks": "capitals", "train.steps": 2, "checkpoint.every": 2}))
+    summary = trainer.train(cfg)
+    assert storage.read_json(f"{run}/config.json")["run_dir"] == run
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2]
+    assert storage.read_json(f"{run}/summary.json") == summary and summary["export"] == f"{run}/export"
+    assert storage.read_json(f"{run}/eval/step_000002/capitals.summary.json")["total"] == 2
+    assert len(storage.read_text(f"{run}/eval/step_000002/capitals.jsonl").splitlines()) == 2
+    assert storage.listdir(f"{run}/tensorboard")
+    assert load_hf(resolve_model(f"{run}/export")).cfg.num_layers > 0
+    # Started again on the same bucket directory, the finished run returns its summary without training.
+    monkeypatch.setattr(trainer.Trainer, "_evaluate", lambda *a: pytest.fail("trained or evaluated again"))
+    monkeypatch.setattr(trainer, "MetricsWriter", lambda *a, **k: pytest.fail("trained again"))
+    assert trainer.train(cfg) == summary
+
+
+def test_continual_report_in_a_bucket(fake_gcs):
+    from sdft_jax.continual import runner
+    from sdft_jax.continual.plan import make_plan
+    from sdft_jax.continual.report import write_report
+    from tests.continual.plan_test import continual_config
+
+    c = continual_config()
+    c.out_dir, c.methods = "gs://bucket/exp", "sft"
+    plan = make_plan(c)
+    runs = [(plan.base_dir, os.path.join(plan.base_dir, "eval"))] + [
+        (r.config.run_dir, os.path.join(r.config.run_dir, "eval", f"step_{r.config.train.steps:06d}"))
+        for r in plan.runs]
+    for k, (run_dir, eval_dir) in enumerate(runs):
+        for task in plan.eval_tasks:
+            rows = [{"index": i, "correct": i < k + 1, "expected": f"{task}-{i}"} for i in range(4)]
+            storage.write_text(f"{eval_dir}/{task}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        storage.write_json(f"{run_dir}/summary.json", {"eval": {}})
+    assert runner.evaluate_base(plan) == {"eval": {}}  # found finished in the bucket
+    assert runner.run_stage(plan.runs[1]) == {"eval": {}}
+    storage.rmtree(f"{plan.runs[1].config.run_dir}/summary.json")
+    storage.write_text(f"{plan.runs[0].config.run_dir}/export/model.safetensors", "")  # an unfinished upload
+    with pytest.raises(FileNotFoundError, match="stage 2 starts from gs://.*/stage1/export, which does not exist"):
+        runner.run_stage(plan.runs[1])
+    storage.write_json(f"{plan.runs[1].config.run_dir}/summary.json", {"eval": {}})
+    md = write_report(plan)
+    assert md == "gs://bucket/exp/results.md" and "| sft |" in storage.read_text(md)
+    table = storage.read_text("gs://bucket/exp/results.csv").splitlines()
+    assert len(table) == 1 + len(runs) and table[1].startswith("base,")
+    assert storage.read_bytes("gs://bucket/exp/results.png")[:8] == b"\x89PNG\r\n\x1a\n"
