@@ -65,7 +65,7 @@ if ((count > 1)); then
   export SDFT_CLUSTER_DETECTION=never
 fi
 
-# Python 3.11 and the [cuda] extra in a venv; uv fetches the interpreter if the image lacks it.
+# Python 3.11 and the [cuda,gcs] extras in a venv; uv fetches the interpreter if the image lacks it.
 uv_dir=/opt/uv
 if [[ "$DRY_RUN" == 1 || ! -x "$uv_dir/uv" ]]; then
   if [[ "$DRY_RUN" == 1 ]]; then
@@ -75,7 +75,7 @@ if [[ "$DRY_RUN" == 1 || ! -x "$uv_dir/uv" ]]; then
   fi
 fi
 run "$uv_dir/uv" venv --allow-existing --python 3.11 "$venv"
-run "$uv_dir/uv" pip install --python "$venv/bin/python" -e "${code_dir}[cuda]"
+run "$uv_dir/uv" pip install --python "$venv/bin/python" -e "${code_dir}[cuda,gcs]"
 
 dry=()
 [[ "$DRY_RUN" == 1 ]] && dry=(--dry-run)

@@ -5,7 +5,7 @@
 #
 # Commands:
 #   create     create the TPU VM (with --queued: a queued resource, waiting until it is ACTIVE)
-#   install    ship this checkout's git HEAD via gs:// and install it (Python 3.11 venv, [tpu] extra)
+#   install    ship this checkout's git HEAD via gs:// and install it (Python 3.11 venv, [tpu,gcs] extras)
 #              on every worker
 #   train      start `python -m sdft_jax.train --config=CONFIG` on every worker (--worker=all),
 #              detached, then stream worker 0's log (Ctrl-C stops the streaming, not the run)
@@ -175,7 +175,7 @@ cmd_install() {
   remote+=" echo $rev > \"\$HOME/sdft-jax.new/REVISION\"; rm -rf \"\$HOME/sdft-jax\"; mv \"\$HOME/sdft-jax.new\" \"\$HOME/sdft-jax\";"
   remote+=" python3 -m pip install --user --quiet --upgrade uv;"
   remote+=" \"\$HOME/.local/bin/uv\" venv --allow-existing --python 3.11 \"\$HOME/sdft-venv\";"
-  remote+=" \"\$HOME/.local/bin/uv\" pip install --python \"\$HOME/sdft-venv/bin/python\" -e \"\$HOME/sdft-jax[tpu]\""
+  remote+=" \"\$HOME/.local/bin/uv\" pip install --python \"\$HOME/sdft-venv/bin/python\" -e \"\$HOME/sdft-jax[tpu,gcs]\""
   on_workers all "bash -c $(shell_quote "$remote")"
   note "installed revision $rev on every worker of $TPU_NAME"
 }

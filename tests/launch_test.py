@@ -130,7 +130,7 @@ def test_tpu_install_ships_head_to_every_worker(tmp_path):
     assert upload == f"gcloud storage cp {tmp_path}/sdft-jax-{rev}.tar.gz gs://my-bucket/code/sdft-jax-{rev}.tar.gz"
     assert ssh.startswith("gcloud compute tpus tpu-vm ssh sdft-pod --project=my-proj --zone=us-east5-a --worker=all")
     assert f"gs://my-bucket/code/sdft-jax-{rev}.tar.gz" in ssh and f"echo {rev}" in ssh
-    assert "--python 3.11" in ssh and "sdft-jax[tpu]" in ssh
+    assert "--python 3.11" in ssh and "sdft-jax[tpu,gcs]" in ssh
 
 
 @needs_git
@@ -307,7 +307,7 @@ def test_batch_task_finds_its_process_id_in_the_hosts_file(tmp_path):
                   f"--config={CONFIG}", env=env)
     *install, run = commands(proc)
     assert any("uv venv" in c and "--python 3.11" in c for c in install)
-    assert any(c.endswith(f"-e '{REPO}[cuda]'") for c in install)
+    assert any(c.endswith(f"-e '{REPO}[cuda,gcs]'") for c in install)
     assert run.startswith("env HF_HUB_OFFLINE=1 SDFT_CLUSTER_DETECTION=never SDFT_COORDINATOR=vm-0:9000 "
                           "SDFT_NUM_PROCESSES=2 SDFT_PROCESS_ID=1 ")
     assert run.endswith(f"python -m sdft_jax.train --config={CONFIG}")
