@@ -35,6 +35,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--loss", choices=typing.get_args(losses.LossName), default="topk")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--vocab-chunk-size", type=int, default=0,
+                   help="0: autodiff backward; N: the blocked backward over N vocab columns (head_grad.py)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="hidden states and heads")
     p.add_argument("--runs", type=int, default=3, help="timed runs per path (median reported)")
     p.add_argument("--skip-dense-run", action="store_true", help="compile the dense path for its memory only")
@@ -101,7 +103,8 @@ def _measure(loss_fn, cfg, args, run: bool) -> dict:
 def main(argv: list[str]) -> int:
     """Runs the benchmark and prints its JSON line."""
     args = _parse(argv)
-    cfg = losses.LossConfig(name=args.loss, top_k=args.top_k, chunk_size=args.chunk_size)
+    cfg = losses.LossConfig(name=args.loss, top_k=args.top_k, chunk_size=args.chunk_size,
+                            vocab_chunk_size=args.vocab_chunk_size)
     chunked = _measure(losses.chunked_loss, cfg, args, run=not args.compile_only)
     dense = _measure(losses.dense_loss, cfg, args, run=not (args.skip_dense_run or args.compile_only))
     result = {

@@ -68,6 +68,10 @@ class LossConfig:
       skip_first_tokens: completion positions `t < skip_first_tokens` are not scored by `topk`,
         `full_kl`, `reverse_topk` and `jsd` (`importance_sampling` and `sft` score every position).
       chunk_size: at most this many tokens (of the whole batch) per chunk in `chunked_loss`.
+      vocab_chunk_size: 0 = `chunked_loss` is differentiated by autodiff (the head's gradient is
+        accumulated over token chunks, which holds a second [D, V] buffer); N > 0 = its backward runs
+        over blocks of N vocab columns (`head_grad.py`; every loss but `jsd`), which does not. Use 0
+        when the vocabulary is split over the `tensor` mesh axis (a block would gather the head).
     """
 
     name: LossName = "topk"
@@ -76,6 +80,7 @@ class LossConfig:
     reduction: Reduction = "sequence_mean"
     skip_first_tokens: int = 3
     chunk_size: int = 256
+    vocab_chunk_size: int = 0
 
     def __post_init__(self):
         if self.name not in _LOSS_NAMES:
@@ -88,6 +93,7 @@ class LossConfig:
             raise ValueError(f"LossConfig.reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
         _check_int("skip_first_tokens", self.skip_first_tokens, 0)
         _check_int("chunk_size", self.chunk_size, 1)
+        _check_int("vocab_chunk_size", self.vocab_chunk_size, 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,6 +329,14 @@ def chunked_loss(
     # fp32 (a bf16 accumulator would round away the small per-chunk contributions).
     student_head = student_head.astype(jnp.float32)
     teacher_head = None if x.teacher_hidden is None else jax.lax.stop_gradient(teacher_head)
+
+    from sdft_jax.distill import head_grad  # the blocked backward (imports this module's per-token math)
+
+    if cfg.vocab_chunk_size and cfg.name in head_grad.BLOCKED_LOSSES:
+        token_loss, token_metrics = head_grad.blocked_terms(cfg, _token_terms, student_head,
+                                                            head_grad.chunk_streams(xs, teacher_head))
+        token_metrics = {k: from_chunks(v) for k, v in token_metrics.items()}
+        return _finish(cfg, from_chunks(token_loss), token_metrics, x.scored)
 
     @functools.partial(
         jax.checkpoint,
