@@ -35,7 +35,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--loss", choices=typing.get_args(losses.LossName), default="topk")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--vocab-chunk-size", type=int, default=0,
+    p.add_argument("--vocab-chunk-size", type=int, default=losses.LossConfig().vocab_chunk_size,
                    help="0: autodiff backward; N: the blocked backward over N vocab columns (head_grad.py)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="hidden states and heads")
     p.add_argument("--runs", type=int, default=3, help="timed runs per path (median reported)")

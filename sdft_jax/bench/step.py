@@ -37,6 +37,8 @@ def _parse(argv):
     p.add_argument("--completion-len", type=int, default=128)
     p.add_argument("--loss", choices=["topk", "full_kl"], default="topk")
     p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--vocab-chunk-size", type=int, default=None,
+                   help="the loss's vocab_chunk_size (default: LossConfig's; 0 = autodiff backward)")
     p.add_argument("--remat", choices=["none", "full", "dots"], default="none")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--engines", default="jax,torch")
@@ -99,7 +101,9 @@ def run_jax(a: dict) -> dict:
 
     lora = LoraConfig(rank=a["lora_rank"]) if a["lora_rank"] else None
     model = load_hf(a["path"], lora=lora, remat=a["remat"])
-    cfg = StepConfig(loss=LossConfig(name=a["loss"]), teacher=TeacherConfig(mode="ema"),
+    loss = LossConfig(name=a["loss"]) if a["vocab_chunk_size"] is None else LossConfig(
+        name=a["loss"], vocab_chunk_size=a["vocab_chunk_size"])
+    cfg = StepConfig(loss=loss, teacher=TeacherConfig(mode="ema"),
                      optim=OptimConfig(learning_rate=1e-5, schedule="constant", warmup_ratio=0.0))
     graphdef, state = init_train_state(model, cfg.optim)
     del model
@@ -166,6 +170,7 @@ def main(argv=None) -> int:
     path = resolve_model(args.model)
     shared = dict(path=path, batch=args.batch, prompt_len=args.prompt_len, teacher_prompt_len=args.teacher_prompt_len,
                   completion_len=args.completion_len, loss=args.loss, lora_rank=args.lora_rank, remat=args.remat,
+                  vocab_chunk_size=args.vocab_chunk_size,
                   runs=args.runs, threads=args.threads, vocab=ModelConfig.from_hf(path).vocab_size)
     tokens = args.batch * args.completion_len
     row: dict = {"bench": "step", **{k: v for k, v in shared.items() if k != "path"}, "model": args.model,

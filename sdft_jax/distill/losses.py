@@ -68,10 +68,10 @@ class LossConfig:
       skip_first_tokens: completion positions `t < skip_first_tokens` are not scored by `topk`,
         `full_kl`, `reverse_topk` and `jsd` (`importance_sampling` and `sft` score every position).
       chunk_size: at most this many tokens (of the whole batch) per chunk in `chunked_loss`.
-      vocab_chunk_size: 0 = `chunked_loss` is differentiated by autodiff (the head's gradient is
-        accumulated over token chunks, which holds a second [D, V] buffer); N > 0 = its backward runs
-        over blocks of N vocab columns (`head_grad.py`; every loss but `jsd`), which does not. Use 0
-        when the vocabulary is split over the `tensor` mesh axis (a block would gather the head).
+      vocab_chunk_size: N > 0 = `chunked_loss`'s backward runs over blocks of N vocab columns
+        (`head_grad.py`; every loss but `jsd`), so the LM head's gradient is never held twice; 0 = plain
+        autodiff, which accumulates it over token chunks in a second [D, V] buffer. Use 0 when the
+        vocabulary is split over the `tensor` mesh axis (each block would gather its slice of the head).
     """
 
     name: LossName = "topk"
@@ -80,7 +80,7 @@ class LossConfig:
     reduction: Reduction = "sequence_mean"
     skip_first_tokens: int = 3
     chunk_size: int = 256
-    vocab_chunk_size: int = 0
+    vocab_chunk_size: int = 16384
 
     def __post_init__(self):
         if self.name not in _LOSS_NAMES:
