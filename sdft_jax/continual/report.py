@@ -158,7 +158,24 @@ def _interval(value: float, lo: float, hi: float, null: float, percent_points: b
     return f"{100 * value:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]{mark}"
 
 
-def _markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
+def _method_differences(plan: Plan, points: list[Point], reference: str = "sft") -> list[str]:
+    """Markdown rows: each method minus `reference` (same stage, LR and seed) on every task, paired."""
+    ref = {(p.stage, p.learning_rate, p.seed): p for p in points if p.method == reference}
+    lines = []
+    for p in points:
+        other = ref.get((p.stage, p.learning_rate, p.seed))
+        if p.method == reference or other is None:
+            continue
+        cells = [str(p.stage), p.method, f"{p.learning_rate:g}", str(p.seed)]
+        cells += [_interval(*bootstrap_difference(p.scores[t], other.scores[t]), 0.0) for t in plan.eval_tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    head = _table_head(["stage", "method", "lr", "seed", *(f"{t}: method - {reference}" for t in plan.eval_tasks)])
+    return ["", f"## Each method against {reference} (same stage, LR and seed; paired over items)", "", head, *lines]
+
+
+def _markdown(plan: Plan, rows: list[dict[str, Any]], points: list[Point]) -> str:
     a, b, probes = plan.task_a, plan.task_b, plan.probe_tasks
     base = rows[0]
     n = ", ".join(f"{t} {base[f'{t}_total']}" for t in plan.eval_tasks)
@@ -191,6 +208,7 @@ def _markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
                          if key in r else "n/a")
             cells += [_interval(r[f"{t}_delta_vs_base"], r[f"{t}_delta_lo"], r[f"{t}_delta_hi"], 0.0) for t in probes]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += _method_differences(plan, points)
     lines += ["", "Plot: `results.png` (each point a method and LR; arrows go from stage 1 to stage 2)."]
     return "\n".join(lines) + "\n"
 
@@ -254,6 +272,6 @@ def write_report(plan: Plan) -> str:
     writer.writerows(rows)
     storage.write_text(os.path.join(plan.out_dir, "results.csv"), table.getvalue())
     md = os.path.join(plan.out_dir, "results.md")
-    storage.write_text(md, _markdown(plan, rows))
+    storage.write_text(md, _markdown(plan, rows, points))
     storage.write_bytes(os.path.join(plan.out_dir, "results.png"), _plot(plan, base, points))
     return md

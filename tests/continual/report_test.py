@@ -96,6 +96,10 @@ def test_report_tables_and_csv_from_run_directories(tmp_path):
     # Stage 1: SFT dropped the probe from 60% to 20% (-40 points, each item its own cluster: significant).
     assert "| sft | 5e-05 | 0 | 80.0 | 10.0 | 20.0 | +0.0 [+0.0, +0.0] | -40.0 [" in md
     assert "| sdft_topk | 5e-05 | 0 | 60.0 | 70.0 | 60.0 | 100% [100, 100] | +0.0 [+0.0, +0.0] |" in md
+    # SDFT against SFT after stage 2: capitals 60 vs 20 (+40), elements 70 vs 90 (-20), probe 60 vs 10 (+50).
+    assert "| 2 | sdft_topk | 5e-05 | 0 | +40.0 [" in md
+    line = next(x for x in md.splitlines() if x.startswith("| 2 | sdft_topk"))
+    assert " | -20.0 [" in line and " | +50.0 [" in line
     line = next(x for x in md.splitlines() if x.startswith("| sft | 5e-05 | 0 | 80.0"))
     assert line.endswith("]* |")
     with open(tmp_path / "results.png", "rb") as f:
