@@ -23,6 +23,7 @@ from sdft_jax import storage
 from sdft_jax.continual.plan import Plan
 
 BOOTSTRAP_SAMPLES = 2000
+MIN_RATIO_CLUSTERS = 3  # a ratio's interval needs the denominator's correct items in this many clusters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,10 @@ def bootstrap_ratio(after: TaskScores, before: TaskScores, *, samples: int = BOO
     _paired(after, before)
     if before.correct.sum() == 0:
         return math.nan, math.nan, math.nan
+    if len(np.unique(before.clusters[before.correct])) < MIN_RATIO_CLUSTERS:
+        # With the correct items of `before` in one or two clusters, every resample that has any gives
+        # (nearly) the same ratio: an interval would claim a precision the data does not have.
+        return after.accuracy / before.accuracy, math.nan, math.nan
     counts = _cluster_resamples(after.clusters, np.random.default_rng(seed), samples)
     num = counts @ _cluster_sums(after.correct, after.clusters)
     den = counts @ _cluster_sums(before.correct, before.clusters)
@@ -152,6 +157,8 @@ def _pct(x: float) -> str:
 def _interval(value: float, lo: float, hi: float, null: float, percent_points: bool = True) -> str:
     if math.isnan(value):
         return "n/a"
+    if math.isnan(lo):
+        return f"{100 * value:.0f}% [n/a: too few facts]"
     mark = "*" if lo > null or hi < null else ""
     if percent_points:
         return f"{100 * value:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"

@@ -42,30 +42,25 @@ def _normaliser(logits):
     return jnp.stack([m, jnp.log(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1))], axis=-1)
 
 
-def _coefficients(cfg, s_logits, t_logits, targets, lp_old, token_loss):
-    """(alpha, beta, ids, c, norm_s, norm_t) of each position: [..], [..], [.., K], [.., K], [.., 2], [.., 2]."""
+def _coefficients(cfg, s_logits, t_logits, loss, parts):
+    """(alpha, beta, ids, c, norm_s, norm_t) of each position: [..], [..], [.., K], [.., K], [.., 2], [.., 2],
+    from the values the loss already computed (`parts`)."""
     norm_s = _normaliser(s_logits)
     zeros = jnp.zeros(s_logits.shape[:-1], jnp.float32)
     ones = jnp.ones_like(zeros)
     norm_t = jnp.zeros_like(norm_s)
-    if cfg.name == "sft":
-        return ones, zeros, targets[..., None], -ones[..., None], norm_s, norm_t
     if cfg.name == "full_kl":
-        norm_t = _normaliser(t_logits)
-        return ones, -ones, jnp.zeros(zeros.shape + (1,), jnp.int32), zeros[..., None], norm_s, norm_t
-    logp_s = jax.nn.log_softmax(s_logits, axis=-1)
+        return ones, -ones, jnp.zeros(zeros.shape + (1,), jnp.int32), zeros[..., None], norm_s, _normaliser(t_logits)
     if cfg.name == "importance_sampling":
-        lp_s = jnp.take_along_axis(logp_s, targets[..., None], axis=-1)[..., 0]
-        lp_t = jnp.take_along_axis(jax.nn.log_softmax(t_logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-        ra = jnp.exp(lp_s - lp_old) * (lp_t - lp_old)
-        return ra, zeros, targets[..., None], -ra[..., None], norm_s, norm_t
-    top_vals, top_ids = jax.lax.top_k(t_logits, cfg.top_k)
-    logw = jax.nn.log_softmax(top_vals, axis=-1)
+        ra = parts["ratio_advantage"]
+        return ra, zeros, parts["targets"][..., None], -ra[..., None], norm_s, norm_t
+    if cfg.name == "sft":
+        return ones, zeros, parts["targets"][..., None], -ones[..., None], norm_s, norm_t
     if cfg.name == "topk":
-        return ones, zeros, top_ids, -jnp.exp(logw), norm_s, norm_t
-    logq = jax.nn.log_softmax(jnp.take_along_axis(logp_s, top_ids, axis=-1), axis=-1)
-    c = jnp.exp(logq) * (logq - logw - token_loss[..., None])
-    return zeros, zeros, top_ids, c, norm_s, norm_t
+        return ones, zeros, parts["top_ids"], -jnp.exp(parts["logw"]), norm_s, norm_t
+    logq = parts["logq"]  # reverse_topk
+    c = jnp.exp(logq) * (logq - parts["logw"] - loss[..., None])
+    return zeros, zeros, parts["top_ids"], c, norm_s, norm_t
 
 
 def _softmax(logits, norm):
@@ -87,8 +82,8 @@ def _forward(cfg, token_terms, s_head, xs):
         t_logits = None
         if t_head is not None:
             t_logits = jnp.matmul(xc["teacher_hidden"], t_head, preferred_element_type=jnp.float32)
-        loss, metrics = token_terms(cfg, s_logits, t_logits, xc.get("targets"), xc.get("sampler_logprobs"))
-        coeffs = _coefficients(cfg, s_logits, t_logits, xc.get("targets"), xc.get("sampler_logprobs"), loss)
+        loss, metrics, parts = token_terms(cfg, s_logits, t_logits, xc.get("targets"), xc.get("sampler_logprobs"))
+        coeffs = _coefficients(cfg, s_logits, t_logits, loss, {**parts, "targets": xc.get("targets")})
         return None, ((loss, metrics), coeffs)
 
     chunk_xs = {k: v for k, v in xs.items() if k != "teacher_head"}

@@ -112,12 +112,21 @@ def _token_terms(
     sampler_logprobs: Float[Array, "*N"] | None,
 ) -> tuple[Float[Array, "*N"], dict[str, Float[Array, "*N"]]]:
     """Per-position loss and per-position metrics (the metrics carry no gradient)."""
+    loss, metrics, _ = token_terms_and_parts(cfg, student_logits, teacher_logits, targets, sampler_logprobs)
+    return loss, metrics
+
+
+def token_terms_and_parts(cfg: LossConfig, student_logits, teacher_logits, targets, sampler_logprobs):
+    """`_token_terms` plus the intermediate values it computed (`parts`: log-probs, the teacher's top-K),
+    for the blocked backward (head_grad.py), which needs them and should not compute them twice."""
     logp_s = jax.nn.log_softmax(student_logits, axis=-1)
+    parts = {"logp_s": logp_s}
     if cfg.name == "sft":
-        return -_take(logp_s, targets[..., None])[..., 0], {}
+        return -_take(logp_s, targets[..., None])[..., 0], {}, parts
 
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     logp_t = jax.nn.log_softmax(teacher_logits, axis=-1)
+    parts["logp_t"] = logp_t
     p_t = jnp.exp(logp_t)
     forward_kl = jnp.sum(p_t * (logp_t - logp_s), axis=-1)
     metrics = {
@@ -133,18 +142,21 @@ def _token_terms(
         top_vals, top_ids = jax.lax.top_k(teacher_logits, cfg.top_k)
         top_ids = checkpoint_name(top_ids, "teacher_topk_ids")
         logw = checkpoint_name(jax.nn.log_softmax(top_vals, axis=-1), "teacher_topk_logw")
+        parts.update(top_ids=top_ids, logw=logw)
         logp_s_top = _take(logp_s, top_ids)
         if cfg.name == "topk":
             loss = -jnp.sum(jnp.exp(logw) * logp_s_top, axis=-1)
             metrics["topk_mass"] = jnp.exp(jax.nn.logsumexp(_take(logp_t, top_ids), axis=-1))
         else:
             logq = jax.nn.log_softmax(logp_s_top, axis=-1)
+            parts["logq"] = logq
             loss = jnp.sum(jnp.exp(logq) * (logq - logw), axis=-1)
     elif cfg.name == "importance_sampling":
         lp_s = _take(logp_s, targets[..., None])[..., 0]
         lp_t = checkpoint_name(_take(logp_t, targets[..., None])[..., 0], "teacher_target_logprob")
         advantage = jax.lax.stop_gradient(lp_t - sampler_logprobs)
         loss = -jnp.exp(lp_s - sampler_logprobs) * advantage
+        parts["ratio_advantage"] = jnp.exp(lp_s - sampler_logprobs) * advantage
     elif cfg.name == "jsd":
         p_s = jnp.exp(logp_s)
         beta = cfg.jsd_beta
@@ -160,7 +172,7 @@ def _token_terms(
             loss = beta * kl_t_m + (1.0 - beta) * kl_s_m
     else:  # pragma: no cover - LossConfig validates the name
         raise AssertionError(cfg.name)
-    return loss, {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
+    return loss, {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}, parts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,7 +345,7 @@ def chunked_loss(
     from sdft_jax.distill import head_grad  # the blocked backward (imports this module's per-token math)
 
     if cfg.vocab_chunk_size and cfg.name in head_grad.BLOCKED_LOSSES:
-        token_loss, token_metrics = head_grad.blocked_terms(cfg, _token_terms, student_head,
+        token_loss, token_metrics = head_grad.blocked_terms(cfg, token_terms_and_parts, student_head,
                                                             head_grad.chunk_streams(xs, teacher_head))
         token_metrics = {k: from_chunks(v) for k, v in token_metrics.items()}
         return _finish(cfg, from_chunks(token_loss), token_metrics, x.scored)

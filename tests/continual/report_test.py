@@ -20,7 +20,14 @@ def scores(correct, clusters):
 def test_one_cluster_gives_a_point_interval():
     after, before = scores([1, 1, 0, 1], [0, 0, 0, 0]), scores([0, 1, 0, 0], [0, 0, 0, 0])
     assert bootstrap_difference(after, before) == pytest.approx((0.5, 0.5, 0.5))
-    assert bootstrap_ratio(after, before) == pytest.approx((3.0, 3.0, 3.0))
+
+
+def test_ratio_interval_from_three_clusters():
+    # before: one correct item in each of 3 clusters; after keeps clusters 0 and 1. A resample's ratio is
+    # (draws of 0 and 1) / 3 draws: 0 with p = (1/3)^3 = 3.7% (> 2.5%), 1 with p = (2/3)^3 = 30%.
+    before, after = scores([1, 1, 1], [0, 1, 2]), scores([1, 1, 0], [0, 1, 2])
+    r, lo, hi = bootstrap_ratio(after, before)
+    assert r == pytest.approx(2 / 3) and lo == 0.0 and hi == pytest.approx(1.0)
 
 
 def test_two_clusters_interval_spans_the_two_cluster_means():
@@ -36,6 +43,13 @@ def test_two_clusters_interval_spans_the_two_cluster_means():
 def test_ratio_is_nan_without_a_correct_item_before():
     zero = scores([0, 0], [0, 1])
     assert all(math.isnan(x) for x in bootstrap_ratio(scores([1, 0], [0, 1]), zero))
+
+
+def test_ratio_has_no_interval_when_the_correct_items_are_one_fact():
+    before = scores([1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 2, 2])
+    after = scores([1, 0, 0, 0, 1, 0], [0, 0, 1, 1, 2, 2])
+    r, lo, hi = bootstrap_ratio(after, before)
+    assert r == pytest.approx(1.0) and math.isnan(lo) and math.isnan(hi)
 
 
 def test_unpaired_evaluations_are_refused():
