@@ -258,9 +258,10 @@ def _plot(plan: Plan, base: Point, points: list[Point]) -> bytes:
         ax.set_xlim(-5, 105)
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle("Hollow: after stage 1; filled: after stage 2; labels: learning rate")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
