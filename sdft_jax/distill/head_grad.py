@@ -115,10 +115,10 @@ def _bwd(cfg, token_terms, residuals, cotangents):
         fresh = (start + jnp.arange(block)) >= j * block
 
         def token_chunk(d_w, x):
-            h, a, b, i, cc, ls, lt, dh = x[:8]
+            h, a, b, i, cc, ls, lt, dh, h_t = x
             g = a[..., None] * _softmax(jnp.matmul(h, w), ls)
             if teacher:
-                g = g + b[..., None] * _softmax(jnp.matmul(x[-1], w_t, preferred_element_type=jnp.float32), lt)
+                g = g + b[..., None] * _softmax(jnp.matmul(h_t, w_t, preferred_element_type=jnp.float32), lt)
             local = jnp.where((i >= start) & (i < start + block), i - start, block)  # `block`: dropped
             rows = jnp.arange(g.shape[0])[:, None, None]
             cols = jnp.arange(g.shape[1])[None, :, None]
@@ -127,9 +127,8 @@ def _bwd(cfg, token_terms, residuals, cotangents):
             dh = dh + jnp.einsum("bpv,dv->bpd", jnp.where(fresh, g, 0.0), w)
             return d_w, dh
 
-        streams = (hidden, alpha, beta, ids, c, norm_s, norm_t, d_hidden)
-        if teacher:
-            streams = (*streams, xs["teacher_hidden"])
+        # Without a teacher term the last stream is a stand-in that is never read.
+        streams = (hidden, alpha, beta, ids, c, norm_s, norm_t, d_hidden, xs["teacher_hidden"] if teacher else hidden)
         d_w, d_hidden = jax.lax.scan(token_chunk, jnp.zeros((s_head.shape[0], block), jnp.float32), streams)
         d_head = jax.lax.dynamic_update_slice_in_dim(d_head, d_w, start, axis=1)
         return d_head, d_hidden
