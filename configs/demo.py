@@ -4,8 +4,10 @@
 
 About 8 minutes on 2 CPU cores. The student starts at 0% on the invented facts while the same model
 shown the demonstration (the teacher) answers most of them. Measured 2026-11-21 (this exact config):
-capitals 0/32 -> 4/32 (step 32) -> 24/32 (step 48); the probe of what the model already knew went
-20/32 -> 25/32, i.e. nothing was forgotten.
+capitals 0/32 -> 4/32 (step 32) -> 18/32 (step 48); the probe of what the model already knew went
+20/32 -> 22/32, i.e. nothing was forgotten. (With the loss's autodiff backward, the default before the
+blocked one: 0 -> 4 -> 24/32 and probe 20 -> 25/32; on-policy sampling amplifies fp32 rounding
+differences over 48 steps, and 6 items are 1.5 of the 8 facts.)
 Every key and its meaning: `sdft_jax/config.py` (`base_config()` lists them all with defaults).
 """
 
