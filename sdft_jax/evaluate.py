@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     from sdft_jax.checkpoints.registry import resolve_model
     from sdft_jax.eval.runner import evaluate
     from sdft_jax.sampling.sampler import Sampler
-    from sdft_jax.tokenization import load_tokenizer, stop_token_ids
+    from sdft_jax.tokenization import load_tokenizer, pad_token_id, stop_token_ids
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
     model = load_hf(path)
-    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id or 0)
+    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=pad_token_id(tokenizer))
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(args.task, 32)
     result = evaluate(model, tokenizer, sampler, records, max_new_tokens=max_new, batch_size=args.batch_size,
                       prompt=args.prompt, reference_compatible=args.reference_compatible)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdft_jax.checkpoints.hf import load_hf
     from sdft_jax.checkpoints.registry import resolve_model
     from sdft_jax.sampling.sampler import Sampler
-    from sdft_jax.tokenization import encode_chat, load_tokenizer, stop_token_ids
+    from sdft_jax.tokenization import encode_chat, load_tokenizer, pad_token_id, stop_token_ids
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not prompt_ids:
         parser.error("--prompt gives no tokens")
     model = load_hf(path)
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=pad_id)
+    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=pad_token_id(tokenizer))
     try:
         out = sampler.generate(model, [prompt_ids], cfg, jax.random.key(args.seed))
     except ValueError as e:

@@ -64,6 +64,11 @@ def encode_chat(
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills padded (masked) slots: the pad token, else end-of-sequence, else 0."""
+    return int(next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None))
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, extra: Sequence[int] = ()) -> tuple[int, ...]:
     """Ids that end a completion: EOS and every end-of-turn token the vocabulary has."""
     ids = set(int(i) for i in extra)

@@ -40,7 +40,7 @@ from sdft_jax.eval.runner import evaluate_tasks
 from sdft_jax.metrics import MetricsWriter, read_metrics
 from sdft_jax.models.sharding import make_mesh
 from sdft_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, Sampler, SamplingConfig
-from sdft_jax.tokenization import load_tokenizer, stop_token_ids
+from sdft_jax.tokenization import load_tokenizer, pad_token_id, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ class Trainer:
         self.shard = distributed.data_shard(self.mesh)
         self.model_path = resolve_model(cfg.init_from or cfg.model.name)
         self.tokenizer = load_tokenizer(self.model_path)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        self.pad_id = pad_token_id(self.tokenizer)
         self.sampler = Sampler(stop_ids=stop_token_ids(self.tokenizer), pad_id=self.pad_id, mesh=self.mesh)
 
         # Data: rendered prompt items, iterated in a seeded, resumable order.

@@ -53,3 +53,14 @@ def test_bad_messages_and_missing_tokenizer(smollm2_dir, tmp_path):
         encode_chat(tok, [])
     with pytest.raises(FileNotFoundError, match="no tokenizer here"):
         load_tokenizer(tmp_path)
+
+
+def test_pad_token_id_falls_back_to_eos_then_zero():
+    from types import SimpleNamespace
+
+    from sdft_jax.tokenization import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=5, eos_token_id=2)) == 5
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0  # 0 is a real pad id
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0

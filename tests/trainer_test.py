@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sdft_jax.checkpoints.safetensors_io import SafetensorsDir
-from sdft_jax.config import base_config, load_train_config
+from sdft_jax.config import load_train_config
 from sdft_jax.metrics import read_metrics
 from sdft_jax.testing.configs import tiny_config
 

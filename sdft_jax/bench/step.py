@@ -101,9 +101,8 @@ def run_jax(a: dict) -> dict:
 
     lora = LoraConfig(rank=a["lora_rank"]) if a["lora_rank"] else None
     model = load_hf(a["path"], lora=lora, remat=a["remat"])
-    loss = LossConfig(name=a["loss"]) if a["vocab_chunk_size"] is None else LossConfig(
-        name=a["loss"], vocab_chunk_size=a["vocab_chunk_size"])
-    cfg = StepConfig(loss=loss, teacher=TeacherConfig(mode="ema"),
+    chunking = {} if a["vocab_chunk_size"] is None else {"vocab_chunk_size": a["vocab_chunk_size"]}
+    cfg = StepConfig(loss=LossConfig(name=a["loss"], **chunking), teacher=TeacherConfig(mode="ema"),
                      optim=OptimConfig(learning_rate=1e-5, schedule="constant", warmup_ratio=0.0))
     graphdef, state = init_train_state(model, cfg.optim)
     del model

@@ -10,6 +10,7 @@ The base model is evaluated once on the same tasks. A run's directory is
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any, Literal
@@ -139,7 +140,7 @@ def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
 
     def stage_config(method: str, lr: float, seed: int, stage: int) -> TrainConfig:
         trainer_method, loss = METHODS[method]
-        d = _deep_copy(train)
+        d = copy.deepcopy(train)
         run_dir = os.path.join(out_dir, run_name(method, lr, seed), f"stage{stage}")
         d.update(method=trainer_method, seed=seed, run_dir=run_dir, export=True)
         d.setdefault("loss", {})["name"] = loss
@@ -160,15 +161,11 @@ def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
             for seed in seeds:
                 runs += [Run(method=method, learning_rate=lr, seed=seed, stage=s, config=stage_config(method, lr, seed, s))
                          for s in (1, 2)]
-    base = _deep_copy(train)
+    base = copy.deepcopy(train)
     base.setdefault("eval", {})["tasks"] = ",".join((task_a, task_b, *probes))
     base["run_dir"] = os.path.join(out_dir, "base")
     return Plan(out_dir=out_dir, task_a=task_a, task_b=task_b, probe_tasks=probes, base_config=_validated(base),
                 runs=tuple(runs))
-
-
-def _deep_copy(d: dict) -> dict:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
 def _validated(d: dict) -> TrainConfig:

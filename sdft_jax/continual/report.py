@@ -127,8 +127,13 @@ def collect(plan: Plan) -> tuple[Point, list[Point]]:
     return base, points
 
 
+def _stage1_points(points: list[Point]) -> dict[tuple, Point]:
+    """Stage-1 points by (method, learning rate, seed): what each stage-2 point started from."""
+    return {(p.method, p.learning_rate, p.seed): p for p in points if p.stage == 1}
+
+
 def _rows(plan: Plan, base: Point, points: list[Point]) -> list[dict[str, Any]]:
-    stage1 = {(p.method, p.learning_rate, p.seed): p for p in points if p.stage == 1}
+    stage1 = _stage1_points(points)
     rows = []
     for p in [base, *points]:
         row: dict[str, Any] = {"method": p.method, "learning_rate": p.learning_rate, "seed": p.seed,
@@ -235,7 +240,7 @@ def _plot(plan: Plan, base: Point, points: list[Point]) -> bytes:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
     methods = list(dict.fromkeys(p.method for p in points))
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    stage1 = {(p.method, p.learning_rate, p.seed): p for p in points if p.stage == 1}
+    stage1 = _stage1_points(points)
     for ax, y_task in zip(axes[0], panels):
         acc = lambda p, t: 100 * p.scores[t].accuracy  # noqa: E731
         ax.scatter([acc(base, plan.task_b)], [acc(base, y_task)], marker="*", s=220, color="black", label="base",

@@ -38,7 +38,7 @@ def evaluate_base(plan: Plan) -> dict[str, Any]:
     from sdft_jax.eval.runner import evaluate_tasks
     from sdft_jax.models.sharding import make_mesh
     from sdft_jax.sampling.sampler import Sampler
-    from sdft_jax.tokenization import load_tokenizer, stop_token_ids
+    from sdft_jax.tokenization import load_tokenizer, pad_token_id, stop_token_ids
     from sdft_jax.trainer import DTYPES, load_records
 
     cfg = plan.base_config
@@ -46,9 +46,8 @@ def evaluate_base(plan: Plan) -> dict[str, Any]:
     mesh = make_mesh(cfg.mesh.shape())
     model_path = resolve_model(cfg.init_from or cfg.model.name)
     tokenizer = load_tokenizer(model_path)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = load_hf(model_path, mesh=mesh, dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype])
-    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=int(pad), mesh=mesh)
+    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=pad_token_id(tokenizer), mesh=mesh)
     records = {t: load_records(cfg, t, "eval") for t in plan.eval_tasks}
     primary = jax.process_index() == 0
     evals = evaluate_tasks(model, tokenizer, sampler, records, limit=cfg.eval.limit,

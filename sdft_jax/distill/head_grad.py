@@ -91,10 +91,6 @@ def _forward(cfg, token_terms, s_head, xs):
     return out, (s_head, xs, coeffs)
 
 
-def _fwd(cfg, token_terms, s_head, xs):
-    return _forward(cfg, token_terms, s_head, xs)
-
-
 def _bwd(cfg, token_terms, residuals, cotangents):
     s_head, xs, (alpha, beta, ids, c, norm_s, norm_t) = residuals
     ct_loss = cotangents[0]  # [n_chunks, B, P]; the metrics carry no gradient
@@ -146,7 +142,7 @@ def _zero_cotangent(x):
     return jnp.zeros(x.shape, jax.dtypes.float0)
 
 
-blocked_terms.defvjp(_fwd, _bwd)
+blocked_terms.defvjp(_forward, _bwd)
 
 
 def chunk_streams(xs: dict[str, Array], teacher_head: Float[Array, "D V"] | None) -> dict[str, Array]:
