@@ -135,7 +135,8 @@ class DecoderStack(nnx.Module):
         def cached_body(carry, xs):
             h, k_all, v_all = carry
             w, index = xs
-            h, (k_all, v_all) = layer(h, w, positions, visible, (k_all, v_all, index, cache.index))
+            kv = functools.partial(attn.attend_stacked, k_all=k_all, v_all=v_all, layer=index, slot=cache.index)
+            h, (k_all, v_all) = layer(h, w, positions, visible, kv)
             return (h, k_all, v_all), None
 
         (x, k, v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (weights, jnp.arange(self.cfg.num_layers)))
@@ -143,7 +144,12 @@ class DecoderStack(nnx.Module):
 
 
 def _layer(h, w, positions, visible, kv, *, cfg: ModelConfig, lora, dtype, inv_freq):
-    """One pre-norm decoder layer. `kv` is None (no cache) or (k_all, v_all, layer, slot)."""
+    """One pre-norm decoder layer.
+
+    `kv` is None (no cache: attend among this call's tokens) or a cache's attend function,
+    `(q, k, v, visible) -> (out, new cache buffers)`, which writes the new keys and values and attends
+    over the cache (`attention.attend_stacked`, `attention.attend_layer`).
+    """
     B, T, _ = h.shape
     w = {n: a.astype(dtype) if not n.endswith("norm") else a for n, a in w.items()}
 
@@ -161,16 +167,12 @@ def _layer(h, w, positions, visible, kv, *, cfg: ModelConfig, lora, dtype, inv_f
         k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
     q = attn.apply_rope(q, positions, inv_freq)
     k = attn.apply_rope(k, positions, inv_freq)
-    new_kv = None
-    if kv is not None:
-        k_all, v_all, layer_idx, slot = kv
-        start = (layer_idx, 0, slot, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-        k, v = k_all[layer_idx].astype(dtype), v_all[layer_idx].astype(dtype)
-        new_kv = (k_all, v_all)
     q = q.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-    out = attn.attention(q, k, v, visible).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    if kv is None:
+        out, new_kv = attn.attention(q, k, v, visible), None
+    else:
+        out, new_kv = kv(q, k, v, visible)
+    out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)
     out = proj(out, "o_proj")
     if cfg.o_bias:
         out = out + w["o_bias"]

@@ -132,18 +132,19 @@ def sample(
     stop_ids: Sequence[int],
     pad_id: int,
     row_ids: Int[Array, "B"] | None = None,
-    cache: KVCache | None = None,
+    cache: KVCache | attention.LayerKVCache | None = None,
     keep_logits: bool = False,
     unroll_layers: bool = False,
-) -> tuple[SampleResult, KVCache]:
+) -> tuple[SampleResult, KVCache | attention.LayerKVCache]:
     """Generates up to `cfg.max_new_tokens` tokens for a LEFT-padded batch of prompts (pure, traceable).
 
     `prompt_mask` marks real prompt tokens; a row with none is treated as finished from the start
     (used for batch padding). `row_ids` name each row's random stream (default `arange(B)`).
-    `cache` is a KV cache of at least `cache_length(P, max_new_tokens)` slots whose contents are
-    ignored (pass the previous call's to reuse its memory); a fresh one is made when None.
-    `unroll_layers`: see `decode_step`. Returns the result and the (now used) cache. `cfg`, `stop_ids`,
-    `pad_id`, `keep_logits` and `unroll_layers` are static; the bucket fields of `cfg` are not used.
+    `cache` is a KV cache of at least `cache_length(P, max_new_tokens)` slots, in the layout
+    `unroll_layers` decodes with (`new_cache`), whose contents are ignored: pass the previous call's
+    to reuse its memory; a fresh one is made when None. `unroll_layers`: see `decode_step`. Returns
+    the result and the (now used) cache. `cfg`, `stop_ids`, `pad_id`, `keep_logits` and
+    `unroll_layers` are static; the bucket fields of `cfg` are not used.
     """
     model: Transformer = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_tokens.shape
@@ -151,12 +152,15 @@ def sample(
     settings = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     needed = cache_length(prompt_len, n_new)
     if cache is None:
-        cache = KVCache.zeros(model.cfg, batch, needed, model.dtype)
-    elif cache.max_len < needed or cache.k.shape[1] != batch:
-        raise ValueError(f"cache of batch {cache.k.shape[1]} x {cache.max_len} slots is too small for "
+        cache = new_cache(model, batch, needed, unroll_layers=unroll_layers)
+    elif isinstance(cache, attention.LayerKVCache) != unroll_layers:
+        raise ValueError(f"a {type(cache).__name__} does not fit unroll_layers={unroll_layers} (see new_cache)")
+    elif cache.valid.shape[1] < needed or cache.valid.shape[0] != batch:
+        raise ValueError(f"cache of batch {cache.valid.shape[0]} x {cache.valid.shape[1]} slots is too small for "
                          f"batch {batch}, prompt {prompt_len} + {n_new} new tokens (needs {needed} slots)")
-    # Stale keys and values stay in the buffer; clearing `valid` hides them.
-    cache = KVCache(k=cache.k, v=cache.v, valid=jnp.zeros_like(cache.valid), index=jnp.zeros((), jnp.int32))
+    # Stale keys and values stay in the buffers; clearing `valid` hides them.
+    cache = dataclasses.replace(cache, valid=jnp.zeros_like(cache.valid), index=jnp.zeros((), jnp.int32))
+    step_fn = decode_step(model, unroll_layers=unroll_layers)
     if row_ids is None:
         row_ids = jnp.arange(batch, dtype=jnp.int32)
     greedy = cfg.temperature == 0
@@ -165,7 +169,7 @@ def sample(
     stop = jnp.asarray(sorted(set(int(i) for i in stop_ids)), jnp.int32)
     prompt_lens = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
 
-    hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache)
+    hidden, cache = step_fn(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache)
     logits = model.logits(hidden[:, -1])  # left padding: the last column is every row's last token
 
     out = dict(
@@ -207,44 +211,57 @@ def sample(
         token, done, lengths, stopped, out = emit(step, logits, done, lengths, stopped, out)
         return step + 1, cache, token, done, lengths, stopped, out
 
-    step_fn = decode_step(model, unroll_layers=unroll_layers)
     carry = (jnp.ones((), jnp.int32), cache, token, done, lengths, stopped, out)
     _, cache, _, _, lengths, stopped, out = jax.lax.while_loop(cond, body, carry)
     result = SampleResult(lengths=lengths, stopped=stopped, logits=out.pop("logits", None), **out)
     return result, cache
 
 
-def decode_step(model: Transformer, *, unroll_layers: bool = False):
-    """`(tokens [B, T], positions, mask, cache) -> (hidden [B, T, D], cache)`: the model's cached forward.
+def new_cache(model: Transformer, batch: int, length: int, *, unroll_layers: bool):
+    """An empty KV cache in the layout `decode_step` works on: stacked, or one buffer per layer when unrolled."""
+    cache = KVCache.zeros(model.cfg, batch, length, model.dtype)
+    return attention.LayerKVCache.from_stacked(cache) if unroll_layers else cache
 
-    With `unroll_layers`, the layer weights are sliced out of their stacked arrays once, here, and
-    the step runs the model's own layer function once per layer instead of scanning over the stack.
-    XLA:CPU copies each layer's weights out of the stacked arrays at every step of a scan, which
-    was ~60% of a batch-1 SmolLM2 decode step; unrolled, the step reads the weights once. The
-    price: a second copy of the layer weights in memory while sampling, and a compile that grows
-    with depth (SmolLM2: ~3x). Worth it on CPU; on TPU/GPU, where XLA fuses the slice into the
-    matmul, keep the scan.
+
+def decode_step(model: Transformer, *, unroll_layers: bool = False):
+    """The model's cached forward, `(tokens [B, T], positions, mask, cache) -> (hidden [B, T, D], cache)`.
+
+    Scanned: the model's own call on a stacked `KVCache`. With `unroll_layers`, on a `LayerKVCache`:
+    the layer weights are sliced out of their stacked arrays once, here, and the step runs the
+    model's own layer function once per layer, each on its own weights and cache buffers. Inside
+    a scan, XLA:CPU copies every layer's weights out of the stacked arrays at every step (~60% of a
+    batch-1 SmolLM2 decode step) and every layer's keys and values out of the stacked cache,
+    transposed (~25% at batch 32); unrolled, the step reads both where they lie. The price: a
+    second copy of the layer weights while sampling, and a compile that grows with depth (SmolLM2:
+    ~5x). On TPU/GPU, where XLA reads slices in place, keep the scan.
     """
     if not unroll_layers:
         return model
     layers, cfg = model.layers, model.cfg
     stacked = layers.weights()
-    per_layer = [{name: w[i] for name, w in stacked.items()} for i in range(cfg.num_layers)]
+    per_layer = tuple({name: w[i] for name, w in stacked.items()} for i in range(cfg.num_layers))
     layer = functools.partial(transformer._layer, cfg=cfg, lora=layers.lora, dtype=model.dtype,
                               inv_freq=attention.rope_inv_freq(cfg))
 
-    def step(tokens, positions, mask, cache):
+    def step(tokens, positions, mask, cache: attention.LayerKVCache):
         # Transformer.__call__'s cache path, with the layer scan written out.
         x = constrain(jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype), ("batch", "length", "embed"))
         valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
         visible = attention.causal_visibility(cache.index + jnp.arange(tokens.shape[1]), valid)
-        k, v = cache.k, cache.v
+        ks, vs = list(cache.k), list(cache.v)
         for i, weights in enumerate(per_layer):
-            x, (k, v) = layer(x, weights, positions, visible, (k, v, i, cache.index))
+            kv = functools.partial(attention.attend_layer, k_cache=ks[i], v_cache=vs[i], slot=cache.index)
+            x, (ks[i], vs[i]) = layer(x, weights, positions, visible, kv)
         hidden = transformer.rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)
-        return hidden, KVCache(k=k, v=v, valid=valid, index=cache.index + tokens.shape[1])
+        return hidden, attention.LayerKVCache(k=tuple(ks), v=tuple(vs), valid=valid,
+                                              index=cache.index + tokens.shape[1])
 
     return step
+
+
+def default_unroll_layers() -> bool:
+    """Unroll the decode loop's layers where that is faster: on CPU (see `decode_step`)."""
+    return jax.default_backend() == "cpu"
 
 
 def _sharding_key(sharding: jax.sharding.Sharding):
@@ -272,20 +289,21 @@ class Sampler:
     prompt bucket x model graph x sampling settings) and `compile_seconds` the time they took; each
     new one is logged at INFO. With `keep_cache` the KV cache of a call stays allocated and is
     donated to the next call of the same shape (no allocation per call); `clear_cache()` frees it.
-    `unroll_layers` trades memory and compile time for decode speed on CPU (see `decode_step`).
+    `unroll_layers` trades memory and compile time for decode speed (see `decode_step`); by default
+    it is on for CPU and off elsewhere.
     """
 
     def __init__(self, *, stop_ids: Sequence[int], pad_id: int, mesh: Mesh | None = None,
-                 rules: LogicalRules = DEFAULT_RULES, keep_cache: bool = True, unroll_layers: bool = False):
+                 rules: LogicalRules = DEFAULT_RULES, keep_cache: bool = True, unroll_layers: bool | None = None):
         self.stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
         self.pad_id = int(pad_id)
         self.mesh = mesh
         self.rules = rules
         self.keep_cache = keep_cache
-        self.unroll_layers = unroll_layers
+        self.unroll_layers = default_unroll_layers() if unroll_layers is None else unroll_layers
         self.compilations = 0
         self._batch_multiple = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-        self._cache: KVCache | None = None  # the last call's cache, donated into the next same-shape call
+        self._cache: KVCache | attention.LayerKVCache | None = None  # donated into the next same-shape call
         self._programs: dict[tuple, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
         self._jitted = jax.jit(self._traced, static_argnames=("graphdef", "cfg", "keep_logits"),
@@ -410,18 +428,28 @@ class Sampler:
         # Every process passes the same prompts; each fills only its own devices' rows.
         return (put(tokens, two), put(mask, two), put(row_ids, one), put(key, replicated))
 
-    def _take_cache(self, model: Transformer, batch: int, length: int) -> KVCache:
+    def _take_cache(self, model: Transformer, batch: int, length: int) -> KVCache | attention.LayerKVCache:
         """The kept cache when it fits this call exactly, else a new one (the old one is freed first)."""
-        c = model.cfg
-        shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
+        make = functools.partial(new_cache, model, batch, length, unroll_layers=self.unroll_layers)
+        wanted = jax.eval_shape(make)
         old, self._cache = self._cache, None
-        if old is not None and old.k.shape == shape and old.k.dtype == model.dtype:
+        if old is not None and jax.tree.structure(old) == jax.tree.structure(wanted) and all(
+                a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(wanted))):
             return old
         del old
-        make = lambda: KVCache.zeros(c, batch, length, model.dtype)  # noqa: E731
         if self.mesh is None:
-            return jax.device_put(make(), jax.devices()[0])
-        kv = logical_sharding(("layers", "batch", "length", "kv_heads", "head_dim"), shape, self.mesh, self.rules)
-        valid = logical_sharding(("batch", "length"), (batch, length), self.mesh, self.rules)
-        shardings = KVCache(k=kv, v=kv, valid=valid, index=NamedSharding(self.mesh, PartitionSpec()))
-        return jax.jit(make, out_shardings=shardings)()
+            return jax.device_put(jax.jit(make)(), jax.devices()[0])
+        return jax.jit(make, out_shardings=self._cache_shardings(wanted))()
+
+    def _cache_shardings(self, wanted: KVCache | attention.LayerKVCache):
+        """Every buffer split over the batch like the prompts, and over KV heads like the model."""
+        sharding = lambda axes, shape: logical_sharding(axes, shape, self.mesh, self.rules)  # noqa: E731
+        valid = sharding(("batch", "length"), wanted.valid.shape)
+        index = NamedSharding(self.mesh, PartitionSpec())
+        if isinstance(wanted, KVCache):
+            kv = sharding(("layers", "batch", "length", "kv_heads", "head_dim"), wanted.k.shape)
+            return KVCache(k=kv, v=kv, valid=valid, index=index)
+        k = sharding(("batch", "kv_heads", "head_dim", "length"), wanted.k[0].shape)
+        v = sharding(("batch", "kv_heads", "length", "head_dim"), wanted.v[0].shape)
+        layers = len(wanted.k)
+        return attention.LayerKVCache(k=(k,) * layers, v=(v,) * layers, valid=valid, index=index)

@@ -1,5 +1,6 @@
-"""RoPE against `transformers`' own frequency code, and attention masking."""
+"""RoPE against `transformers`' own frequency code, attention masking, and the two KV-cache layouts."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -52,3 +53,30 @@ def test_cache_shapes():
     cache = attention.KVCache.zeros(cfg, batch=3, max_len=10)
     assert cache.k.shape == (cfg.num_layers, 3, 10, cfg.num_kv_heads, cfg.head_dim)
     assert cache.max_len == 10 and int(cache.index) == 0
+
+
+@pytest.mark.parametrize("tokens", [1, 3], ids=["decode", "prefill"])
+def test_layer_cache_attends_like_the_stacked_cache(tokens):
+    cfg = tiny_config("llama")  # grouped-query: 2 query heads per KV head
+    B, S, K, G, E = 2, 9, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+    keys = jax.random.split(jax.random.key(0), 5)
+    stacked = attention.KVCache(
+        k=jax.random.normal(keys[0], (cfg.num_layers, B, S, K, E)), v=jax.random.normal(keys[1], (cfg.num_layers, B, S, K, E)),
+        valid=jnp.array([[True] * 5 + [False] * 4, [False] * 2 + [True] * 3 + [False] * 4]), index=jnp.int32(5))
+    layered = attention.LayerKVCache.from_stacked(stacked)
+    np.testing.assert_array_equal(layered.k[1], np.asarray(stacked.k[1]).transpose(0, 2, 3, 1))  # [B, K, E, S]
+    q = jax.random.normal(keys[2], (B, tokens, K, G, E))
+    k, v = jax.random.normal(keys[3], (2, B, tokens, K, E))
+    valid = stacked.valid.at[:, 5:5 + tokens].set(True)
+    visible = attention.causal_visibility(5 + jnp.arange(tokens), valid)
+    ref, (k_all, v_all) = attention.attend_stacked(q, k, v, visible, k_all=stacked.k, v_all=stacked.v,
+                                                   layer=jnp.int32(1), slot=stacked.index)
+    out, (k_layer, v_layer) = attention.attend_layer(q, k, v, visible, k_cache=layered.k[1], v_cache=layered.v[1],
+                                                     slot=stacked.index)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    # Both wrote the new keys and values at slots 5.. of layer 1 and nowhere else.
+    written = attention.LayerKVCache.from_stacked(attention.KVCache(k=k_all, v=v_all, valid=valid, index=stacked.index))
+    np.testing.assert_array_equal(k_layer, written.k[1])
+    np.testing.assert_array_equal(v_layer, written.v[1])
+    np.testing.assert_array_equal(k_all[0], stacked.k[0])
+    np.testing.assert_array_equal(k_all[1, :, 5:5 + tokens], k)

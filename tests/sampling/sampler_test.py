@@ -1,5 +1,6 @@
 """The sampler against full forwards, `transformers` greedy generation, its own contract, and meshes."""
 
+import dataclasses
 import functools
 import logging
 
@@ -10,6 +11,7 @@ import pytest
 from flax import nnx
 
 from sdft_jax.checkpoints.hf import load_hf
+from sdft_jax.models import attention
 from sdft_jax.models import lora as lora_lib
 from sdft_jax.models.lora import LoraConfig
 from sdft_jax.models.sharding import make_mesh
@@ -95,13 +97,31 @@ def test_cached_steps_and_logprobs_equal_a_full_forward(sampled_llama, tiny_mode
     np.testing.assert_array_equal(out.sampling_logprobs, out.model_logprobs)
 
 
-def test_unrolled_layers_decode_the_same(sampled_llama, tiny_model_dir):
+def test_scanned_layers_decode_the_same(sampled_llama, tiny_model_dir, free_sampler):
+    assert free_sampler.unroll_layers  # the default on CPU: the fixtures decode with unrolled layers
     model = tiny_model(tiny_model_dir("llama"))
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, **SMALL)
-    out = Sampler(stop_ids=(), pad_id=0, unroll_layers=True).generate(model, PROMPTS, cfg, jax.random.key(0),
-                                                                      keep_logits=True)
+    out = Sampler(stop_ids=(), pad_id=0, unroll_layers=False).generate(model, PROMPTS, cfg, jax.random.key(0),
+                                                                       keep_logits=True)
     np.testing.assert_array_equal(out.tokens, sampled_llama.tokens)
     assert np.abs(out.logits - sampled_llama.logits).max() < 1e-5
+
+
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
+def test_the_kv_cache_is_handed_to_the_next_call_of_the_same_shape(unroll, tiny_model_dir, greedy_free):
+    model = tiny_model(tiny_model_dir("llama"))
+    sampler = Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll)
+    sampler.generate(model, PROMPTS, GREEDY, jax.random.key(0))
+    kept = sampler._cache
+    assert isinstance(kept, attention.LayerKVCache if unroll else attention.KVCache)
+    out = sampler.generate(model, PROMPTS[:3], GREEDY, jax.random.key(0))  # same buckets: reused
+    np.testing.assert_array_equal(out.tokens, greedy_free.tokens[:3])
+    assert all(x.is_deleted() for x in jax.tree.leaves((kept.k, kept.v)))  # donated to the second call
+    assert sampler.compilations == 1
+    sampler.generate(model, PROMPTS, dataclasses.replace(GREEDY, max_new_tokens=4), jax.random.key(0))
+    assert sampler._cache.valid.shape == (4, 16 + 4 - 1)  # another shape: a new cache
+    sampler.clear_cache()
+    assert sampler._cache is None
 
 
 def test_processed_logprobs_equal_a_full_forward(tiny_model_dir):
@@ -218,8 +238,9 @@ def test_greedy_smollm2_equals_transformers_generate(smollm2_dir, torch_model):
     assert together == expected
 
 
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("lora", [None, LoraConfig(rank=4, alpha=8.0)], ids=["full", "lora"])
-def test_sharded_greedy_equals_single_device(lora, tiny_model_dir, free_sampler, greedy_free, caplog):
+def test_sharded_greedy_equals_single_device(lora, unroll, tiny_model_dir, free_sampler, greedy_free, caplog):
     assert jax.device_count() == 8
     path = tiny_model_dir("llama")
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -242,14 +263,16 @@ def test_sharded_greedy_equals_single_device(lora, tiny_model_dir, free_sampler,
         ref = free_sampler.generate(merged, PROMPTS, GREEDY, jax.random.key(0))
         assert (ref.tokens != greedy_free.tokens).any()  # the adapters matter
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=10, prompt_buckets=(16,), batch_buckets=(3,))
-    sampler = Sampler(stop_ids=(), pad_id=0, mesh=mesh)
+    sampler = Sampler(stop_ids=(), pad_id=0, mesh=mesh, unroll_layers=unroll)
     with caplog.at_level(logging.INFO, logger="sdft_jax.sampling.sampler"):
         out = sampler.generate(sharded, PROMPTS, cfg, jax.random.key(0))
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.model_logprobs, ref.model_logprobs, atol=1e-4)
-    # The second call reuses the program (and the sharded KV cache the first one handed back).
+    # The second call reuses the program and the sharded buffers the first one handed back.
+    kept = sampler._cache
+    assert not kept.valid.sharding.is_fully_replicated  # split over the batch
     again = sampler.generate(sharded, PROMPTS[:2], cfg, jax.random.key(0))
     np.testing.assert_array_equal(again.tokens, ref.tokens[:2])
-    assert sampler.compilations == 1
+    assert sampler.compilations == 1 and all(x.is_deleted() for x in jax.tree.leaves((kept.k, kept.v)))
     # The batch bucket 3 is rounded up to a multiple of the data-parallel size (data x fsdp = 4).
     assert "batch 4 x prompt 16" in caplog.text
