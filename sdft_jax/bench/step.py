@@ -6,6 +6,9 @@
 A step is: teacher forward on teacher_prompt ++ completion, student forward and backward on
 student_prompt ++ completion, the loss over the completion, AdamW with clipping, EMA teacher update.
 Both sides get the same random batch (every token real), fp32. Each engine runs in its own process.
+Ours rematerialises per `--remat` (default `dots`: matmul outputs without batch dimensions are kept,
+attention and elementwise ops recomputed in the backward pass, the fastest of the three on CPU);
+torch keeps every activation.
 Reported per engine: `tokens_per_s` (completion tokens per second of whole steps, median of `--runs`
 after a first call), `step_s`, `peak_rss_mb`; ours also `compile_s`, `step_flops` and `mfu` =
 step_flops / step_s / a matmul peak measured in the same process (a jitted 2048^3 fp32 matmul, median
@@ -39,7 +42,8 @@ def _parse(argv):
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--vocab-chunk-size", type=int, default=None,
                    help="the loss's vocab_chunk_size (default: LossConfig's; 0 = autodiff backward)")
-    p.add_argument("--remat", choices=["none", "full", "dots"], default="none")
+    p.add_argument("--remat", choices=["none", "full", "dots"], default="dots",
+                   help="our rematerialisation policy (default dots: the fastest on CPU, see docs/benchmarks.md)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--engines", default="jax,torch")
     p.add_argument("--threads", type=int, default=os.cpu_count())
