@@ -233,7 +233,9 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False):
     batch-1 SmolLM2 decode step) and every layer's keys and values out of the stacked cache,
     transposed (~25% at batch 32); unrolled, the step reads both where they lie. The price: a
     second copy of the layer weights while sampling, and a compile that grows with depth (SmolLM2:
-    ~5x). On TPU/GPU, where XLA reads slices in place, keep the scan.
+    ~5x). Off by default: its gain on CPU depends on the batch and on what else the process and
+    the machine are doing (docs/benchmarks.md: from 0.8x to 1.14x the scan's speed); on TPU/GPU,
+    where XLA reads slices in place, keep the scan.
     """
     if not unroll_layers:
         return model
@@ -257,11 +259,6 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False):
                                               index=cache.index + tokens.shape[1])
 
     return step
-
-
-def default_unroll_layers() -> bool:
-    """Unroll the decode loop's layers where that is faster: on CPU (see `decode_step`)."""
-    return jax.default_backend() == "cpu"
 
 
 def _sharding_key(sharding: jax.sharding.Sharding):
@@ -289,18 +286,17 @@ class Sampler:
     prompt bucket x model graph x sampling settings) and `compile_seconds` the time they took; each
     new one is logged at INFO. With `keep_cache` the KV cache of a call stays allocated and is
     donated to the next call of the same shape (no allocation per call); `clear_cache()` frees it.
-    `unroll_layers` trades memory and compile time for decode speed (see `decode_step`); by default
-    it is on for CPU and off elsewhere.
+    `unroll_layers` trades memory and compile time for decode speed on CPU (see `decode_step`).
     """
 
     def __init__(self, *, stop_ids: Sequence[int], pad_id: int, mesh: Mesh | None = None,
-                 rules: LogicalRules = DEFAULT_RULES, keep_cache: bool = True, unroll_layers: bool | None = None):
+                 rules: LogicalRules = DEFAULT_RULES, keep_cache: bool = True, unroll_layers: bool = False):
         self.stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
         self.pad_id = int(pad_id)
         self.mesh = mesh
         self.rules = rules
         self.keep_cache = keep_cache
-        self.unroll_layers = default_unroll_layers() if unroll_layers is None else unroll_layers
+        self.unroll_layers = unroll_layers
         self.compilations = 0
         self._batch_multiple = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
         self._cache: KVCache | attention.LayerKVCache | None = None  # donated into the next same-shape call

@@ -97,12 +97,12 @@ def test_cached_steps_and_logprobs_equal_a_full_forward(sampled_llama, tiny_mode
     np.testing.assert_array_equal(out.sampling_logprobs, out.model_logprobs)
 
 
-def test_scanned_layers_decode_the_same(sampled_llama, tiny_model_dir, free_sampler):
-    assert free_sampler.unroll_layers  # the default on CPU: the fixtures decode with unrolled layers
+def test_unrolled_layers_decode_the_same(sampled_llama, tiny_model_dir, free_sampler):
+    assert not free_sampler.unroll_layers  # the fixtures decode with scanned layers
     model = tiny_model(tiny_model_dir("llama"))
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, **SMALL)
-    out = Sampler(stop_ids=(), pad_id=0, unroll_layers=False).generate(model, PROMPTS, cfg, jax.random.key(0),
-                                                                       keep_logits=True)
+    out = Sampler(stop_ids=(), pad_id=0, unroll_layers=True).generate(model, PROMPTS, cfg, jax.random.key(0),
+                                                                      keep_logits=True)
     np.testing.assert_array_equal(out.tokens, sampled_llama.tokens)
     assert np.abs(out.logits - sampled_llama.logits).max() < 1e-5
 
