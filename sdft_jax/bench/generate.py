@@ -5,12 +5,13 @@
 Every engine samples at temperature 1, top_p 1, top_k 0 (transformers would otherwise apply top_k
 50), from the same random prompts of exactly `--prompt-len` tokens, and is forced to produce
 exactly `--new-tokens` tokens per row (no stop ids for us; `min_new_tokens` for torch). Engines:
-`jax` (our `Sampler`), `jax_unrolled` (the same with `unroll_layers=True`) and `torch`.
+`jax` (our `Sampler` as shipped: on CPU, layers unrolled in the decode loop), `jax_scan` (the same with
+`unroll_layers=False`: layers scanned, the TPU/GPU default) and `torch`.
 
 Each engine lives in its own process (so `peak_rss_mb` is its own), loads the model and makes a
 first call, then the timed calls take turns between the engines, one call at a time: load from other
 work on the machine then falls on all engines alike. Reported per engine (`jax` unprefixed, others
-prefixed `jax_unrolled_` / `torch_`):
+prefixed `jax_scan_` / `torch_`):
 - `new_tokens_per_s`: batch x new tokens / the median wall time of `--runs` calls;
 - `compile_s` (ours): the sampler's compile time, part of the first call; `warmup_s` (torch): its
   first call minus the median;
@@ -30,7 +31,7 @@ import statistics
 import sys
 import time
 
-ENGINES = ("jax", "jax_unrolled", "torch")
+ENGINES = ("jax", "jax_scan", "torch")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -61,7 +62,7 @@ def _prompts(vocab: int, batch: int, length: int, seed: int):
     return np.random.default_rng(seed).integers(256, vocab, size=(batch, length)).astype(np.int32)
 
 
-def _jax_engine(args: dict, unroll_layers: bool):
+def _jax_engine(args: dict, unroll_layers: bool | None):
     """A call that samples once, and the figures known after the first call."""
     import jax
 
@@ -113,7 +114,7 @@ def _worker(engine: str, args: dict, conn) -> None:
         if engine == "torch":
             call, info = _torch_engine(args)
         else:
-            call, info = _jax_engine(args, unroll_layers=engine == "jax_unrolled")
+            call, info = _jax_engine(args, unroll_layers=False if engine == "jax_scan" else None)
         start = time.perf_counter()
         call()
         conn.send(("ready", time.perf_counter() - start))

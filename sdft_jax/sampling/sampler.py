@@ -121,6 +121,30 @@ def cache_length(prompt_len: int, max_new_tokens: int) -> int:
     return prompt_len + max_new_tokens - 1
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeBuffers:
+    """The device memory one `sample` call works in, handed back so that the next call of the same
+    shape reuses it (the `Sampler` donates it): the KV cache and, with unrolled layers, the per-layer
+    copies of the weights (`decode_step`). Reuse matters on CPU: memory freshly mapped for the 425 MB
+    of SmolLM2's layer copies page-faults on every call (~130,000 faults, ~0.1-0.3 s at batch 1).
+
+    Scanned layers: a stacked `KVCache` and no weights; unrolled: a `LayerKVCache` and one dict of
+    weights per layer.
+    """
+
+    cache: KVCache | attention.LayerKVCache
+    layer_weights: tuple[dict[str, jax.Array], ...] | None = None
+
+    @classmethod
+    def zeros(cls, model: Transformer, batch: int, length: int, *, unroll_layers: bool) -> "DecodeBuffers":
+        cache = KVCache.zeros(model.cfg, batch, length, model.dtype)
+        if not unroll_layers:
+            return cls(cache=cache)
+        layer = {name: jnp.zeros(w.shape[1:], w.dtype) for name, w in model.layers.weights().items()}
+        return cls(cache=attention.LayerKVCache.from_stacked(cache), layer_weights=(layer,) * model.cfg.num_layers)
+
+
 def sample(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -132,18 +156,18 @@ def sample(
     stop_ids: Sequence[int],
     pad_id: int,
     row_ids: Int[Array, "B"] | None = None,
-    cache: KVCache | attention.LayerKVCache | None = None,
+    buffers: DecodeBuffers | None = None,
     keep_logits: bool = False,
     unroll_layers: bool = False,
-) -> tuple[SampleResult, KVCache | attention.LayerKVCache]:
+) -> tuple[SampleResult, DecodeBuffers]:
     """Generates up to `cfg.max_new_tokens` tokens for a LEFT-padded batch of prompts (pure, traceable).
 
     `prompt_mask` marks real prompt tokens; a row with none is treated as finished from the start
     (used for batch padding). `row_ids` name each row's random stream (default `arange(B)`).
-    `cache` is a KV cache of at least `cache_length(P, max_new_tokens)` slots, in the layout
-    `unroll_layers` decodes with (`new_cache`), whose contents are ignored: pass the previous call's
-    to reuse its memory; a fresh one is made when None. `unroll_layers`: see `decode_step`. Returns
-    the result and the (now used) cache. `cfg`, `stop_ids`, `pad_id`, `keep_logits` and
+    `buffers` (`DecodeBuffers.zeros` for `unroll_layers`, with a cache of at least
+    `cache_length(P, max_new_tokens)` slots) is memory to work in, its contents ignored: pass the
+    previous call's to reuse it; fresh ones are made when None. `unroll_layers`: see `decode_step`. Returns
+    the result and the (now used) buffers. `cfg`, `stop_ids`, `pad_id`, `keep_logits` and
     `unroll_layers` are static; the bucket fields of `cfg` are not used.
     """
     model: Transformer = nnx.merge(graphdef, state)
@@ -151,16 +175,17 @@ def sample(
     n_new = cfg.max_new_tokens
     settings = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     needed = cache_length(prompt_len, n_new)
-    if cache is None:
-        cache = new_cache(model, batch, needed, unroll_layers=unroll_layers)
-    elif isinstance(cache, attention.LayerKVCache) != unroll_layers:
-        raise ValueError(f"a {type(cache).__name__} does not fit unroll_layers={unroll_layers} (see new_cache)")
-    elif cache.valid.shape[1] < needed or cache.valid.shape[0] != batch:
+    if buffers is None:
+        buffers = DecodeBuffers.zeros(model, batch, needed, unroll_layers=unroll_layers)
+    elif (buffers.layer_weights is not None) != unroll_layers:
+        raise ValueError(f"these buffers are for unroll_layers={not unroll_layers} (see DecodeBuffers.zeros)")
+    cache = buffers.cache
+    if cache.valid.shape[1] < needed or cache.valid.shape[0] != batch:
         raise ValueError(f"cache of batch {cache.valid.shape[0]} x {cache.valid.shape[1]} slots is too small for "
                          f"batch {batch}, prompt {prompt_len} + {n_new} new tokens (needs {needed} slots)")
     # Stale keys and values stay in the buffers; clearing `valid` hides them.
     cache = dataclasses.replace(cache, valid=jnp.zeros_like(cache.valid), index=jnp.zeros((), jnp.int32))
-    step_fn = decode_step(model, unroll_layers=unroll_layers)
+    step_fn, layer_weights = decode_step(model, unroll_layers=unroll_layers, into=buffers.layer_weights)
     if row_ids is None:
         row_ids = jnp.arange(batch, dtype=jnp.int32)
     greedy = cfg.temperature == 0
@@ -214,17 +239,13 @@ def sample(
     carry = (jnp.ones((), jnp.int32), cache, token, done, lengths, stopped, out)
     _, cache, _, _, lengths, stopped, out = jax.lax.while_loop(cond, body, carry)
     result = SampleResult(lengths=lengths, stopped=stopped, logits=out.pop("logits", None), **out)
-    return result, cache
+    return result, DecodeBuffers(cache=cache, layer_weights=layer_weights)
 
 
-def new_cache(model: Transformer, batch: int, length: int, *, unroll_layers: bool):
-    """An empty KV cache in the layout `decode_step` works on: stacked, or one buffer per layer when unrolled."""
-    cache = KVCache.zeros(model.cfg, batch, length, model.dtype)
-    return attention.LayerKVCache.from_stacked(cache) if unroll_layers else cache
-
-
-def decode_step(model: Transformer, *, unroll_layers: bool = False):
-    """The model's cached forward, `(tokens [B, T], positions, mask, cache) -> (hidden [B, T, D], cache)`.
+def decode_step(model: Transformer, *, unroll_layers: bool = False,
+                into: tuple[dict[str, jax.Array], ...] | None = None):
+    """The model's cached forward, `(tokens [B, T], positions, mask, cache) -> (hidden [B, T, D], cache)`,
+    and the per-layer weights it reads (None when scanned; written into `into` when given).
 
     Scanned: the model's own call on a stacked `KVCache`. With `unroll_layers`, on a `LayerKVCache`:
     the layer weights are sliced out of their stacked arrays once, here, and the step runs the
@@ -233,15 +254,17 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False):
     batch-1 SmolLM2 decode step) and every layer's keys and values out of the stacked cache,
     transposed (~25% at batch 32); unrolled, the step reads both where they lie. The price: a
     second copy of the layer weights while sampling, and a compile that grows with depth (SmolLM2:
-    ~5x). Off by default: its gain on CPU depends on the batch and on what else the process and
-    the machine are doing (docs/benchmarks.md: from 0.8x to 1.14x the scan's speed); on TPU/GPU,
-    where XLA reads slices in place, keep the scan.
+    ~5x). With the buffers kept between calls (`DecodeBuffers`), 1.12-1.19x the scan's speed on
+    CPU (docs/benchmarks.md), hence the CPU default; on TPU/GPU, where XLA reads slices in place,
+    keep the scan.
     """
     if not unroll_layers:
-        return model
+        return model, None
     layers, cfg = model.layers, model.cfg
     stacked = layers.weights()
     per_layer = tuple({name: w[i] for name, w in stacked.items()} for i in range(cfg.num_layers))
+    if into is not None:  # into memory that is already mapped (see DecodeBuffers)
+        per_layer = jax.tree.map(lambda buf, w: jax.lax.dynamic_update_slice(buf, w, (0,) * w.ndim), into, per_layer)
     layer = functools.partial(transformer._layer, cfg=cfg, lora=layers.lora, dtype=model.dtype,
                               inv_freq=attention.rope_inv_freq(cfg))
 
@@ -258,7 +281,12 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False):
         return hidden, attention.LayerKVCache(k=tuple(ks), v=tuple(vs), valid=valid,
                                               index=cache.index + tokens.shape[1])
 
-    return step
+    return step, per_layer
+
+
+def default_unroll_layers() -> bool:
+    """Whether `Sampler` unrolls the decode loop's layers when not told: on CPU (see `decode_step`)."""
+    return jax.default_backend() == "cpu"
 
 
 def _sharding_key(sharding: jax.sharding.Sharding):
@@ -284,29 +312,31 @@ class Sampler:
     (batch buckets are rounded up to a multiple of that size) and the model's parameters stay
     where they are. `compilations` counts the programs compiled so far (one per batch bucket x
     prompt bucket x model graph x sampling settings) and `compile_seconds` the time they took; each
-    new one is logged at INFO. With `keep_cache` the KV cache of a call stays allocated and is
-    donated to the next call of the same shape (no allocation per call); `clear_cache()` frees it.
-    `unroll_layers` trades memory and compile time for decode speed on CPU (see `decode_step`).
+    new one is logged at INFO. With `keep_cache` the buffers of a call (KV cache; layer copies when
+    unrolled) stay allocated and are donated to the next call of the same shape (no allocation per
+    call); `clear_cache()` frees them.
+    `unroll_layers` trades memory and compile time for decode speed (see `decode_step`); by default
+    it is on for CPU and off elsewhere.
     """
 
     def __init__(self, *, stop_ids: Sequence[int], pad_id: int, mesh: Mesh | None = None,
-                 rules: LogicalRules = DEFAULT_RULES, keep_cache: bool = True, unroll_layers: bool = False):
+                 rules: LogicalRules = DEFAULT_RULES, keep_cache: bool = True, unroll_layers: bool | None = None):
         self.stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
         self.pad_id = int(pad_id)
         self.mesh = mesh
         self.rules = rules
         self.keep_cache = keep_cache
-        self.unroll_layers = unroll_layers
+        self.unroll_layers = default_unroll_layers() if unroll_layers is None else unroll_layers
         self.compilations = 0
         self._batch_multiple = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-        self._cache: KVCache | attention.LayerKVCache | None = None  # donated into the next same-shape call
+        self._buffers: DecodeBuffers | None = None  # donated into the next same-shape call
         self._programs: dict[tuple, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
         self._jitted = jax.jit(self._traced, static_argnames=("graphdef", "cfg", "keep_logits"),
-                               donate_argnames=("cache",))
+                               donate_argnames=("buffers",))
 
-    def _traced(self, state, tokens, mask, row_ids, key, cache, *, graphdef, cfg, keep_logits):
-        kwargs = dict(cfg=cfg, stop_ids=self.stop_ids, pad_id=self.pad_id, row_ids=row_ids, cache=cache,
+    def _traced(self, state, tokens, mask, row_ids, key, buffers, *, graphdef, cfg, keep_logits):
+        kwargs = dict(cfg=cfg, stop_ids=self.stop_ids, pad_id=self.pad_id, row_ids=row_ids, buffers=buffers,
                       keep_logits=keep_logits, unroll_layers=self.unroll_layers)
         if self.mesh is None:
             return sample(graphdef, state, tokens, mask, key, **kwargs)
@@ -335,8 +365,9 @@ class Sampler:
         return program
 
     def clear_cache(self) -> None:
-        """Frees the KV cache kept for the next call (e.g. before a memory-hungry train step)."""
-        self._cache = None
+        """Frees the buffers (KV cache, layer copies) kept for the next call (e.g. before a memory-hungry
+        train step)."""
+        self._buffers = None
 
     def generate(
         self,
@@ -405,10 +436,10 @@ class Sampler:
             mask[i, prompt_len - len(p):] = True
         row_ids = np.arange(start, start + batch, dtype=np.int32)
         tokens, mask, row_ids, key = self._place(tokens, mask, row_ids, key)
-        cache = self._take_cache(model, batch, cache_length(prompt_len, cfg.max_new_tokens))
-        args = (state, tokens, mask, row_ids, key, cache)
-        result, cache = self._program(graphdef, args, cfg, keep_logits)(*args)
-        self._cache = cache if self.keep_cache else None
+        buffers = self._take_buffers(model, batch, cache_length(prompt_len, cfg.max_new_tokens))
+        args = (state, tokens, mask, row_ids, key, buffers)
+        result, buffers = self._program(graphdef, args, cfg, keep_logits)(*args)
+        self._buffers = buffers if self.keep_cache else None
         n = len(prompts)
         return jax.tree.map(lambda x: x[:n], to_host(result))
 
@@ -424,28 +455,39 @@ class Sampler:
         # Every process passes the same prompts; each fills only its own devices' rows.
         return (put(tokens, two), put(mask, two), put(row_ids, one), put(key, replicated))
 
-    def _take_cache(self, model: Transformer, batch: int, length: int) -> KVCache | attention.LayerKVCache:
-        """The kept cache when it fits this call exactly, else a new one (the old one is freed first)."""
-        make = functools.partial(new_cache, model, batch, length, unroll_layers=self.unroll_layers)
+    def _take_buffers(self, model: Transformer, batch: int, length: int) -> DecodeBuffers:
+        """The kept buffers when they fit this call exactly, else new ones (the old ones are freed first)."""
+        make = functools.partial(DecodeBuffers.zeros, model, batch, length, unroll_layers=self.unroll_layers)
         wanted = jax.eval_shape(make)
-        old, self._cache = self._cache, None
+        old, self._buffers = self._buffers, None
         if old is not None and jax.tree.structure(old) == jax.tree.structure(wanted) and all(
                 a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(wanted))):
             return old
         del old
         if self.mesh is None:
             return jax.device_put(jax.jit(make)(), jax.devices()[0])
-        return jax.jit(make, out_shardings=self._cache_shardings(wanted))()
+        return jax.jit(make, out_shardings=self._buffer_shardings(model, wanted))()
 
-    def _cache_shardings(self, wanted: KVCache | attention.LayerKVCache):
-        """Every buffer split over the batch like the prompts, and over KV heads like the model."""
+    def _buffer_shardings(self, model: Transformer, wanted: DecodeBuffers) -> DecodeBuffers:
+        """The cache split over the batch like the prompts and over KV heads like the model; each layer's
+        weight copy split like its stacked parameter."""
         sharding = lambda axes, shape: logical_sharding(axes, shape, self.mesh, self.rules)  # noqa: E731
-        valid = sharding(("batch", "length"), wanted.valid.shape)
+        cache = wanted.cache
+        valid = sharding(("batch", "length"), cache.valid.shape)
         index = NamedSharding(self.mesh, PartitionSpec())
-        if isinstance(wanted, KVCache):
-            kv = sharding(("layers", "batch", "length", "kv_heads", "head_dim"), wanted.k.shape)
-            return KVCache(k=kv, v=kv, valid=valid, index=index)
-        k = sharding(("batch", "kv_heads", "head_dim", "length"), wanted.k[0].shape)
-        v = sharding(("batch", "kv_heads", "length", "head_dim"), wanted.v[0].shape)
-        layers = len(wanted.k)
-        return attention.LayerKVCache(k=(k,) * layers, v=(v,) * layers, valid=valid, index=index)
+        if wanted.layer_weights is None:
+            kv = sharding(("layers", "batch", "length", "kv_heads", "head_dim"), cache.k.shape)
+            return DecodeBuffers(cache=KVCache(k=kv, v=kv, valid=valid, index=index))
+        k = sharding(("batch", "kv_heads", "head_dim", "length"), cache.k[0].shape)
+        v = sharding(("batch", "kv_heads", "length", "head_dim"), cache.v[0].shape)
+        layers = len(cache.k)
+        per_layer = {name: _without_layers_axis(w.sharding) for name, w in model.layers.weights().items()}
+        return DecodeBuffers(cache=attention.LayerKVCache(k=(k,) * layers, v=(v,) * layers, valid=valid, index=index),
+                             layer_weights=(per_layer,) * layers)
+
+
+def _without_layers_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer's slice of a stacked `[L, ...]` array."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding

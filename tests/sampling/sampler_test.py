@@ -97,31 +97,33 @@ def test_cached_steps_and_logprobs_equal_a_full_forward(sampled_llama, tiny_mode
     np.testing.assert_array_equal(out.sampling_logprobs, out.model_logprobs)
 
 
-def test_unrolled_layers_decode_the_same(sampled_llama, tiny_model_dir, free_sampler):
-    assert not free_sampler.unroll_layers  # the fixtures decode with scanned layers
+def test_scanned_and_unrolled_layers_decode_the_same(sampled_llama, tiny_model_dir, free_sampler):
+    assert free_sampler.unroll_layers  # the default on CPU: the fixtures decode with unrolled layers
     model = tiny_model(tiny_model_dir("llama"))
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, **SMALL)
-    out = Sampler(stop_ids=(), pad_id=0, unroll_layers=True).generate(model, PROMPTS, cfg, jax.random.key(0),
-                                                                      keep_logits=True)
+    out = Sampler(stop_ids=(), pad_id=0, unroll_layers=False).generate(model, PROMPTS, cfg, jax.random.key(0),
+                                                                       keep_logits=True)
     np.testing.assert_array_equal(out.tokens, sampled_llama.tokens)
     assert np.abs(out.logits - sampled_llama.logits).max() < 1e-5
 
 
 @pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
-def test_the_kv_cache_is_handed_to_the_next_call_of_the_same_shape(unroll, tiny_model_dir, greedy_free):
+def test_buffers_are_handed_to_the_next_call_of_the_same_shape(unroll, tiny_model_dir, greedy_free):
     model = tiny_model(tiny_model_dir("llama"))
     sampler = Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll)
     sampler.generate(model, PROMPTS, GREEDY, jax.random.key(0))
-    kept = sampler._cache
-    assert isinstance(kept, attention.LayerKVCache if unroll else attention.KVCache)
+    kept = sampler._buffers
+    assert isinstance(kept.cache, attention.LayerKVCache if unroll else attention.KVCache)
+    assert (kept.layer_weights is not None) == unroll
     out = sampler.generate(model, PROMPTS[:3], GREEDY, jax.random.key(0))  # same buckets: reused
     np.testing.assert_array_equal(out.tokens, greedy_free.tokens[:3])
-    assert all(x.is_deleted() for x in jax.tree.leaves((kept.k, kept.v)))  # donated to the second call
+    # The cache's keys and values and the layer copies were donated to the second call.
+    assert all(x.is_deleted() for x in jax.tree.leaves((kept.cache.k, kept.cache.v, kept.layer_weights)))
     assert sampler.compilations == 1
     sampler.generate(model, PROMPTS, dataclasses.replace(GREEDY, max_new_tokens=4), jax.random.key(0))
-    assert sampler._cache.valid.shape == (4, 16 + 4 - 1)  # another shape: a new cache
+    assert sampler._buffers.cache.valid.shape == (4, 16 + 4 - 1)  # another shape: new buffers
     sampler.clear_cache()
-    assert sampler._cache is None
+    assert sampler._buffers is None
 
 
 def test_processed_logprobs_equal_a_full_forward(tiny_model_dir):
@@ -269,10 +271,16 @@ def test_sharded_greedy_equals_single_device(lora, unroll, tiny_model_dir, free_
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.model_logprobs, ref.model_logprobs, atol=1e-4)
     # The second call reuses the program and the sharded buffers the first one handed back.
-    kept = sampler._cache
-    assert not kept.valid.sharding.is_fully_replicated  # split over the batch
+    kept = sampler._buffers
+    assert not kept.cache.valid.sharding.is_fully_replicated  # split over the batch
+    if unroll:  # each layer's copy of a weight is split like the stacked parameter
+        copy, stacked = kept.layer_weights[0]["gate_proj"], sharded.layers.gate_proj[...]
+        spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
+        assert spec(copy) == spec(stacked)[1:]
+        assert not copy.sharding.is_fully_replicated
     again = sampler.generate(sharded, PROMPTS[:2], cfg, jax.random.key(0))
     np.testing.assert_array_equal(again.tokens, ref.tokens[:2])
-    assert sampler.compilations == 1 and all(x.is_deleted() for x in jax.tree.leaves((kept.k, kept.v)))
+    donated = (kept.cache.k, kept.cache.v, kept.layer_weights)
+    assert sampler.compilations == 1 and all(x.is_deleted() for x in jax.tree.leaves(donated))
     # The batch bucket 3 is rounded up to a multiple of the data-parallel size (data x fsdp = 4).
     assert "batch 4 x prompt 16" in caplog.text
