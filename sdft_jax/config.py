@@ -18,6 +18,7 @@ from sdft_jax.distill.losses import LossConfig
 from sdft_jax.distill.teacher import TeacherConfig
 from sdft_jax.distributed import DistributedConfig
 from sdft_jax.models.lora import PROJECTIONS, LoraConfig
+from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
 
 
 def _check_choice(obj, *names: str) -> None:
@@ -34,6 +35,7 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage of frozen weights (trainable ones are fp32 masters)
     remat: Literal["none", "full", "dots"] = "full"
+    query_block: int = DEFAULT_QUERY_BLOCK  # queries per attention block in training forwards (0 = one block)
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float = 32.0
     lora_targets: str = ",".join(PROJECTIONS)
@@ -41,6 +43,8 @@ class ModelSection:
     def __post_init__(self):
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if isinstance(self.query_block, bool) or not isinstance(self.query_block, int) or self.query_block < 0:
+            raise ValueError(f"query_block must be an integer >= 0 (0 = one block), got {self.query_block!r}")
         _check_choice(self, "dtype", "param_dtype", "remat")
         try:
             LoraConfig(rank=max(self.lora_rank, 1), alpha=self.lora_alpha, targets=self._targets())

@@ -93,7 +93,7 @@ class Trainer:
         # Model and train state.
         model = load_hf(self.model_path, mesh=self.mesh, dtype=DTYPES[cfg.model.dtype],
                         param_dtype=DTYPES[cfg.model.param_dtype], lora=cfg.model.lora(), remat=cfg.model.remat,
-                        seed=cfg.seed)
+                        query_block=cfg.model.query_block, seed=cfg.seed)
         self.max_seq_len = model.cfg.max_position_embeddings
         o = cfg.optim
         self.step_cfg = StepConfig(
@@ -106,7 +106,8 @@ class Trainer:
         del model
         if cfg.teacher_init_from:
             teacher = load_hf(resolve_model(cfg.teacher_init_from), mesh=self.mesh, dtype=DTYPES[cfg.model.dtype],
-                              param_dtype=DTYPES[cfg.model.param_dtype], remat=cfg.model.remat)
+                              param_dtype=DTYPES[cfg.model.param_dtype], remat=cfg.model.remat,
+                              query_block=cfg.model.query_block)
             self.state = with_teacher(self.state, teacher)
             del teacher
         self.train_step = make_train_step(self.graphdef, self.state, self.step_cfg, mesh=self.mesh)

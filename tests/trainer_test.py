@@ -52,6 +52,7 @@ def test_three_steps_end_to_end(tiny_model_dir, tmp_path, torch_model):
     ("teacher.mode", "ema2", "config.teacher.mode"),
     ("train.steps", 0, "config.train.steps"),
     ("model.lora_targets", "qkv", "config.model.lora_targets"),
+    ("model.query_block", -1, "config.model.query_block"),
 ])
 def test_invalid_values_fail_naming_the_key(key, value, message, tmp_path):
     from sdft_jax.config import ConfigError

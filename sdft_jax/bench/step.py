@@ -13,7 +13,8 @@ Reported per engine: `tokens_per_s` (completion tokens per second of whole steps
 after a first call), `step_s`, `peak_rss_mb`; ours also `compile_s`, `step_flops` and `mfu` =
 step_flops / step_s / a matmul peak measured in the same process (a jitted 2048^3 fp32 matmul, median
 of 5), reported as `matmul_peak_gflops`. `step_flops` is counted from the shapes (`step_flops()`:
-every projection and attention matmul as computed, causal masking not discounted; the student's
+every projection and attention matmul as computed: attention over the keys up to the end of each
+query block (`attention.query_blocks`), the masked scores inside a block counted; the student's
 forward counted once and its backward twice; the LM head over completion positions, including the
 loss's recomputation of the student logits in its backward pass). XLA's own cost analysis is not
 used: it counts the body of the scan over layers once.
@@ -32,6 +33,8 @@ from sdft_jax.bench.harness import in_fresh_process, peak_rss_mb, timed
 
 
 def _parse(argv):
+    from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
+
     p = argparse.ArgumentParser(prog="python -m sdft_jax.bench step", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--batch", type=int, default=4)
@@ -44,6 +47,8 @@ def _parse(argv):
                    help="the loss's vocab_chunk_size (default: LossConfig's; 0 = autodiff backward)")
     p.add_argument("--remat", choices=["none", "full", "dots"], default="dots",
                    help="our rematerialisation policy (default dots: the fastest on CPU, see docs/benchmarks.md)")
+    p.add_argument("--query-block", type=int, default=DEFAULT_QUERY_BLOCK,
+                   help=f"queries per attention block (default {DEFAULT_QUERY_BLOCK}, the library's; 0 = one block)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--engines", default="jax,torch")
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -78,13 +83,17 @@ def _matmul_peak_gflops() -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def step_flops(cfg, batch: int, prompt_len: int, teacher_prompt_len: int, completion_len: int) -> float:
+def step_flops(cfg, batch: int, prompt_len: int, teacher_prompt_len: int, completion_len: int,
+               query_block: int) -> float:
     """Matmul FLOPs of one SDFT step (see the module docstring for what is counted)."""
+    from sdft_jax.models.attention import query_blocks
+
     D, F, H, K, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     per_token = 2 * cfg.num_layers * (D * H * E + 2 * D * K * E + H * E * D + 3 * D * F)
 
     def forward(length: int) -> float:
-        attention = 2 * 2 * cfg.num_layers * batch * length * length * H * E  # q.k and p.v
+        pairs = sum((end - start) * end for start, end in query_blocks(length, query_block))  # (query, key) scores
+        attention = 2 * 2 * cfg.num_layers * batch * pairs * H * E  # q.k and p.v
         return per_token * batch * length + attention
 
     head = 2 * D * cfg.vocab_size * batch * completion_len
@@ -104,7 +113,7 @@ def run_jax(a: dict) -> dict:
     from sdft_jax.models.lora import LoraConfig
 
     lora = LoraConfig(rank=a["lora_rank"]) if a["lora_rank"] else None
-    model = load_hf(a["path"], lora=lora, remat=a["remat"])
+    model = load_hf(a["path"], lora=lora, remat=a["remat"], query_block=a["query_block"])
     chunking = {} if a["vocab_chunk_size"] is None else {"vocab_chunk_size": a["vocab_chunk_size"]}
     cfg = StepConfig(loss=LossConfig(name=a["loss"], **chunking), teacher=TeacherConfig(mode="ema"),
                      optim=OptimConfig(learning_rate=1e-5, schedule="constant", warmup_ratio=0.0))
@@ -125,7 +134,7 @@ def run_jax(a: dict) -> dict:
     step_s = statistics.median(times)
     peak = _matmul_peak_gflops()
     flops = step_flops(_model_config(a["path"]), a["batch"], a["prompt_len"], a["teacher_prompt_len"],
-                       a["completion_len"])
+                       a["completion_len"], a["query_block"])
     return dict(step_s=step_s, first_call_s=first, compile_s=compile_s, step_flops=flops,
                 matmul_peak_gflops=round(peak, 1), mfu=round(flops / step_s / (peak * 1e9), 4),
                 peak_rss_mb=peak_rss_mb())
@@ -173,7 +182,7 @@ def main(argv=None) -> int:
     path = resolve_model(args.model)
     shared = dict(path=path, batch=args.batch, prompt_len=args.prompt_len, teacher_prompt_len=args.teacher_prompt_len,
                   completion_len=args.completion_len, loss=args.loss, lora_rank=args.lora_rank, remat=args.remat,
-                  vocab_chunk_size=args.vocab_chunk_size,
+                  query_block=args.query_block, vocab_chunk_size=args.vocab_chunk_size,
                   runs=args.runs, threads=args.threads, vocab=ModelConfig.from_hf(path).vocab_size)
     tokens = args.batch * args.completion_len
     row: dict = {"bench": "step", **{k: v for k, v in shared.items() if k != "path"}, "model": args.model,

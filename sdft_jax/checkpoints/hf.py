@@ -30,7 +30,7 @@ from sdft_jax.checkpoints.safetensors_io import INDEX_FILE, SafetensorsDir
 from sdft_jax.models import lora as lora_lib
 from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, logical_sharding
-from sdft_jax.models.transformer import RematPolicy, Transformer
+from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK, RematPolicy, Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -110,6 +110,7 @@ def load_hf(
     param_dtype=jnp.float32,
     lora: lora_lib.LoraConfig | None = None,
     remat: RematPolicy = "none",
+    query_block: int = DEFAULT_QUERY_BLOCK,
     seed: int = 0,
 ) -> Transformer:
     """Loads an HF model directory (safetensors only) into a Transformer, sharded over `mesh` if given."""
@@ -117,7 +118,7 @@ def load_hf(
     cfg = ModelConfig.from_hf(path)
     tensors = SafetensorsDir(path)
     make = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,  # noqa: E731
-                               lora=lora, remat=remat)
+                               lora=lora, remat=remat, query_block=query_block)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     rules_by_path = _rules(cfg)
     _check_names(path, cfg, tensors, rules_by_path)

@@ -27,6 +27,7 @@ from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.sharding import constrain
 
 RematPolicy = Literal["none", "full", "dots"]
+DEFAULT_QUERY_BLOCK = 128  # queries per block of the uncached attention (attention.causal_attention)
 
 
 def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"], eps: float) -> Float[Array, "... D"]:
@@ -117,9 +118,10 @@ class DecoderStack(nnx.Module):
         *,
         dtype,
         remat: RematPolicy,
+        query_block: int = 0,
     ) -> tuple[Float[Array, "B T D"], attn.KVCache | None]:
         layer = functools.partial(_layer, cfg=self.cfg, lora=self.lora, dtype=dtype,
-                                  inv_freq=attn.rope_inv_freq(self.cfg))
+                                  inv_freq=attn.rope_inv_freq(self.cfg), query_block=query_block)
         if remat != "none":
             policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             layer = jax.checkpoint(layer, policy=policy)
@@ -143,10 +145,11 @@ class DecoderStack(nnx.Module):
         return x, attn.KVCache(k=k, v=v, valid=cache.valid, index=cache.index)
 
 
-def _layer(h, w, positions, visible, kv, *, cfg: ModelConfig, lora, dtype, inv_freq):
+def _layer(h, w, positions, visible, kv, *, cfg: ModelConfig, lora, dtype, inv_freq, query_block: int = 0):
     """One pre-norm decoder layer.
 
-    `kv` is None (no cache: attend among this call's tokens) or a cache's attend function,
+    `kv` is None (no cache: attend among this call's tokens, causally, in blocks of `query_block`
+    queries; see `attention.causal_attention`) or a cache's attend function,
     `(q, k, v, visible) -> (out, new cache buffers)`, which writes the new keys and values and attends
     over the cache (`attention.attend_stacked`, `attention.attend_layer`).
     """
@@ -169,7 +172,7 @@ def _layer(h, w, positions, visible, kv, *, cfg: ModelConfig, lora, dtype, inv_f
     k = attn.apply_rope(k, positions, inv_freq)
     q = q.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
     if kv is None:
-        out, new_kv = attn.attention(q, k, v, visible), None
+        out, new_kv = attn.causal_attention(q, k, v, visible, query_block=query_block), None
     else:
         out, new_kv = kv(q, k, v, visible)
     out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)
@@ -195,10 +198,14 @@ class Transformer(nnx.Module):
         param_dtype=jnp.float32,
         lora: lora_lib.LoraConfig | None = None,
         remat: RematPolicy = "none",
+        query_block: int = DEFAULT_QUERY_BLOCK,
     ):
+        if isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 0:
+            raise ValueError(f"query_block must be an integer >= 0 (0 = one block), got {query_block!r}")
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.query_block = query_block
         self.embed = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
             axes=("vocab", "embed"),
@@ -232,7 +239,8 @@ class Transformer(nnx.Module):
             valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, cache.index))
             cache = attn.KVCache(k=cache.k, v=cache.v, valid=valid, index=cache.index)
             visible = attn.causal_visibility(cache.index + jnp.arange(T), valid)
-        x, cache = self.layers(x, positions, visible, cache, dtype=self.dtype, remat=self.remat)
+        x, cache = self.layers(x, positions, visible, cache, dtype=self.dtype, remat=self.remat,
+                               query_block=self.query_block)
         if cache is not None:
             cache = attn.KVCache(k=cache.k, v=cache.v, valid=cache.valid, index=cache.index + T)
         return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), cache

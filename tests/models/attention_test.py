@@ -1,5 +1,7 @@
 """RoPE against `transformers`' own frequency code, attention masking, and the two KV-cache layouts."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,54 @@ def test_layer_cache_attends_like_the_stacked_cache(tokens):
     np.testing.assert_array_equal(v_layer, written.v[1])
     np.testing.assert_array_equal(k_all[0], stacked.k[0])
     np.testing.assert_array_equal(k_all[1, :, 5:5 + tokens], k)
+
+
+@pytest.mark.parametrize("length, query_block, blocks", [
+    (11, 4, 3),  # ragged last block
+    (12, 4, 3),
+    (5, 8, 1),  # one block: the plain path
+    (40, 1, 14),  # more than MAX_QUERY_BLOCKS blocks of 1 asked: blocks grow to 3 queries (14 blocks)
+    (9, 0, 1),  # 0 = one block
+])
+def test_causal_attention_in_blocks_equals_attention(length, query_block, blocks, monkeypatch):
+    """Values and gradients of the blocked path equal the plain `attention` with the same causal mask,
+    left- and right-padded rows included, at every query that sees a key. A query that sees none (left
+    padding) gets a finite average of the values its block reads, different from the plain path's
+    average over all keys; nothing reads it."""
+    B, K, G, hd = 3, 2, 2, 8
+    rng = np.random.default_rng(length)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+               for s in ((B, length, K, G, hd), (B, length, K, hd), (B, length, K, hd)))
+    mask = np.ones((B, length), bool)
+    mask[1, :3] = False  # left padding
+    mask[2, -2:] = False  # right padding
+    visible = attention.causal_visibility(jnp.arange(length), jnp.asarray(mask))
+    sees = np.asarray(visible.any(-1))  # [B, T]
+    assert not sees[1, :3].any() and sees.sum() == B * length - 3  # right-pad queries see the real keys before them
+    weights = jnp.asarray(rng.standard_normal((B, length, K, G, hd)) * sees[:, :, None, None, None], jnp.float32)
+
+    calls = []
+    plain_attention = attention.attention
+    monkeypatch.setattr(attention, "attention", lambda *a: calls.append(a[0].shape[1]) or plain_attention(*a))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, visible) * weights)
+
+    blocked = lambda q, k, v, visible: attention.causal_attention(q, k, v, visible, query_block=query_block)  # noqa: E731
+    value, grads = jax.value_and_grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
+    assert len(calls) == blocks and sum(calls) == length
+    ref_value, ref_grads = jax.value_and_grad(functools.partial(loss, plain_attention), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5)
+    out = np.asarray(blocked(q, k, v, visible))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[sees], np.asarray(plain_attention(q, k, v, visible))[sees], rtol=1e-5, atol=1e-6)
+
+
+def test_causal_attention_rejects_cross_attention():
+    q = jnp.ones((1, 2, 1, 1, 4))
+    k = v = jnp.ones((1, 3, 1, 4))
+    with pytest.raises(ValueError, match="over itself"):
+        attention.causal_attention(q, k, v, jnp.ones((1, 2, 3), bool), query_block=1)

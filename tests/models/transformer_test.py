@@ -34,9 +34,10 @@ def torch_logits(ref, tokens=TOKENS, mask=MASK):
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
-def test_logits_match_transformers_on_padded_batch(architecture, tiny_model_dir, torch_model):
+@pytest.mark.parametrize("query_block", [0, 3], ids=["one_block", "blocks_of_3"])
+def test_logits_match_transformers_on_padded_batch(architecture, query_block, tiny_model_dir, torch_model):
     path = tiny_model_dir(architecture)
-    ours = our_logits(load_hf(path))
+    ours = our_logits(load_hf(path, query_block=query_block))  # 8 tokens: blocks of 3, 3, 2 queries
     ref = torch_logits(torch_model(path))
     assert np.abs(ours - ref)[MASK].max() < 1e-4
 
