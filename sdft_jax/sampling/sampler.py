@@ -12,7 +12,8 @@ Two layers:
 - `Sampler.generate(model, prompts, cfg, key)`: host lists in, numpy out. It rounds the batch and
   prompt length up to buckets so a run compiles a handful of programs, jits over the model state
   with its graph static (the model changes every step, the program does not), donates the KV cache
-  back into the next call of the same shape, and splits the batch over the mesh's data axes.
+  back into the next call of the same shape, keeps the unrolled loop's per-layer weight copies for
+  as long as the weights stay the same, and splits the batch over the mesh's data axes.
 
 Randomness is per row: row `i` of a call draws from `fold_in(key, i)` (its noise for all steps is
 made before the loop), so its tokens do not depend on which other rows share the batch, on the
@@ -26,6 +27,7 @@ import functools
 import logging
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Literal
 
@@ -121,28 +123,15 @@ def cache_length(prompt_len: int, max_new_tokens: int) -> int:
     return prompt_len + max_new_tokens - 1
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeBuffers:
-    """The device memory one `sample` call works in, handed back so that the next call of the same
-    shape reuses it (the `Sampler` donates it): the KV cache and, with unrolled layers, the per-layer
-    copies of the weights (`decode_step`). Reuse matters on CPU: memory freshly mapped for the 425 MB
-    of SmolLM2's layer copies page-faults on every call (~130,000 faults, ~0.1-0.3 s at batch 1).
+def layer_copies(model: Transformer) -> tuple[dict[str, jax.Array], ...]:
+    """The model's stacked layer weights (and adapters) as one dict of arrays per layer: what the
+    decode loop reads with `unroll_layers` (see `decode_step`). A copy: 425 MB for SmolLM2-135M."""
+    return _copy_layers(model.layers.weights(), None)
 
-    Scanned layers: a stacked `KVCache` and no weights; unrolled: a `LayerKVCache` and one dict of
-    weights per layer.
-    """
 
-    cache: KVCache | attention.LayerKVCache
-    layer_weights: tuple[dict[str, jax.Array], ...] | None = None
-
-    @classmethod
-    def zeros(cls, model: Transformer, batch: int, length: int, *, unroll_layers: bool) -> "DecodeBuffers":
-        cache = KVCache.zeros(model.cfg, batch, length, model.dtype)
-        if not unroll_layers:
-            return cls(cache=cache)
-        layer = {name: jnp.zeros(w.shape[1:], w.dtype) for name, w in model.layers.weights().items()}
-        return cls(cache=attention.LayerKVCache.from_stacked(cache), layer_weights=(layer,) * model.cfg.num_layers)
+def _empty_cache(model: Transformer, batch: int, length: int, unroll_layers: bool):
+    cache = KVCache.zeros(model.cfg, batch, length, model.dtype)
+    return attention.LayerKVCache.from_stacked(cache) if unroll_layers else cache
 
 
 def sample(
@@ -156,36 +145,37 @@ def sample(
     stop_ids: Sequence[int],
     pad_id: int,
     row_ids: Int[Array, "B"] | None = None,
-    buffers: DecodeBuffers | None = None,
+    cache: KVCache | attention.LayerKVCache | None = None,
+    layer_weights: tuple[dict[str, jax.Array], ...] | None = None,
     keep_logits: bool = False,
     unroll_layers: bool = False,
-) -> tuple[SampleResult, DecodeBuffers]:
+) -> tuple[SampleResult, KVCache | attention.LayerKVCache]:
     """Generates up to `cfg.max_new_tokens` tokens for a LEFT-padded batch of prompts (pure, traceable).
 
     `prompt_mask` marks real prompt tokens; a row with none is treated as finished from the start
     (used for batch padding). `row_ids` name each row's random stream (default `arange(B)`).
-    `buffers` (`DecodeBuffers.zeros` for `unroll_layers`, with a cache of at least
+    `cache` (a `KVCache`, or a `LayerKVCache` with `unroll_layers`, of batch B and at least
     `cache_length(P, max_new_tokens)` slots) is memory to work in, its contents ignored: pass the
-    previous call's to reuse it; fresh ones are made when None. `unroll_layers`: see `decode_step`. Returns
-    the result and the (now used) buffers. `cfg`, `stop_ids`, `pad_id`, `keep_logits` and
-    `unroll_layers` are static; the bucket fields of `cfg` are not used.
+    previous call's to reuse it; a fresh one is made when None. `unroll_layers`: see `decode_step`;
+    `layer_weights` then may hold `layer_copies(model)` made earlier from these very weights (they are
+    sliced here when None). Returns the result and the (now used) cache. `cfg`, `stop_ids`, `pad_id`,
+    `keep_logits` and `unroll_layers` are static; the bucket fields of `cfg` are not used.
     """
     model: Transformer = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_tokens.shape
     n_new = cfg.max_new_tokens
     settings = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     needed = cache_length(prompt_len, n_new)
-    if buffers is None:
-        buffers = DecodeBuffers.zeros(model, batch, needed, unroll_layers=unroll_layers)
-    elif (buffers.layer_weights is not None) != unroll_layers:
-        raise ValueError(f"these buffers are for unroll_layers={not unroll_layers} (see DecodeBuffers.zeros)")
-    cache = buffers.cache
+    if cache is None:
+        cache = _empty_cache(model, batch, needed, unroll_layers)
+    elif isinstance(cache, attention.LayerKVCache) != unroll_layers:
+        raise ValueError(f"a {type(cache).__name__} does not fit unroll_layers={unroll_layers}")
     if cache.valid.shape[1] < needed or cache.valid.shape[0] != batch:
         raise ValueError(f"cache of batch {cache.valid.shape[0]} x {cache.valid.shape[1]} slots is too small for "
                          f"batch {batch}, prompt {prompt_len} + {n_new} new tokens (needs {needed} slots)")
     # Stale keys and values stay in the buffers; clearing `valid` hides them.
     cache = dataclasses.replace(cache, valid=jnp.zeros_like(cache.valid), index=jnp.zeros((), jnp.int32))
-    step_fn, layer_weights = decode_step(model, unroll_layers=unroll_layers, into=buffers.layer_weights)
+    step_fn = decode_step(model, unroll_layers=unroll_layers, layer_weights=layer_weights)
     if row_ids is None:
         row_ids = jnp.arange(batch, dtype=jnp.int32)
     greedy = cfg.temperature == 0
@@ -239,32 +229,30 @@ def sample(
     carry = (jnp.ones((), jnp.int32), cache, token, done, lengths, stopped, out)
     _, cache, _, _, lengths, stopped, out = jax.lax.while_loop(cond, body, carry)
     result = SampleResult(lengths=lengths, stopped=stopped, logits=out.pop("logits", None), **out)
-    return result, DecodeBuffers(cache=cache, layer_weights=layer_weights)
+    return result, cache
 
 
 def decode_step(model: Transformer, *, unroll_layers: bool = False,
-                into: tuple[dict[str, jax.Array], ...] | None = None):
-    """The model's cached forward, `(tokens [B, T], positions, mask, cache) -> (hidden [B, T, D], cache)`,
-    and the per-layer weights it reads (None when scanned; written into `into` when given).
+                layer_weights: tuple[dict[str, jax.Array], ...] | None = None):
+    """The model's cached forward, `(tokens [B, T], positions, mask, cache) -> (hidden [B, T, D], cache)`.
 
     Scanned: the model's own call on a stacked `KVCache`. With `unroll_layers`, on a `LayerKVCache`:
-    the layer weights are sliced out of their stacked arrays once, here, and the step runs the
-    model's own layer function once per layer, each on its own weights and cache buffers. Inside
-    a scan, XLA:CPU copies every layer's weights out of the stacked arrays at every step (~60% of a
-    batch-1 SmolLM2 decode step) and every layer's keys and values out of the stacked cache,
-    transposed (~25% at batch 32); unrolled, the step reads both where they lie. The price: a
-    second copy of the layer weights while sampling, and a compile that grows with depth (SmolLM2:
-    ~5x). With the buffers kept between calls (`DecodeBuffers`), 1.12-1.19x the scan's speed on
-    CPU (docs/benchmarks.md), hence the CPU default; on TPU/GPU, where XLA reads slices in place,
-    keep the scan.
+    the step runs the model's own layer function once per layer, each on its own weights
+    (`layer_weights`, i.e. `layer_copies(model)`; sliced here, once per call, when None) and cache
+    buffers. Inside a scan, XLA:CPU copies every layer's weights out of the stacked arrays at every
+    step (~60% of a batch-1 SmolLM2 decode step) and every layer's keys and values out of the stacked
+    cache, transposed (~25% at batch 32); unrolled, the step reads both where they lie. The price: a
+    second copy of the layer weights while sampling, and a compile that grows with depth. With the
+    cache and the copies kept between calls (`Sampler`), faster than the scan on CPU at every batch
+    size measured (docs/benchmarks.md), hence the CPU default; on TPU/GPU, where XLA reads slices in
+    place, keep the scan.
     """
     if not unroll_layers:
-        return model, None
+        if layer_weights is not None:
+            raise ValueError("layer_weights are read only with unroll_layers")
+        return model
     layers, cfg = model.layers, model.cfg
-    stacked = layers.weights()
-    per_layer = tuple({name: w[i] for name, w in stacked.items()} for i in range(cfg.num_layers))
-    if into is not None:  # into memory that is already mapped (see DecodeBuffers)
-        per_layer = jax.tree.map(lambda buf, w: jax.lax.dynamic_update_slice(buf, w, (0,) * w.ndim), into, per_layer)
+    per_layer = layer_copies(model) if layer_weights is None else layer_weights
     layer = functools.partial(transformer._layer, cfg=cfg, lora=layers.lora, dtype=model.dtype,
                               inv_freq=attention.rope_inv_freq(cfg))
 
@@ -281,7 +269,7 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False,
         return hidden, attention.LayerKVCache(k=tuple(ks), v=tuple(vs), valid=valid,
                                               index=cache.index + tokens.shape[1])
 
-    return step, per_layer
+    return step
 
 
 def default_unroll_layers() -> bool:
@@ -312,9 +300,11 @@ class Sampler:
     (batch buckets are rounded up to a multiple of that size) and the model's parameters stay
     where they are. `compilations` counts the programs compiled so far (one per batch bucket x
     prompt bucket x model graph x sampling settings) and `compile_seconds` the time they took; each
-    new one is logged at INFO. With `keep_cache` the buffers of a call (KV cache; layer copies when
-    unrolled) stay allocated and are donated to the next call of the same shape (no allocation per
-    call); `clear_cache()` frees them.
+    new one is logged at INFO. With `keep_cache` a call's KV cache stays allocated and is donated to
+    the next call of the same shape (no allocation per call), and, unrolled, the per-layer weight
+    copies (`layer_copies`) are kept and reused while the model's layer weights are the same arrays
+    (an evaluation's many calls make them once; a train loop, whose step replaces the weights, once
+    per call: `copies_made` counts them); `clear_cache()` frees both.
     `unroll_layers` trades memory and compile time for decode speed (see `decode_step`); by default
     it is on for CPU and off elsewhere.
     """
@@ -329,15 +319,18 @@ class Sampler:
         self.unroll_layers = default_unroll_layers() if unroll_layers is None else unroll_layers
         self.compilations = 0
         self._batch_multiple = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-        self._buffers: DecodeBuffers | None = None  # donated into the next same-shape call
+        self._cache: KVCache | attention.LayerKVCache | None = None  # donated into the next same-shape call
+        self._layers: _LayerCopies | None = None
+        self.copies_made = 0
         self._programs: dict[tuple, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
         self._jitted = jax.jit(self._traced, static_argnames=("graphdef", "cfg", "keep_logits"),
-                               donate_argnames=("buffers",))
+                               donate_argnames=("cache",))
+        self._copy = jax.jit(_copy_layers, donate_argnums=(1,))
 
-    def _traced(self, state, tokens, mask, row_ids, key, buffers, *, graphdef, cfg, keep_logits):
-        kwargs = dict(cfg=cfg, stop_ids=self.stop_ids, pad_id=self.pad_id, row_ids=row_ids, buffers=buffers,
-                      keep_logits=keep_logits, unroll_layers=self.unroll_layers)
+    def _traced(self, state, tokens, mask, row_ids, key, cache, layer_weights, *, graphdef, cfg, keep_logits):
+        kwargs = dict(cfg=cfg, stop_ids=self.stop_ids, pad_id=self.pad_id, row_ids=row_ids, cache=cache,
+                      layer_weights=layer_weights, keep_logits=keep_logits, unroll_layers=self.unroll_layers)
         if self.mesh is None:
             return sample(graphdef, state, tokens, mask, key, **kwargs)
         with activation_sharding(self.mesh, self.rules):
@@ -365,9 +358,9 @@ class Sampler:
         return program
 
     def clear_cache(self) -> None:
-        """Frees the buffers (KV cache, layer copies) kept for the next call (e.g. before a memory-hungry
+        """Frees the KV cache and the layer copies kept for the next call (e.g. before a memory-hungry
         train step)."""
-        self._buffers = None
+        self._cache = self._layers = None
 
     def generate(
         self,
@@ -436,10 +429,12 @@ class Sampler:
             mask[i, prompt_len - len(p):] = True
         row_ids = np.arange(start, start + batch, dtype=np.int32)
         tokens, mask, row_ids, key = self._place(tokens, mask, row_ids, key)
-        buffers = self._take_buffers(model, batch, cache_length(prompt_len, cfg.max_new_tokens))
-        args = (state, tokens, mask, row_ids, key, buffers)
-        result, buffers = self._program(graphdef, args, cfg, keep_logits)(*args)
-        self._buffers = buffers if self.keep_cache else None
+        cache = self._take_cache(model, batch, cache_length(prompt_len, cfg.max_new_tokens))
+        # Without keep_cache, the program slices the layer weights itself (nothing outlives the call).
+        layers = self._layer_weights(model) if self.unroll_layers and self.keep_cache else None
+        args = (state, tokens, mask, row_ids, key, cache, layers)
+        result, cache = self._program(graphdef, args, cfg, keep_logits)(*args)
+        self._cache = cache if self.keep_cache else None
         n = len(prompts)
         return jax.tree.map(lambda x: x[:n], to_host(result))
 
@@ -455,35 +450,80 @@ class Sampler:
         # Every process passes the same prompts; each fills only its own devices' rows.
         return (put(tokens, two), put(mask, two), put(row_ids, one), put(key, replicated))
 
-    def _take_buffers(self, model: Transformer, batch: int, length: int) -> DecodeBuffers:
-        """The kept buffers when they fit this call exactly, else new ones (the old ones are freed first)."""
-        make = functools.partial(DecodeBuffers.zeros, model, batch, length, unroll_layers=self.unroll_layers)
+    def _take_cache(self, model: Transformer, batch: int, length: int) -> KVCache | attention.LayerKVCache:
+        """The kept cache when it fits this call exactly, else a new one (the old one is freed first)."""
+        make = functools.partial(_empty_cache, model, batch, length, self.unroll_layers)
         wanted = jax.eval_shape(make)
-        old, self._buffers = self._buffers, None
+        old, self._cache = self._cache, None
         if old is not None and jax.tree.structure(old) == jax.tree.structure(wanted) and all(
                 a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(wanted))):
             return old
         del old
         if self.mesh is None:
             return jax.device_put(jax.jit(make)(), jax.devices()[0])
-        return jax.jit(make, out_shardings=self._buffer_shardings(model, wanted))()
+        return jax.jit(make, out_shardings=self._cache_shardings(wanted))()
 
-    def _buffer_shardings(self, model: Transformer, wanted: DecodeBuffers) -> DecodeBuffers:
-        """The cache split over the batch like the prompts and over KV heads like the model; each layer's
-        weight copy split like its stacked parameter."""
+    def _cache_shardings(self, wanted: KVCache | attention.LayerKVCache):
+        """The cache split over the batch like the prompts and over KV heads like the model."""
         sharding = lambda axes, shape: logical_sharding(axes, shape, self.mesh, self.rules)  # noqa: E731
-        cache = wanted.cache
-        valid = sharding(("batch", "length"), cache.valid.shape)
+        valid = sharding(("batch", "length"), wanted.valid.shape)
         index = NamedSharding(self.mesh, PartitionSpec())
-        if wanted.layer_weights is None:
-            kv = sharding(("layers", "batch", "length", "kv_heads", "head_dim"), cache.k.shape)
-            return DecodeBuffers(cache=KVCache(k=kv, v=kv, valid=valid, index=index))
-        k = sharding(("batch", "kv_heads", "head_dim", "length"), cache.k[0].shape)
-        v = sharding(("batch", "kv_heads", "length", "head_dim"), cache.v[0].shape)
-        layers = len(cache.k)
-        per_layer = {name: _without_layers_axis(w.sharding) for name, w in model.layers.weights().items()}
-        return DecodeBuffers(cache=attention.LayerKVCache(k=(k,) * layers, v=(v,) * layers, valid=valid, index=index),
-                             layer_weights=(per_layer,) * layers)
+        if isinstance(wanted, KVCache):
+            kv = sharding(("layers", "batch", "length", "kv_heads", "head_dim"), wanted.k.shape)
+            return KVCache(k=kv, v=kv, valid=valid, index=index)
+        k = sharding(("batch", "kv_heads", "head_dim", "length"), wanted.k[0].shape)
+        v = sharding(("batch", "kv_heads", "length", "head_dim"), wanted.v[0].shape)
+        layers = len(wanted.k)
+        return attention.LayerKVCache(k=(k,) * layers, v=(v,) * layers, valid=valid, index=index)
+
+    def _layer_weights(self, model: Transformer) -> tuple[dict[str, jax.Array], ...]:
+        """`layer_copies(model)`: the kept ones when they were made from these very arrays, else new ones,
+        written into the old copies' memory when it fits (memory freshly mapped for SmolLM2's 425 MB
+        page-faults ~130,000 times, 0.1-0.3 s at batch 1)."""
+        stacked = model.layers.weights()
+        kept, self._layers = self._layers, None
+        if kept is not None and kept.made_from(stacked):
+            self._layers = kept
+            return kept.copies
+        into = kept.copies if kept is not None and kept.fits(stacked) else None
+        del kept
+        copies = self._copy(stacked, into)
+        self._layers = _LayerCopies(copies=copies, source={n: weakref.ref(w) for n, w in stacked.items()})
+        self.copies_made += 1
+        return copies
+
+
+def _copy_layers(stacked: dict[str, jax.Array], into: tuple[dict[str, jax.Array], ...] | None):
+    """`layer_copies` of the stacked weights, written into `into` (same shapes, donated) when given."""
+    per_layer = tuple({name: w[i] for name, w in stacked.items()} for i in range(len(next(iter(stacked.values())))))
+    if into is None:
+        return per_layer
+    return jax.tree.map(lambda buf, w: jax.lax.dynamic_update_slice(buf, w, (0,) * w.ndim), into, per_layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerCopies:
+    """Per-layer weight copies and (weakly) the stacked arrays they were made from."""
+
+    copies: tuple[dict[str, jax.Array], ...]
+    source: dict[str, weakref.ref]
+
+    def made_from(self, stacked: dict[str, jax.Array]) -> bool:
+        # jax arrays are immutable: the same live objects hold the same values.
+        return stacked.keys() == self.source.keys() and all(
+            self.source[n]() is w and not w.is_deleted() for n, w in stacked.items())
+
+    def fits(self, stacked: dict[str, jax.Array]) -> bool:
+        """Whether the copies can take these arrays' slices (names, shapes, dtypes and layouts alike)."""
+        if stacked.keys() != self.copies[0].keys() or len(self.copies) != len(next(iter(stacked.values()))):
+            return False
+        for copy in self.copies:
+            for name, w in stacked.items():
+                c = copy[name]
+                if (c.shape, c.dtype) != (w.shape[1:], w.dtype) or (
+                        _sharding_key(c.sharding) != _sharding_key(_without_layers_axis(w.sharding))):
+                    return False
+        return True
 
 
 def _without_layers_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:

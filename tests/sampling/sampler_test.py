@@ -108,22 +108,50 @@ def test_scanned_and_unrolled_layers_decode_the_same(sampled_llama, tiny_model_d
 
 
 @pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
-def test_buffers_are_handed_to_the_next_call_of_the_same_shape(unroll, tiny_model_dir, greedy_free):
+def test_cache_is_handed_to_the_next_call_of_the_same_shape(unroll, tiny_model_dir, greedy_free):
     model = tiny_model(tiny_model_dir("llama"))
     sampler = Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll)
     sampler.generate(model, PROMPTS, GREEDY, jax.random.key(0))
-    kept = sampler._buffers
-    assert isinstance(kept.cache, attention.LayerKVCache if unroll else attention.KVCache)
-    assert (kept.layer_weights is not None) == unroll
+    kept = sampler._cache
+    assert isinstance(kept, attention.LayerKVCache if unroll else attention.KVCache)
+    assert (sampler._layers is not None) == unroll and sampler.copies_made == int(unroll)
     out = sampler.generate(model, PROMPTS[:3], GREEDY, jax.random.key(0))  # same buckets: reused
     np.testing.assert_array_equal(out.tokens, greedy_free.tokens[:3])
-    # The cache's keys and values and the layer copies were donated to the second call.
-    assert all(x.is_deleted() for x in jax.tree.leaves((kept.cache.k, kept.cache.v, kept.layer_weights)))
+    # The cache's keys and values were donated to the second call.
+    assert all(x.is_deleted() for x in jax.tree.leaves((kept.k, kept.v)))
     assert sampler.compilations == 1
     sampler.generate(model, PROMPTS, dataclasses.replace(GREEDY, max_new_tokens=4), jax.random.key(0))
-    assert sampler._buffers.cache.valid.shape == (4, 16 + 4 - 1)  # another shape: new buffers
+    assert sampler._cache.valid.shape == (4, 16 + 4 - 1)  # another shape: a new cache
     sampler.clear_cache()
-    assert sampler._buffers is None
+    assert sampler._cache is None and sampler._layers is None
+
+
+def test_layer_copies_are_kept_while_the_weights_stay_the_same(tiny_model_dir, greedy_free):
+    """Unrolled, the per-layer weight copies are made once for many calls on the same weights, made
+    again (into the old copies' memory) when a weight is replaced, and never read stale."""
+    model = load_hf(tiny_model_dir("llama"))  # its own: changed below
+    sampler = Sampler(stop_ids=(), pad_id=0, unroll_layers=True)
+    sampler.generate(model, PROMPTS, GREEDY, jax.random.key(0))
+    copies = sampler._layers.copies
+    graphdef, state = nnx.split(model)  # the train loop's form: the same arrays
+    out = sampler.generate((graphdef, state), PROMPTS, GREEDY, jax.random.key(0))
+    assert sampler.copies_made == 1 and sampler._layers.copies is copies
+    np.testing.assert_array_equal(out.tokens, greedy_free.tokens)
+
+    # A train step hands back new arrays: the copies are made again, into the old ones' memory.
+    w = model.layers.down_proj
+    w[...] = w[...] * 1.5
+    changed = sampler.generate(model, PROMPTS, GREEDY, jax.random.key(0))
+    assert sampler.copies_made == 2 and all(x.is_deleted() for x in jax.tree.leaves(copies))
+    fresh = Sampler(stop_ids=(), pad_id=0, unroll_layers=True).generate(model, PROMPTS, GREEDY, jax.random.key(0))
+    np.testing.assert_array_equal(changed.tokens, fresh.tokens)
+    np.testing.assert_array_equal(changed.model_logprobs, fresh.model_logprobs)
+    assert (changed.model_logprobs != out.model_logprobs).any()
+
+    # A weight donated away (deleted) is never taken for the one the copies were made from.
+    assert sampler._layers.made_from(model.layers.weights())
+    model.layers.down_proj[...].delete()
+    assert not sampler._layers.made_from(model.layers.weights())
 
 
 def test_processed_logprobs_equal_a_full_forward(tiny_model_dir):
@@ -271,16 +299,16 @@ def test_sharded_greedy_equals_single_device(lora, unroll, tiny_model_dir, free_
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.model_logprobs, ref.model_logprobs, atol=1e-4)
     # The second call reuses the program and the sharded buffers the first one handed back.
-    kept = sampler._buffers
-    assert not kept.cache.valid.sharding.is_fully_replicated  # split over the batch
+    kept = sampler._cache
+    assert not kept.valid.sharding.is_fully_replicated  # split over the batch
     if unroll:  # each layer's copy of a weight is split like the stacked parameter
-        copy, stacked = kept.layer_weights[0]["gate_proj"], sharded.layers.gate_proj[...]
+        copy, stacked = sampler._layers.copies[0]["gate_proj"], sharded.layers.gate_proj[...]
         spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
         assert spec(copy) == spec(stacked)[1:]
         assert not copy.sharding.is_fully_replicated
     again = sampler.generate(sharded, PROMPTS[:2], cfg, jax.random.key(0))
     np.testing.assert_array_equal(again.tokens, ref.tokens[:2])
-    donated = (kept.cache.k, kept.cache.v, kept.layer_weights)
-    assert sampler.compilations == 1 and all(x.is_deleted() for x in jax.tree.leaves(donated))
+    assert sampler.compilations == 1 and all(x.is_deleted() for x in jax.tree.leaves((kept.k, kept.v)))
+    assert sampler.copies_made == int(unroll)  # the same weights: copied once
     # The batch bucket 3 is rounded up to a multiple of the data-parallel size (data x fsdp = 4).
     assert "batch 4 x prompt 16" in caplog.text
