@@ -60,7 +60,8 @@ def test_two_steps_match_torch(loss, use_lora, tiny_model_dir):
 
     path = tiny_model_dir("llama")
     lora = LoraConfig(rank=4, alpha=8.0) if use_lora else None
-    model = load_hf(path, lora=lora)
+    # Attention in blocks of 4 queries (the library default is 128): the blocked path against torch's plain one.
+    model = load_hf(path, lora=lora, query_block=4)
     cfg = step_config(loss)
     ref = TorchSDFTStep(path, TorchStepConfig(loss=loss, top_k=8, learning_rate=LR, eps=EPS, teacher="ema", ema_alpha=0.1),
                         lora=lora_adapters_for_torch(model) if use_lora else None)
@@ -124,7 +125,8 @@ def test_nonfinite_loss_skips_the_update(tiny_model_dir):
 
 
 def _run_steps(path, cfg, batch, mesh):
-    graphdef, state = init_train_state(load_hf(path, mesh=mesh), cfg.optim)
+    # Attention in blocks of 4 queries (the default is 128): the blocks' slices of sharded activations.
+    graphdef, state = init_train_state(load_hf(path, mesh=mesh, query_block=4), cfg.optim)
     step = make_train_step(graphdef, state, cfg, mesh=mesh)
     for _ in range(2):
         state, metrics = step(state, shard_batch(batch, mesh))
