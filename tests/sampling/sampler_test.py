@@ -310,5 +310,14 @@ def test_sharded_greedy_equals_single_device(lora, unroll, tiny_model_dir, free_
     np.testing.assert_array_equal(again.tokens, ref.tokens[:2])
     assert sampler.compilations == 1 and all(x.is_deleted() for x in jax.tree.leaves((kept.k, kept.v)))
     assert sampler.copies_made == int(unroll)  # the same weights: copied once
+    if unroll:  # new weights (as after a train step): copied again, into the sharded old copies
+        w = sharded.layers.down_proj
+        w[...] = w[...] * 1.5
+        changed = sampler.generate(sharded, PROMPTS, cfg, jax.random.key(0))
+        fresh = Sampler(stop_ids=(), pad_id=0, mesh=mesh, unroll_layers=True).generate(sharded, PROMPTS, cfg,
+                                                                                        jax.random.key(0))
+        assert sampler.copies_made == 2
+        np.testing.assert_array_equal(changed.model_logprobs, fresh.model_logprobs)
+        assert (changed.model_logprobs != out.model_logprobs).any()
     # The batch bucket 3 is rounded up to a multiple of the data-parallel size (data x fsdp = 4).
     assert "batch 4 x prompt 16" in caplog.text
