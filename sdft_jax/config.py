@@ -18,7 +18,7 @@ from sdft_jax.distill.losses import LossConfig
 from sdft_jax.distill.teacher import TeacherConfig
 from sdft_jax.distributed import DistributedConfig
 from sdft_jax.models.lora import PROJECTIONS, LoraConfig
-from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
+from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK, check_query_block
 
 
 def _check_choice(obj, *names: str) -> None:
@@ -43,8 +43,7 @@ class ModelSection:
     def __post_init__(self):
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
-        if isinstance(self.query_block, bool) or not isinstance(self.query_block, int) or self.query_block < 0:
-            raise ValueError(f"query_block must be an integer >= 0 (0 = one block), got {self.query_block!r}")
+        check_query_block(self.query_block)
         _check_choice(self, "dtype", "param_dtype", "remat")
         try:
             LoraConfig(rank=max(self.lora_rank, 1), alpha=self.lora_alpha, targets=self._targets())

@@ -30,6 +30,12 @@ RematPolicy = Literal["none", "full", "dots"]
 DEFAULT_QUERY_BLOCK = 128  # queries per block of the uncached attention (attention.causal_attention)
 
 
+def check_query_block(query_block) -> None:
+    """Raises a ValueError unless `query_block` is an integer >= 0 (0 = one block)."""
+    if isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 0:
+        raise ValueError(f"query_block must be an integer >= 0 (0 = one block), got {query_block!r}")
+
+
 def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"], eps: float) -> Float[Array, "... D"]:
     """RMSNorm in fp32, cast back before the weight (as HF does)."""
     x32 = x.astype(jnp.float32)
@@ -118,7 +124,7 @@ class DecoderStack(nnx.Module):
         *,
         dtype,
         remat: RematPolicy,
-        query_block: int = 0,
+        query_block: int,
     ) -> tuple[Float[Array, "B T D"], attn.KVCache | None]:
         layer = functools.partial(_layer, cfg=self.cfg, lora=self.lora, dtype=dtype,
                                   inv_freq=attn.rope_inv_freq(self.cfg), query_block=query_block)
@@ -200,8 +206,7 @@ class Transformer(nnx.Module):
         remat: RematPolicy = "none",
         query_block: int = DEFAULT_QUERY_BLOCK,
     ):
-        if isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 0:
-            raise ValueError(f"query_block must be an integer >= 0 (0 = one block), got {query_block!r}")
+        check_query_block(query_block)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
