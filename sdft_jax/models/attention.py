@@ -162,24 +162,28 @@ def attend_stacked(
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerKVCache:
-    """The KV cache as one buffer per layer, keys stored transposed: the decoding layout on CPU.
+    """The KV cache as one buffer per layer, rows and KV heads merged, keys stored transposed: the
+    decoding layout on CPU.
 
-    Keys are `[B, Hkv, hd, S]` and values `[B, Hkv, S, hd]`, so both attention matmuls read a
-    layer's buffer as it lies. Read out of the stacked `[L, B, S, Hkv, hd]` cache inside a scan,
-    XLA:CPU copies (and transposes) every layer's keys and values at every decode step (~25% of a
-    batch-32 SmolLM2 step). Same `valid` / `index` meaning as `KVCache`.
+    Keys are `[B * Hkv, hd, S]` and values `[B * Hkv, S, hd]` (row b's head h at `b * Hkv + h`), so
+    both attention matmuls of a decode step read a layer's buffer as it lies, with no size-1 axis to
+    squeeze. Read out of the stacked `[L, B, S, Hkv, hd]` cache inside a scan, XLA:CPU copies (and
+    transposes) every layer's keys and values at every decode step (~25% of a batch-32 SmolLM2
+    step); with a separate batch axis, at batch 1 it squeezes that axis out of the matmul operand
+    and copies every buffer four times per step (~7% of a batch-1 step). Same `valid` / `index`
+    meaning as `KVCache`.
     """
 
-    k: tuple[Float[Array, "B Hkv hd S"], ...]
-    v: tuple[Float[Array, "B Hkv S hd"], ...]
+    k: tuple[Float[Array, "BHkv hd S"], ...]
+    v: tuple[Float[Array, "BHkv S hd"], ...]
     valid: Bool[Array, "B S"]
     index: Int[Array, ""]
 
     @classmethod
     def from_stacked(cls, cache: KVCache) -> "LayerKVCache":
-        layers = range(cache.k.shape[0])
-        return cls(k=tuple(cache.k[i].transpose(0, 2, 3, 1) for i in layers),
-                   v=tuple(cache.v[i].transpose(0, 2, 1, 3) for i in layers),
+        L, B, S, Hkv, hd = cache.k.shape
+        return cls(k=tuple(cache.k[i].transpose(0, 2, 3, 1).reshape(B * Hkv, hd, S) for i in range(L)),
+                   v=tuple(cache.v[i].transpose(0, 2, 1, 3).reshape(B * Hkv, S, hd) for i in range(L)),
                    valid=cache.valid, index=cache.index)
 
 
@@ -189,22 +193,26 @@ def attend_layer(
     v: Float[Array, "B T Hkv hd"],
     visible: Bool[Array, "B T S"],
     *,
-    k_cache: Float[Array, "B Hkv hd S"],
-    v_cache: Float[Array, "B Hkv S hd"],
+    k_cache: Float[Array, "BHkv hd S"],
+    v_cache: Float[Array, "BHkv S hd"],
     slot: Int[Array, ""],
 ) -> tuple[Float[Array, "B T Hkv G hd"], tuple[Array, Array]]:
     """`attend_stacked` for one layer's buffers of a `LayerKVCache`."""
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, slot))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, slot, 0))
+    B, T, Hkv, G, hd = q.shape
+    S = k_cache.shape[-1]
+    k_new = k.transpose(0, 2, 3, 1).reshape(B * Hkv, hd, T).astype(k_cache.dtype)
+    v_new = v.transpose(0, 2, 1, 3).reshape(B * Hkv, T, hd).astype(v_cache.dtype)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, slot))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, slot, 0))
     keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    if q.shape[1] == 1:
-        # One query per row (decoding): without the length axis XLA:CPU runs both products as its
-        # fast batched matmuls (with it, as slow generic dots: ~40% of a batch-32 step).
-        scores = jnp.einsum("bkgd,bkds->bkgs", q[:, 0], keys, preferred_element_type=jnp.float32)
-        probs = _probs(scores[:, :, :, None], q.shape[-1], visible, q.dtype)[:, :, :, 0]
-        return jnp.einsum("bkgs,bksd->bkgd", probs, values)[:, None], (k_cache, v_cache)
-    scores = jnp.einsum("btkgd,bkds->bkgts", q, keys, preferred_element_type=jnp.float32)
-    out = jnp.einsum("bkgts,bksd->btkgd", _probs(scores, q.shape[-1], visible, q.dtype), values)
+    if T == 1:
+        # One query per row (decoding): as batched matmuls over the merged (row, head) axis, the
+        # buffers' own layout (with a length axis, XLA:CPU runs slow generic dots: ~40% of a batch-32 step).
+        scores = jnp.einsum("ngd,nds->ngs", q.reshape(B * Hkv, G, hd), keys, preferred_element_type=jnp.float32)
+        probs = _probs(scores.reshape(B, Hkv, G, 1, S), hd, visible, q.dtype).reshape(B * Hkv, G, S)
+        return jnp.einsum("ngs,nsd->ngd", probs, values).reshape(B, 1, Hkv, G, hd), (k_cache, v_cache)
+    scores = jnp.einsum("btkgd,bkds->bkgts", q, keys.reshape(B, Hkv, hd, S), preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bksd->btkgd", _probs(scores, hd, visible, q.dtype), values.reshape(B, Hkv, S, hd))
     return out, (k_cache, v_cache)
 
 

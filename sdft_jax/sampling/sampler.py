@@ -228,6 +228,9 @@ def sample(
 
     carry = (jnp.ones((), jnp.int32), cache, token, done, lengths, stopped, out)
     _, cache, _, _, lengths, stopped, out = jax.lax.while_loop(cond, body, carry)
+    if unroll_layers:  # handed back split as `Sampler` makes it, so the next call's program is this one
+        cache = dataclasses.replace(cache, k=tuple(constrain(k, _LAYER_K_AXES) for k in cache.k),
+                                    v=tuple(constrain(v, _LAYER_V_AXES) for v in cache.v))
     result = SampleResult(lengths=lengths, stopped=stopped, logits=out.pop("logits", None), **out)
     return result, cache
 
@@ -270,6 +273,12 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False,
                                               index=cache.index + tokens.shape[1])
 
     return step
+
+
+# A `LayerKVCache` buffer's merged (row, KV head) axis is split over the batch axes only: a split
+# over KV heads as well would not follow the heads (rows are its major part), so it stays whole.
+_LAYER_K_AXES = ("batch", "head_dim", "length")
+_LAYER_V_AXES = ("batch", "length", "head_dim")
 
 
 def default_unroll_layers() -> bool:
@@ -471,8 +480,8 @@ class Sampler:
         if isinstance(wanted, KVCache):
             kv = sharding(("layers", "batch", "length", "kv_heads", "head_dim"), wanted.k.shape)
             return KVCache(k=kv, v=kv, valid=valid, index=index)
-        k = sharding(("batch", "kv_heads", "head_dim", "length"), wanted.k[0].shape)
-        v = sharding(("batch", "kv_heads", "length", "head_dim"), wanted.v[0].shape)
+        k = sharding(_LAYER_K_AXES, wanted.k[0].shape)
+        v = sharding(_LAYER_V_AXES, wanted.v[0].shape)
         layers = len(wanted.k)
         return attention.LayerKVCache(k=(k,) * layers, v=(v,) * layers, valid=valid, index=index)
 

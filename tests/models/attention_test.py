@@ -57,16 +57,19 @@ def test_cache_shapes():
     assert cache.max_len == 10 and int(cache.index) == 0
 
 
-@pytest.mark.parametrize("tokens", [1, 3], ids=["decode", "prefill"])
-def test_layer_cache_attends_like_the_stacked_cache(tokens):
+@pytest.mark.parametrize("tokens, B", [(1, 2), (3, 2), (1, 1)], ids=["decode", "prefill", "decode-batch-1"])
+def test_layer_cache_attends_like_the_stacked_cache(tokens, B):
     cfg = tiny_config("llama")  # grouped-query: 2 query heads per KV head
-    B, S, K, G, E = 2, 9, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+    S, K, G, E = 9, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
     keys = jax.random.split(jax.random.key(0), 5)
     stacked = attention.KVCache(
         k=jax.random.normal(keys[0], (cfg.num_layers, B, S, K, E)), v=jax.random.normal(keys[1], (cfg.num_layers, B, S, K, E)),
-        valid=jnp.array([[True] * 5 + [False] * 4, [False] * 2 + [True] * 3 + [False] * 4]), index=jnp.int32(5))
+        valid=jnp.array([[True] * 5 + [False] * 4, [False] * 2 + [True] * 3 + [False] * 4][:B]), index=jnp.int32(5))
     layered = attention.LayerKVCache.from_stacked(stacked)
-    np.testing.assert_array_equal(layered.k[1], np.asarray(stacked.k[1]).transpose(0, 2, 3, 1))  # [B, K, E, S]
+    # Row b's KV head h at b * K + h: keys [B * K, E, S], values [B * K, S, E].
+    for b, h in [(0, 0), (0, K - 1), (B - 1, K - 1)]:
+        np.testing.assert_array_equal(layered.k[1][b * K + h], np.asarray(stacked.k[1, b, :, h]).T)
+        np.testing.assert_array_equal(layered.v[1][b * K + h], np.asarray(stacked.v[1, b, :, h]))
     q = jax.random.normal(keys[2], (B, tokens, K, G, E))
     k, v = jax.random.normal(keys[3], (2, B, tokens, K, E))
     valid = stacked.valid.at[:, 5:5 + tokens].set(True)
