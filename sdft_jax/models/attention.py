@@ -45,13 +45,21 @@ def _llama3_scale(inv: Float[Array, "half"], s: RopeScaling) -> Float[Array, "ha
     return jnp.where(medium, interpolated, out)
 
 
+def rope_tables(
+    positions: Int[Array, "B T"], inv_freq: Float[Array, "half"]
+) -> tuple[Float[Array, "B T half"], Float[Array, "B T half"]]:
+    """`(cos, sin)` of each token's rotation angles, fp32, for `apply_rope`: made once per forward,
+    outside the layer scan, and read by every layer (not recomputed per layer and head)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(
-    x: Float[Array, "B T H hd"], positions: Int[Array, "B T"], inv_freq: Float[Array, "half"]
+    x: Float[Array, "B T H hd"], tables: tuple[Float[Array, "B T half"], Float[Array, "B T half"]]
 ) -> Float[Array, "B T H hd"]:
-    """Rotates pairs (i, i + hd/2): the HF "rotate_half" convention that HF checkpoints are stored in."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
-    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    """Rotates pairs (i, i + hd/2) by `rope_tables`' angles: the HF "rotate_half" convention that HF
+    checkpoints are stored in."""
+    cos, sin = (t[:, :, None, :].astype(x.dtype) for t in tables)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 

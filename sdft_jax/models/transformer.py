@@ -126,15 +126,15 @@ class DecoderStack(nnx.Module):
         remat: RematPolicy,
         query_block: int,
     ) -> tuple[Float[Array, "B T D"], attn.KVCache | None]:
-        layer = functools.partial(_layer, cfg=self.cfg, lora=self.lora, dtype=dtype,
-                                  inv_freq=attn.rope_inv_freq(self.cfg), query_block=query_block)
+        layer = functools.partial(_layer, cfg=self.cfg, lora=self.lora, dtype=dtype, query_block=query_block)
+        rope = attn.rope_tables(positions, attn.rope_inv_freq(self.cfg))
         if remat != "none":
             policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             layer = jax.checkpoint(layer, policy=policy)
         weights = self.weights()
         if cache is None:
             def body(h, w):
-                h, _ = layer(h, w, positions, visible, None)
+                h, _ = layer(h, w, rope, visible, None)
                 return h, None
 
             x, _ = jax.lax.scan(body, x, weights)
@@ -144,15 +144,15 @@ class DecoderStack(nnx.Module):
             h, k_all, v_all = carry
             w, index = xs
             kv = functools.partial(attn.attend_stacked, k_all=k_all, v_all=v_all, layer=index, slot=cache.index)
-            h, (k_all, v_all) = layer(h, w, positions, visible, kv)
+            h, (k_all, v_all) = layer(h, w, rope, visible, kv)
             return (h, k_all, v_all), None
 
         (x, k, v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (weights, jnp.arange(self.cfg.num_layers)))
         return x, attn.KVCache(k=k, v=v, valid=cache.valid, index=cache.index)
 
 
-def _layer(h, w, positions, visible, kv, *, cfg: ModelConfig, lora, dtype, inv_freq, query_block: int = 0):
-    """One pre-norm decoder layer.
+def _layer(h, w, rope, visible, kv, *, cfg: ModelConfig, lora, dtype, query_block: int = 0):
+    """One pre-norm decoder layer; `rope` is the forward's `attention.rope_tables`.
 
     `kv` is None (no cache: attend among this call's tokens, causally, in blocks of `query_block`
     queries; see `attention.causal_attention`) or a cache's attend function,
@@ -174,8 +174,8 @@ def _layer(h, w, positions, visible, kv, *, cfg: ModelConfig, lora, dtype, inv_f
     if cfg.qk_norm:
         q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-    q = attn.apply_rope(q, positions, inv_freq)
-    k = attn.apply_rope(k, positions, inv_freq)
+    q = attn.apply_rope(q, rope)
+    k = attn.apply_rope(k, rope)
     q = q.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
     if kv is None:
         out, new_kv = attn.causal_attention(q, k, v, visible, query_block=query_block), None

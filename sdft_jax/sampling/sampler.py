@@ -175,7 +175,7 @@ def sample(
                          f"batch {batch}, prompt {prompt_len} + {n_new} new tokens (needs {needed} slots)")
     # Stale keys and values stay in the buffers; clearing `valid` hides them.
     cache = dataclasses.replace(cache, valid=jnp.zeros_like(cache.valid), index=jnp.zeros((), jnp.int32))
-    step_fn = decode_step(model, unroll_layers=unroll_layers, layer_weights=layer_weights)
+    step_fn = decode_step(model, unroll_layers=unroll_layers, layer_weights=layer_weights, max_len=cache.valid.shape[1])
     if row_ids is None:
         row_ids = jnp.arange(batch, dtype=jnp.int32)
     greedy = cfg.temperature == 0
@@ -236,7 +236,7 @@ def sample(
 
 
 def decode_step(model: Transformer, *, unroll_layers: bool = False,
-                layer_weights: tuple[dict[str, jax.Array], ...] | None = None):
+                layer_weights: tuple[dict[str, jax.Array], ...] | None = None, max_len: int | None = None):
     """The model's cached forward, `(tokens [B, T], positions, mask, cache) -> (hidden [B, T, D], cache)`.
 
     Scanned: the model's own call on a stacked `KVCache`. With `unroll_layers`, on a `LayerKVCache`:
@@ -248,7 +248,11 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False,
     second copy of the layer weights while sampling, and a compile that grows with depth. With the
     cache and the copies kept between calls (`Sampler`), faster than the scan on CPU at every batch
     size measured (docs/benchmarks.md), hence the CPU default; on TPU/GPU, where XLA reads slices in
-    place, keep the scan.
+    place, keep the scan. Unrolled, the RoPE tables of positions `0 .. max_len - 1` (the cache's
+    slots; a row's positions never exceed its slots) are made here, outside the decode loop, and
+    each step looks its positions up: made in the step (even once for all layers), XLA:CPU fuses the
+    sines and cosines into every layer's consumers and evaluates them per element and head (batch
+    32: prefill 5% and decode steps 2.5% slower, docs/benchmarks.md).
     """
     if not unroll_layers:
         if layer_weights is not None:
@@ -256,8 +260,10 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False,
         return model
     layers, cfg = model.layers, model.cfg
     per_layer = layer_copies(model) if layer_weights is None else layer_weights
-    layer = functools.partial(transformer._layer, cfg=cfg, lora=layers.lora, dtype=model.dtype,
-                              inv_freq=attention.rope_inv_freq(cfg))
+    layer = functools.partial(transformer._layer, cfg=cfg, lora=layers.lora, dtype=model.dtype)
+    if max_len is None:
+        raise ValueError("decode_step with unroll_layers needs max_len, the cache's slot count")
+    cos, sin = attention.rope_tables(jnp.arange(max_len)[None], attention.rope_inv_freq(cfg))  # [1, max_len, hd/2]
 
     def step(tokens, positions, mask, cache: attention.LayerKVCache):
         # Transformer.__call__'s cache path, with the layer scan written out.
@@ -265,9 +271,10 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False,
         valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
         visible = attention.causal_visibility(cache.index + jnp.arange(tokens.shape[1]), valid)
         ks, vs = list(cache.k), list(cache.v)
+        rope = (cos[0][positions], sin[0][positions])  # [B, T, hd/2] each
         for i, weights in enumerate(per_layer):
             kv = functools.partial(attention.attend_layer, k_cache=ks[i], v_cache=vs[i], slot=cache.index)
-            x, (ks[i], vs[i]) = layer(x, weights, positions, visible, kv)
+            x, (ks[i], vs[i]) = layer(x, weights, rope, visible, kv)
         hidden = transformer.rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)
         return hidden, attention.LayerKVCache(k=tuple(ks), v=tuple(vs), valid=valid,
                                               index=cache.index + tokens.shape[1])

@@ -36,7 +36,7 @@ def test_inv_freq_matches_transformers(rope):
 def test_rope_rotates_half_pairs_by_position_angle():
     x = jnp.zeros((1, 2, 1, 4)).at[..., 0].set(1.0)  # unit vector on the first of pair (0, 2)
     inv = jnp.array([1.0, 0.5])
-    out = np.asarray(attention.apply_rope(x, jnp.array([[0, 3]]), inv))
+    out = np.asarray(attention.apply_rope(x, attention.rope_tables(jnp.array([[0, 3]]), inv)))
     np.testing.assert_allclose(out[0, 0, 0], [1, 0, 0, 0], atol=1e-7)
     np.testing.assert_allclose(out[0, 1, 0], [np.cos(3), 0, np.sin(3), 0], atol=1e-6)
 

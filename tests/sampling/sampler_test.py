@@ -17,6 +17,7 @@ from sdft_jax.models.lora import LoraConfig
 from sdft_jax.models.sharding import make_mesh
 from sdft_jax.models.transformer import positions_from_mask
 from sdft_jax.sampling import processors
+from sdft_jax.sampling import sampler as sampler_lib
 from sdft_jax.sampling.sampler import Sampler, SamplingConfig
 from sdft_jax.tokenization import encode_chat, load_tokenizer, stop_token_ids
 
@@ -105,6 +106,9 @@ def test_scanned_and_unrolled_layers_decode_the_same(sampled_llama, tiny_model_d
                                                                        keep_logits=True)
     np.testing.assert_array_equal(out.tokens, sampled_llama.tokens)
     assert np.abs(out.logits - sampled_llama.logits).max() < 1e-5
+    # Unrolled, the step looks RoPE angles up in tables of the cache's slots, so it must know their count.
+    with pytest.raises(ValueError, match="max_len"):
+        sampler_lib.decode_step(model, unroll_layers=True)
 
 
 @pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
