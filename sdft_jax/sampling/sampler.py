@@ -258,11 +258,11 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False,
         if layer_weights is not None:
             raise ValueError("layer_weights are read only with unroll_layers")
         return model
+    if max_len is None:
+        raise ValueError("decode_step with unroll_layers needs max_len, the cache's slot count")
     layers, cfg = model.layers, model.cfg
     per_layer = layer_copies(model) if layer_weights is None else layer_weights
     layer = functools.partial(transformer._layer, cfg=cfg, lora=layers.lora, dtype=model.dtype)
-    if max_len is None:
-        raise ValueError("decode_step with unroll_layers needs max_len, the cache's slot count")
     cos, sin = attention.rope_tables(jnp.arange(max_len)[None], attention.rope_inv_freq(cfg))  # [1, max_len, hd/2]
 
     def step(tokens, positions, mask, cache: attention.LayerKVCache):
@@ -480,7 +480,8 @@ class Sampler:
         return jax.jit(make, out_shardings=self._cache_shardings(wanted))()
 
     def _cache_shardings(self, wanted: KVCache | attention.LayerKVCache):
-        """The cache split over the batch like the prompts and over KV heads like the model."""
+        """The cache split over the batch like the prompts; the stacked one also over KV heads like the
+        model (a `LayerKVCache`'s merged row-and-head axis over the batch axes only, `_LAYER_K_AXES`)."""
         sharding = lambda axes, shape: logical_sharding(axes, shape, self.mesh, self.rules)  # noqa: E731
         valid = sharding(("batch", "length"), wanted.valid.shape)
         index = NamedSharding(self.mesh, PartitionSpec())
