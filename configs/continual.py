@@ -12,7 +12,7 @@ configs/demo.py for why each differs from the spec's defaults).
 `:upstream`: tool use then science on the upstream data layout (`data_dir` holds tooluse_data/ and
 science_data/), the official recipe's settings, for accelerators.
 The experiment's own keys are below; the trainer's keys live under `train` (see sdft_jax/config.py).
-Measured 2026-11-21 (this config, 40 min on the loaded 2 cores): docs/results/continual_cpu.md.
+Results of this config: docs/results/continual_cpu.md.
 """
 
 from sdft_jax.config import base_config

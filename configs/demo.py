@@ -2,12 +2,11 @@
 
     python -m sdft_jax.train --config=configs/demo.py
 
-About 8 minutes on 2 CPU cores. The student starts at 0% on the invented facts while the same model
-shown the demonstration (the teacher) answers most of them. Measured 2026-11-21 (this exact config):
-capitals 0/32 -> 4/32 (step 32) -> 18/32 (step 48); the probe of what the model already knew went
-20/32 -> 22/32, i.e. nothing was forgotten. (With the loss's autodiff backward, the default before the
-blocked one: 0 -> 4 -> 24/32 and probe 20 -> 25/32; on-policy sampling amplifies fp32 rounding
-differences over 48 steps, and 6 items are 1.5 of the 8 facts.)
+The student starts at 0% on the invented facts while the same model shown the demonstration (the
+teacher) answers most of them. Measured with this exact config: capitals 0/32 -> 4/32 (step 32) ->
+18/32 (step 48); the probe of what the model already knew went 20/32 -> 22/32, i.e. nothing was
+forgotten. On-policy sampling amplifies fp32 rounding differences over 48 steps, so a rerun on other
+hardware may differ by a few items (6 items are 1.5 of the 8 facts).
 Every key and its meaning: `sdft_jax/config.py` (`base_config()` lists them all with defaults).
 """
 

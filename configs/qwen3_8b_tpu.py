@@ -48,8 +48,8 @@ def get_config(variant: str = ""):
     c.mesh.fsdp = -1  # all chips: parameters, optimizer state and teacher sharded 8 ways
     c.mesh.tensor = 1
     if variant == "lora":
-        c.model.lora_rank = 128
-        c.model.lora_alpha = 32.0
+        c.model.lora.rank = 128
+        c.model.lora.alpha = 32.0
         c.optim.learning_rate = 5e-4
     elif variant:
         raise ValueError(f"unknown variant {variant!r} (lora)")

@@ -38,8 +38,8 @@ def get_config(variant: str = ""):
     if variant == "full_kl":
         c.loss.name = "full_kl"
     elif variant == "lora":
-        c.model.lora_rank = 128
-        c.model.lora_alpha = 32.0
+        c.model.lora.rank = 128
+        c.model.lora.alpha = 32.0
         c.optim.learning_rate = 5e-4
     elif variant:
         raise ValueError(f"unknown variant {variant!r} (full_kl, lora)")

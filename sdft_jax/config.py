@@ -1,32 +1,59 @@
 """The trainer's configuration: typed sections built from an ml_collections ConfigDict.
 
+A section is the library's own config class where the part has one (`optim` is an `OptimConfig`,
+`loss` a `LossConfig`, `rollout` a `SamplingConfig` plus the samples per prompt, `model.lora` a
+`LoraConfig` whose rank 0 means full fine-tuning, ...), so that every setting has one name and one
+check. The run's own settings (data, train, eval, checkpoint, mesh) are sections declared here.
+
 Config files under `configs/` return a ConfigDict (data, with a comment per key); `load_train_config`
-checks it against these dataclasses before anything is compiled: an unknown key, a missing section or
-an invalid value fails with a message naming the key (e.g. `config.loss.top_k`).
+checks it against these dataclasses before anything is compiled: an unknown key, a missing section, an
+invalid value or a rule between sections (`TrainConfig.__post_init__`) fails with a message naming the
+key (e.g. `config.loss.top_k`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import ml_collections
 
 from sdft_jax.data.prompts import PromptConfig
 from sdft_jax.distill.losses import LossConfig
 from sdft_jax.distill.teacher import TeacherConfig
+from sdft_jax.distill.train_state import OptimConfig
 from sdft_jax.distributed import DistributedConfig
-from sdft_jax.models.lora import PROJECTIONS, LoraConfig
-from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK, check_query_block
+from sdft_jax.models.lora import LoraConfig
+from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
+from sdft_jax.sampling.sampler import SamplingConfig
+from sdft_jax.validation import check_bool, check_int, check_literals, check_number
+
+_Config = TypeVar("_Config")
 
 
-def _check_choice(obj, *names: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    for name in names:
-        allowed = typing.get_args(hints[name])
-        if allowed and getattr(obj, name) not in allowed:
-            raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(obj, name)!r}")
+def _as(obj: Any, cls: type[_Config], **changes: Any) -> _Config:
+    """A plain `cls` (a dataclass that `obj`'s class extends) holding `obj`'s values of its fields."""
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{**values, **changes})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraSection(LoraConfig):
+    """The trained model's adapters: `LoraConfig`'s fields, where rank 0 (the default) means full
+    fine-tuning, every weight trained and no adapters."""
+
+    rank: int = 0
+
+    def __post_init__(self):
+        check_int("LoraSection.rank", self.rank, minimum=0, hint="0 = full fine-tuning")
+        # alpha and targets are checked while unused too: a typo shows before LoRA is switched on.
+        _as(self, LoraConfig, rank=max(self.rank, 1))
+
+    def adapters(self) -> LoraConfig | None:
+        """The model's `LoraConfig`, or None for full fine-tuning."""
+        return _as(self, LoraConfig) if self.rank else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,27 +63,11 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage of frozen weights (trainable ones are fp32 masters)
     remat: Literal["none", "full", "dots"] = "full"
     query_block: int = DEFAULT_QUERY_BLOCK  # queries per attention block in training forwards (0 = one block)
-    lora_rank: int = 0  # 0 = full fine-tuning
-    lora_alpha: float = 32.0
-    lora_targets: str = ",".join(PROJECTIONS)
+    lora: LoraSection = LoraSection()  # lora.rank 0 = full fine-tuning
 
     def __post_init__(self):
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
-        check_query_block(self.query_block)
-        _check_choice(self, "dtype", "param_dtype", "remat")
-        try:
-            LoraConfig(rank=max(self.lora_rank, 1), alpha=self.lora_alpha, targets=self._targets())
-        except ValueError as e:
-            raise ValueError(f"lora_targets: {e}") from None
-
-    def _targets(self) -> tuple[str, ...]:
-        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-
-    def lora(self) -> LoraConfig | None:
-        if not self.lora_rank:
-            return None
-        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self._targets())
+        check_literals(self)
+        check_int("ModelSection.query_block", self.query_block, minimum=0, hint="0 = one block")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,47 +82,42 @@ class DataSection:
     offline_num_train: int = 64  # offline tasks: facts to learn
 
     def __post_init__(self):
+        for name in ("skip_bad_rows", "thinking_format", "keep_system"):
+            check_bool(f"DataSection.{name}", getattr(self, name))
+        check_int("DataSection.offline_seed", self.offline_seed)
+        check_int("DataSection.offline_num_train", self.offline_num_train, minimum=0)
         if self.task in ("tooluse", "science", "jsonl") and not self.data_dir:
             raise ValueError(f"data_dir is required for task {self.task!r} (the folder holding {self.task}_data/)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RolloutSection:
-    samples_per_prompt: int = 1  # completions sampled per problem
-    temperature: float = 1.0  # on-policy sampling of the student (spec: 1.0)
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 256  # completion length limit (paper 1024, recipe 2048)
+class RolloutConfig(SamplingConfig):
+    """How the student's completions are sampled: `SamplingConfig`'s fields (temperature, top_p, top_k,
+    the completion length limit `max_new_tokens`, the shape buckets) and the completions per prompt.
+    The spec samples at temperature 1.0; the paper's completions are up to 1024 tokens, the recipe's 2048."""
+
+    samples_per_prompt: int = 1
 
     def __post_init__(self):
-        if self.samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        super().__post_init__()
+        check_int("RolloutConfig.samples_per_prompt", self.samples_per_prompt, minimum=1)
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OptimSection:
-    learning_rate: float = 2e-5  # 2e-5 full fine-tuning; 5e-4 to 1e-3 LoRA
-    schedule: Literal["constant", "cosine"] = "cosine"  # cosine decays to 0 over train.steps
-    warmup_ratio: float = 0.1  # linear warmup over this fraction of train.steps
-    b1: float = 0.9  # AdamW betas (recipe: b2 0.95)
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # global-norm clipping; <= 0 disables
+    def sampling(self) -> SamplingConfig:
+        """What the sampler takes: this section without `samples_per_prompt`."""
+        return _as(self, SamplingConfig)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSection:
-    steps: int = 100  # optimizer steps (also the cosine schedule's length)
+    steps: int = 100  # optimizer steps (also the learning-rate schedule's length)
     prompts_per_step: int = 32  # problems per step over all hosts (paper 32, recipe 128)
     nonfinite: Literal["skip", "stop"] = "skip"  # non-finite loss: skip the update (counted) or stop the run
     log_every: int = 1  # steps between metric rows
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        _check_choice(self, "nonfinite")
+            check_int(f"TrainSection.{name}", getattr(self, name), minimum=1)
+        check_literals(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,6 +129,12 @@ class EvalSection:
     max_new_tokens: int = 0  # 0 = the task's default (tool use 1024, science 2048, offline 32)
     batch_size: int = 16  # prompts decoded together
 
+    def __post_init__(self):
+        for name in ("every", "limit", "max_new_tokens"):
+            check_int(f"EvalSection.{name}", getattr(self, name), minimum=0)
+        check_int("EvalSection.batch_size", self.batch_size, minimum=1)
+        check_bool("EvalSection.at_start", self.at_start)
+
     def task_list(self) -> list[str]:
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
@@ -133,12 +145,26 @@ class CheckpointSection:
     keep: int = 2  # newest checkpoints kept
     async_save: bool = True  # write while training continues
 
+    def __post_init__(self):
+        check_int("CheckpointSection.every", self.every, minimum=1)
+        check_int("CheckpointSection.keep", self.keep, minimum=1)
+        check_bool("CheckpointSection.async_save", self.async_save)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshSection:
-    data: int = -1  # batch split (pure data parallel); -1 = all remaining devices
+    """Device mesh sizes; one of them may be -1, all the devices the others leave."""
+
+    data: int = -1  # batch split (pure data parallel)
     fsdp: int = 1  # batch split + parameters / optimizer / teacher sharded over `embed`
     tensor: int = 1  # heads, MLP and vocab dimensions split (tensor parallel)
+
+    def __post_init__(self):
+        for name, size in self.shape().items():
+            if size != -1:
+                check_int(f"MeshSection.{name}", size, minimum=1, hint="or -1 = all remaining devices")
+        if list(self.shape().values()).count(-1) > 1:
+            raise ValueError(f"MeshSection: at most one size may be -1, got {self.shape()}")
 
     def shape(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -146,34 +172,78 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """A training run: its own settings, then one section per part (the part's own config class)."""
+
     method: Literal["sdft", "sft"] = "sdft"  # self-distillation, or the supervised baseline
     seed: int = 0  # data order, rollout sampling and LoRA init
     run_dir: str = "runs/default"  # local path or gs://; a run restarted here resumes
     init_from: str = ""  # HF directory to start from (e.g. a previous run's export/) with a fresh optimizer
-    teacher_init_from: str = ""  # HF directory whose weights start the teacher (default: the student's start); full FT only
-    export: bool = True  # write the final student as an HF directory (LoRA merged)
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     prompts: PromptConfig = PromptConfig()
-    rollout: RolloutSection = RolloutSection()
+    rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
+    # HF directory whose weights start the teacher (default: the student's start); full fine-tuning only
+    teacher_init_from: str = ""
     teacher: TeacherConfig = TeacherConfig()
-    optim: OptimSection = OptimSection()
+    optim: OptimConfig = OptimConfig()  # its schedule runs over train.steps
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    export: bool = True  # write the final student as an HF directory (LoRA merged)
     checkpoint: CheckpointSection = CheckpointSection()
     mesh: MeshSection = MeshSection()
     distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
-        _check_choice(self, "method")
+        check_literals(self)
+        check_int("TrainConfig.seed", self.seed, minimum=0)
+        check_bool("TrainConfig.export", self.export)
+        self._check_loss_fits_method()
+        self._check_teacher_start()
+        self._check_vocab_split()
+        self._check_prompt_buckets()
+        self._check_batch_split()
+
+    def _check_loss_fits_method(self) -> None:
         if self.method == "sft" and self.loss.name != "sft":
-            raise ValueError("method 'sft' needs loss.name = 'sft'")
+            raise _rule_error("loss.name", self.loss.name, "method 'sft' needs loss.name = 'sft'")
         if self.method == "sdft" and self.loss.name == "sft":
-            raise ValueError("method 'sdft' needs a distillation loss (loss.name != 'sft')")
-        if self.teacher_init_from and (self.method == "sft" or self.model.lora_rank):
-            raise ValueError("teacher_init_from needs method 'sdft' with full fine-tuning (model.lora_rank = 0): "
-                             "SFT has no teacher, and with LoRA the teacher shares the student's frozen base")
+            raise _rule_error("loss.name", self.loss.name,
+                              "method 'sdft' needs a distillation loss (loss.name != 'sft')")
+
+    def _check_teacher_start(self) -> None:
+        if self.teacher_init_from and (self.method == "sft" or self.model.lora.rank):
+            raise _rule_error("teacher_init_from", self.teacher_init_from,
+                              "teacher_init_from needs method 'sdft' with full fine-tuning (model.lora.rank = 0): "
+                              "SFT has no teacher, and with LoRA the teacher shares the student's frozen base")
+
+    def _check_vocab_split(self) -> None:
+        # -1 gives the tensor axis every device the others leave: a split on any mesh of several devices.
+        if self.loss.vocab_chunk_size > 0 and self.mesh.tensor != 1:
+            raise _rule_error("loss.vocab_chunk_size", self.loss.vocab_chunk_size,
+                              f"must be 0 when the vocabulary is split over the tensor mesh axis (mesh.tensor = "
+                              f"{self.mesh.tensor}): each vocabulary block of the LM head's backward would "
+                              "gather its slice of the head")
+
+    def _check_prompt_buckets(self) -> None:
+        if self.method == "sdft" and self.rollout.prompt_buckets[-1] < self.prompts.max_prompt_tokens:
+            raise _rule_error("rollout.prompt_buckets", self.rollout.prompt_buckets,
+                              f"the largest bucket must hold prompts.max_prompt_tokens = "
+                              f"{self.prompts.max_prompt_tokens} (the sampler refuses longer prompts)")
+
+    def _check_batch_split(self) -> None:
+        shards = self.mesh.data * self.mesh.fsdp  # the batch axes; unknown while one of them is -1
+        samples = self.rollout.samples_per_prompt if self.method == "sdft" else 1
+        rows = self.train.prompts_per_step * samples
+        if shards > 0 and rows % shards:
+            raise _rule_error("train.prompts_per_step", self.train.prompts_per_step,
+                              f"{rows} batch rows per step ({samples} per prompt) do not split over the "
+                              f"mesh.data x mesh.fsdp = {shards} batch shards")
+
+
+def _rule_error(key: str, value: Any, why: str) -> ValueError:
+    """A broken rule between sections, naming the key to change (`config.<key>` once loaded)."""
+    return ValueError(f"TrainConfig.{key} = {value!r}: {why}")
 
 
 class ConfigError(ValueError):
@@ -186,9 +256,9 @@ def _build(cls, raw: Any, path: str):
         raw = raw.to_dict()
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a section (ConfigDict), got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - fields)
     if unknown:
         raise ConfigError(f"unknown config key {path}.{unknown[0]} (valid keys of {path}: {', '.join(sorted(fields))})")
     values = {}
@@ -201,28 +271,64 @@ def _build(cls, raw: Any, path: str):
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:
-        message = str(e)
-        for name in fields:
-            if message.startswith(f"{cls.__name__}.{name}") or message.startswith(name):
-                raise ConfigError(f"{path}.{name}: {message}") from None
-        raise ConfigError(f"{path}: {message}") from None
+        key = _named_key(cls, str(e))
+        raise ConfigError(f"{path}.{key}: {e}" if key else f"{path}: {e}") from None
+
+
+# A message's leading name: `LossConfig.top_k`, `TrainConfig.loss.vocab_chunk_size`, or `data_dir`.
+_LEADING_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
+def _named_key(cls, message: str) -> str:
+    """The key below dataclass `cls` that a validation message starts with ('' if it names none)."""
+    match = _LEADING_NAME.match(message)
+    names = match.group().split(".") if match else []
+    if len(names) > 1 and names[0] not in {f.name for f in dataclasses.fields(cls)}:
+        names = names[1:]  # the prefix is a class name (the section's, or a class it extends)
+    key, section = [], cls
+    for name in names:
+        if not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
+            break
+        key.append(name)
+        section = typing.get_type_hints(section)[name]
+    return ".".join(key)
+
+
+# The type checks of plain leaves, before the section's own checks of their values.
+_LEAF_CHECKS = {int: check_int, float: check_number, bool: check_bool}
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Checks a leaf value against its annotation (tuples from lists, ints accepted for floats)."""
+    """Checks a leaf value against its annotation (tuples from lists or comma-separated strings, ints
+    accepted for floats)."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise ConfigError(f"{key} must be one of {list(typing.get_args(hint))}, got {value!r}")
         return value
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        return tuple(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+        if not isinstance(value, (str, list, tuple)):
+            raise ConfigError(f"{key} must be a comma-separated list, got {value!r}")
+        items = value.split(",") if isinstance(value, str) else value
+        items = [v.strip() if isinstance(v, str) else v for v in items]
+        kind = typing.get_args(hint)[0]
+        return tuple(_tuple_item(v, kind, key) for v in items if v != "")
+    if hint is float and type(value) is int:
+        value = float(value)
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    try:
+        return _LEAF_CHECKS[hint](key, value) if hint in _LEAF_CHECKS else value
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _tuple_item(value: Any, kind: Any, key: str) -> Any:
+    if kind is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be comma-separated integers, got {value!r}") from None
     return value
 
 

@@ -34,12 +34,12 @@ from sdft_jax.data import offline_tasks, tasks
 from sdft_jax.data.pipeline import BatchIterator, PipelineConfig
 from sdft_jax.data.prompts import render_prompts, render_sft
 from sdft_jax.distill.batch import make_step_batch
-from sdft_jax.distill.train_state import OptimConfig, init_train_state, student_model, with_teacher
+from sdft_jax.distill.train_state import init_train_state, student_model, with_teacher
 from sdft_jax.distill.train_step import StepConfig, make_train_step, shard_batch
 from sdft_jax.eval.runner import evaluate_tasks
 from sdft_jax.metrics import MetricsWriter, read_metrics
 from sdft_jax.models.sharding import make_mesh
-from sdft_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, Sampler, SamplingConfig
+from sdft_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, Sampler
 from sdft_jax.tokenization import load_tokenizer, pad_token_id, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -92,16 +92,11 @@ class Trainer:
 
         # Model and train state.
         model = load_hf(self.model_path, mesh=self.mesh, dtype=DTYPES[cfg.model.dtype],
-                        param_dtype=DTYPES[cfg.model.param_dtype], lora=cfg.model.lora(), remat=cfg.model.remat,
-                        query_block=cfg.model.query_block, seed=cfg.seed)
+                        param_dtype=DTYPES[cfg.model.param_dtype], lora=cfg.model.lora.adapters(),
+                        remat=cfg.model.remat, query_block=cfg.model.query_block, seed=cfg.seed)
         self.max_seq_len = model.cfg.max_position_embeddings
-        o = cfg.optim
-        self.step_cfg = StepConfig(
-            loss=cfg.loss, teacher=cfg.teacher,
-            optim=OptimConfig(learning_rate=o.learning_rate, schedule=o.schedule, warmup_ratio=o.warmup_ratio,
-                              total_steps=cfg.train.steps, b1=o.b1, b2=o.b2, eps=o.eps,
-                              weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm),
-            skip_nonfinite=True)
+        self.step_cfg = StepConfig(loss=cfg.loss, teacher=cfg.teacher, optim=cfg.optim, total_steps=cfg.train.steps,
+                                   skip_nonfinite=True)
         self.graphdef, self.state = init_train_state(model, self.step_cfg.optim, seed=cfg.seed)
         del model
         if cfg.teacher_init_from:
@@ -111,8 +106,7 @@ class Trainer:
             self.state = with_teacher(self.state, teacher)
             del teacher
         self.train_step = make_train_step(self.graphdef, self.state, self.step_cfg, mesh=self.mesh)
-        self.sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                       top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+        self.sampling = cfg.rollout.sampling()
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self.eval_records = {t: load_records(cfg, t, "eval") for t in cfg.eval.task_list()}
 

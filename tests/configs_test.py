@@ -32,7 +32,7 @@ def test_config_validates(name, variant):
     if name.startswith("sft"):
         assert cfg.method == "sft" and cfg.loss.name == "sft"
     if variant == "lora":
-        assert cfg.model.lora() is not None and cfg.optim.learning_rate == 5e-4
+        assert cfg.model.lora.adapters() is not None and cfg.optim.learning_rate == 5e-4
 
 
 def test_every_config_file_is_covered():

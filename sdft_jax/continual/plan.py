@@ -13,11 +13,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import typing
 from typing import Any, Literal
 
 import ml_collections
 
 from sdft_jax.config import ConfigError, TrainConfig, load_train_config
+from sdft_jax.validation import check_choice, check_int
 
 # method -> (trainer method, loss name)
 METHODS: dict[str, tuple[str, str]] = {
@@ -125,17 +127,20 @@ def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
     if task_a == task_b or {task_a, task_b} & set(probes):
         raise ConfigError(f"config.task_a, task_b and probe_tasks must be different tasks, got "
                           f"{task_a!r}, {task_b!r}, {probes}")
-    teacher = raw["stage2_teacher"]
-    if teacher not in ("stage1", "base"):
-        raise ConfigError(f"config.stage2_teacher must be 'stage1' or 'base', got {teacher!r}")
-    stage2_steps = raw["stage2_steps"]
-    if not isinstance(stage2_steps, int) or stage2_steps < 0:
-        raise ConfigError(f"config.stage2_steps must be an int >= 0 (0 = train.steps), got {stage2_steps!r}")
+    try:
+        teacher = check_choice("config.stage2_teacher", raw["stage2_teacher"], typing.get_args(Stage2Teacher))
+        stage2_steps = check_int("config.stage2_steps", raw["stage2_steps"], minimum=0, hint="0 = train.steps")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     out_dir = str(raw["out_dir"])
     train = dict(raw["train"])
-    base_model = train.get("init_from") or train.get("model", {}).get("name", "")
-    if teacher == "base" and train.get("model", {}).get("lora_rank", 0):
-        raise ConfigError("config.stage2_teacher='base' needs full fine-tuning (config.train.model.lora_rank = 0): "
+    base = copy.deepcopy(train)
+    base.setdefault("eval", {})["tasks"] = ",".join((task_a, task_b, *probes))
+    base["run_dir"] = os.path.join(out_dir, "base")
+    base_config = _validated(base)  # the shared settings: every stage's config differs from it in a few keys
+    base_model = base_config.init_from or base_config.model.name
+    if teacher == "base" and base_config.model.lora.rank:
+        raise ConfigError("config.stage2_teacher='base' needs full fine-tuning (config.train.model.lora.rank = 0): "
                           "with LoRA the teacher shares the student's frozen base")
 
     def stage_config(method: str, lr: float, seed: int, stage: int) -> TrainConfig:
@@ -161,10 +166,7 @@ def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
             for seed in seeds:
                 runs += [Run(method=method, learning_rate=lr, seed=seed, stage=s, config=stage_config(method, lr, seed, s))
                          for s in (1, 2)]
-    base = copy.deepcopy(train)
-    base.setdefault("eval", {})["tasks"] = ",".join((task_a, task_b, *probes))
-    base["run_dir"] = os.path.join(out_dir, "base")
-    return Plan(out_dir=out_dir, task_a=task_a, task_b=task_b, probe_tasks=probes, base_config=_validated(base),
+    return Plan(out_dir=out_dir, task_a=task_a, task_b=task_b, probe_tasks=probes, base_config=base_config,
                 runs=tuple(runs))
 
 

@@ -2,8 +2,7 @@
 
 The teacher is the student's own architecture with its own copy of the trainable parameters, kept
 in fp32 whatever the student's dtype: an EMA step moves a weight by `alpha` (1%) of its distance to
-the student, which bf16 (8 significant bits) rounds away. `teacher_view` gives the forward pass the
-student's dtypes.
+the student, which bf16 (8 significant bits) rounds away.
 
 The functions take generic pytrees of arrays. With LoRA the caller passes only the adapter pytree:
 the teacher is then the shared frozen base plus an EMA of the adapters, with no second copy of the
@@ -13,17 +12,16 @@ base weights.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+from jaxtyping import Array, ArrayLike, Int
+
+from sdft_jax.validation import check_int, check_literals, check_number
 
 TeacherMode = Literal["static", "ema", "sync"]
 PyTree = Any
-
-_MODES: tuple[str, ...] = typing.get_args(TeacherMode)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,14 +40,9 @@ class TeacherConfig:
     sync_every: int = 0
 
     def __post_init__(self):
-        if self.mode not in _MODES:
-            raise ValueError(f"TeacherConfig.mode must be one of {_MODES}, got {self.mode!r}")
-        alpha = self.ema_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha <= 1.0):
-            raise ValueError(f"TeacherConfig.ema_alpha must be a number in (0, 1], got {alpha!r}")
-        every = self.sync_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"TeacherConfig.sync_every must be a non-negative integer, got {every!r}")
+        check_literals(self)
+        check_number("TeacherConfig.ema_alpha", self.ema_alpha, low=0.0, high=1.0, low_open=True)
+        every = check_int("TeacherConfig.sync_every", self.sync_every, minimum=0)
         if self.mode == "sync" and every < 1:
             raise ValueError(f"TeacherConfig.sync_every must be >= 1 in mode 'sync', got {every}")
         if self.mode != "sync" and every != 0:
@@ -57,7 +50,7 @@ class TeacherConfig:
             raise ValueError(f"TeacherConfig.sync_every={every} is only used by mode 'sync', not {self.mode!r}")
 
 
-def _is_float(x) -> bool:
+def _is_float(x: ArrayLike) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
@@ -82,7 +75,7 @@ def update_teacher(teacher: PyTree, student: PyTree, step: Int[Array, ""], cfg: 
     if cfg.mode == "ema":
         alpha = cfg.ema_alpha
 
-        def ema(t, s):
+        def ema(t: Array, s: Array) -> Array:
             if not _is_float(t):
                 return jnp.asarray(s, t.dtype)
             # t + alpha * (s - t) is (1 - alpha) * t + alpha * s without its drift: in fp32 the two
@@ -92,9 +85,3 @@ def update_teacher(teacher: PyTree, student: PyTree, step: Int[Array, ""], cfg: 
         return jax.tree.map(ema, teacher, student)
     copy_now = jnp.asarray(step) % cfg.sync_every == 0
     return jax.tree.map(lambda t, s: jnp.where(copy_now, s.astype(t.dtype), t), teacher, student)
-
-
-def teacher_view(teacher: PyTree, like: PyTree) -> PyTree:
-    """The teacher cast to the dtypes of `like` (the student's parameters), for the forward pass."""
-    return jax.tree.map(lambda t, s: t.astype(jnp.result_type(s)), teacher, like)
-

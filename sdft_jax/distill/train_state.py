@@ -21,45 +21,58 @@ from flax import nnx
 
 from sdft_jax.distill import teacher as teacher_lib
 from sdft_jax.models.transformer import Transformer
+from sdft_jax.validation import check_int, check_literals, check_number
+
+PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW with grad-norm clipping and a constant or warmup+cosine learning rate (spec section 5)."""
+    """AdamW with grad-norm clipping and a constant or warmup+cosine learning rate (spec section 5).
+
+    The schedule's length is the run's number of optimizer steps, given to `schedule_fn` and
+    `optimizer` rather than held here, so that a trainer config states it once.
+
+    Attributes:
+      learning_rate: the peak rate (> 0).
+      schedule: `constant`, or `cosine` decaying to 0 at the schedule's end.
+      warmup_ratio: linear warmup from 0 over this fraction of the schedule, in [0, 1).
+      b1, b2, eps, weight_decay: AdamW's, in [0, 1), [0, 1), >= 0 and >= 0.
+      max_grad_norm: global-norm clipping; <= 0 disables it.
+    """
 
     learning_rate: float = 2e-5
     schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_ratio: float = 0.1  # of total_steps
-    total_steps: int = 1000  # the cosine's length; also where warmup ends (warmup_ratio * total_steps)
+    warmup_ratio: float = 0.1
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    max_grad_norm: float = 1.0
 
     def __post_init__(self):
-        if not self.learning_rate > 0:
-            raise ValueError(f"OptimConfig.learning_rate must be positive, got {self.learning_rate!r}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"OptimConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"OptimConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if not isinstance(self.total_steps, int) or self.total_steps <= 0:
-            raise ValueError(f"OptimConfig.total_steps must be a positive integer, got {self.total_steps!r}")
-        for name in ("b1", "b2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"OptimConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        check_number("OptimConfig.learning_rate", self.learning_rate, low=0.0, low_open=True)
+        check_literals(self)
+        for name in ("warmup_ratio", "b1", "b2"):
+            check_number(f"OptimConfig.{name}", getattr(self, name), low=0.0, high=1.0, high_open=True)
+        for name in ("eps", "weight_decay"):
+            check_number(f"OptimConfig.{name}", getattr(self, name), low=0.0)
+        check_number("OptimConfig.max_grad_norm", self.max_grad_norm)
 
-    def schedule_fn(self) -> optax.Schedule:
-        warmup = int(self.warmup_ratio * self.total_steps)
+    def schedule_fn(self, total_steps: int) -> optax.Schedule:
+        """The learning rate by step for a run of `total_steps` optimizer steps."""
+        check_int("total_steps", total_steps, minimum=1)
+        warmup = int(self.warmup_ratio * total_steps)
         if self.schedule == "constant":
             if warmup == 0:
                 return optax.constant_schedule(self.learning_rate)
             return optax.linear_schedule(0.0, self.learning_rate, warmup)
-        return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, self.total_steps, end_value=0.0)
+        return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, total_steps, end_value=0.0)
 
-    def optimizer(self) -> optax.GradientTransformation:
-        adamw = optax.adamw(self.schedule_fn(), b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay)
+    def optimizer(self, total_steps: int) -> optax.GradientTransformation:
+        """The optax transformation for a run of `total_steps` optimizer steps."""
+        adamw = optax.adamw(self.schedule_fn(total_steps), b1=self.b1, b2=self.b2, eps=self.eps,
+                            weight_decay=self.weight_decay)
         if self.max_grad_norm > 0:
             return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw)
         return adamw
@@ -68,15 +81,19 @@ class OptimConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    step: jax.Array
+    """The fields of the module docstring. `step` and `rng` are typed as any leaf, not as arrays: tree
+    operations build TrainStates of other leaves too (the shardings of a state, the abstract state a
+    checkpoint is restored into)."""
+
+    step: PyTree  # int32 scalar: the optimizer updates done
     params: nnx.State
     frozen: nnx.State
-    opt_state: Any
+    opt_state: PyTree
     teacher: nnx.State
-    rng: jax.Array
+    rng: PyTree  # uint32 key data of the run's PRNG key
 
 
-def trainable_filter(model: Transformer):
+def trainable_filter(model: Transformer) -> type[nnx.Variable]:
     """LoRA adapters when the model has them, else every parameter."""
     return nnx.LoRAParam if model.layers.lora is not None else nnx.Param
 
@@ -87,11 +104,11 @@ def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]
     return graphdef, trainable, frozen
 
 
-def _to_f32(tree):
+def _to_f32(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _init_optimizer(tx: optax.GradientTransformation, params):
+def _init_optimizer(tx: optax.GradientTransformation, params: nnx.State) -> optax.OptState:
     """Optimizer state whose per-parameter parts (Adam's moments) are sharded like their parameters."""
     first = jax.tree.leaves(params)[0].sharding
     other = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
@@ -108,7 +125,8 @@ def init_train_state(
     """Builds the train state of a (possibly sharded) model; shardings follow the model's arrays."""
     graphdef, trainable, frozen = split_model(model)
     params = jax.jit(_to_f32)(trainable)
-    opt_state = _init_optimizer(optim.optimizer(), params)
+    # Adam's state (its moments and a step count) does not depend on the schedule's length.
+    opt_state = _init_optimizer(optim.optimizer(total_steps=1), params)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -151,8 +169,3 @@ def with_teacher(state: TrainState, model: Transformer) -> TrainState:
 def student_model(graphdef: nnx.GraphDef, state: TrainState) -> Transformer:
     """The current student as a module (params cast to the model's parameter dtype)."""
     return nnx.merge(graphdef, state.params, state.frozen)
-
-
-def teacher_model(graphdef: nnx.GraphDef, state: TrainState) -> Transformer:
-    """The teacher as a module: the frozen part shared with the student, its own trainable part."""
-    return nnx.merge(graphdef, state.teacher, state.frozen)

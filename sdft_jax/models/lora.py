@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from sdft_jax.validation import check_choice, check_int, check_number
+
 # Projection name -> number of leading (input) dimensions of its weight, per layer.
 PROJECTIONS: dict[str, int] = {
     "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1,
@@ -22,18 +24,25 @@ PROJECTIONS: dict[str, int] = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig:
+    """Which projections get adapters, and their size.
+
+    Attributes:
+      rank: the adapters' inner dimension `r` (>= 1).
+      alpha: the low-rank update is multiplied by `alpha / rank` (> 0).
+      targets: names of the adapted projections (keys of `PROJECTIONS`), at least one.
+    """
+
     rank: int = 128
     alpha: float = 32.0
     targets: tuple[str, ...] = tuple(PROJECTIONS)
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha must be positive, got {self.alpha!r}")
-        unknown = [t for t in self.targets if t not in PROJECTIONS]
-        if unknown or not self.targets:
-            raise ValueError(f"LoraConfig.targets: unknown {unknown} (choose from {list(PROJECTIONS)})")
+        check_int("LoraConfig.rank", self.rank, minimum=1)
+        check_number("LoraConfig.alpha", self.alpha, low=0.0, low_open=True)
+        if not self.targets:
+            raise ValueError(f"LoraConfig.targets must name at least one of {list(PROJECTIONS)}")
+        for target in self.targets:
+            check_choice("LoraConfig.targets", target, PROJECTIONS)
 
     @property
     def scale(self) -> float:

@@ -18,6 +18,7 @@ def tiny_config(model_dir: str, run_dir, **overrides) -> ml_collections.ConfigDi
     c.prompts.max_prompt_tokens = 512
     c.rollout.max_new_tokens = 8
     c.loss.chunk_size = 16
+    c.loss.vocab_chunk_size = 0  # the vocabulary is split over the tensor axis below
     c.optim.learning_rate = 1e-3
     c.optim.schedule = "constant"
     c.optim.warmup_ratio = 0.0

@@ -75,7 +75,7 @@ def test_upstream_variant_needs_data_dir_then_plans_tool_use_then_science():
     ("learning_rates", "0", "config.learning_rates: learning rates must be > 0"),
     ("seeds", "0.5", "config.seeds: '0.5' is not an integer"),
     ("task_b", "capitals", "must be different tasks"),
-    ("stage2_teacher", "student", "config.stage2_teacher must be 'stage1' or 'base'"),
+    ("stage2_teacher", "student", r"config.stage2_teacher must be one of \['stage1', 'base'\]"),
     ("stage2_steps", -1, "config.stage2_steps"),
 ])
 def test_bad_experiment_keys_are_named(key, value, message):
@@ -103,6 +103,6 @@ def test_bad_trainer_keys_are_named_under_train():
 def test_base_teacher_with_lora_is_refused():
     c = continual_config()
     c.stage2_teacher = "base"
-    c.train.model.lora_rank = 8
+    c.train.model.lora.rank = 8
     with pytest.raises(ConfigError, match="needs full fine-tuning"):
         make_plan(c)

@@ -4,10 +4,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
-from sdft_jax.distill.teacher import TeacherConfig, init_teacher, teacher_view, update_teacher
+from sdft_jax.distill.teacher import TeacherConfig, init_teacher, update_teacher
 
 
 def params(seed, dtype=jnp.float32):
@@ -89,13 +90,6 @@ def test_static_never_changes():
     jax.tree.map(np.testing.assert_array_equal, teacher, teacher0)
 
 
-def test_teacher_view_takes_the_students_dtypes():
-    student = params(0, jnp.bfloat16)
-    view = teacher_view(init_teacher(student), student)
-    assert jax.tree.map(lambda x: x.dtype, view) == jax.tree.map(lambda x: x.dtype, student)
-    jax.tree.map(np.testing.assert_array_equal, view, student)
-
-
 @pytest.mark.parametrize(
     "kwargs,field",
     [
@@ -110,5 +104,6 @@ def test_teacher_view_takes_the_students_dtypes():
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    # The annotation checker of the test suite may refuse a wrongly typed value before __post_init__ does.
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError), match=field):
         TeacherConfig(**kwargs)

@@ -20,8 +20,8 @@ def test_project_equals_merged_weight():
 
 
 def test_config_validation():
-    assert lora.LoraConfig(rank=8, alpha=16).scale == 2.0
-    with pytest.raises(ValueError, match="targets: unknown"):
+    assert lora.LoraConfig(rank=8, alpha=16.0).scale == 2.0
+    with pytest.raises(ValueError, match="LoraConfig.targets must be one of"):
         lora.LoraConfig(targets=("qkv",))
-    with pytest.raises(ValueError, match="rank must be a positive integer"):
+    with pytest.raises(ValueError, match="LoraConfig.rank must be an integer >= 1"):
         lora.LoraConfig(rank=0)

@@ -1,0 +1,196 @@
+"""The trainer config: the library's own config classes as sections, every error naming its key."""
+
+import dataclasses
+
+import pytest
+
+from sdft_jax.config import (
+    ConfigError,
+    MeshSection,
+    TrainConfig,
+    base_config,
+    load_train_config,
+    to_dict,
+)
+from sdft_jax.distill.losses import LossConfig
+from sdft_jax.distill.train_state import OptimConfig
+from sdft_jax.models.lora import PROJECTIONS, LoraConfig
+from sdft_jax.sampling.sampler import SamplingConfig
+from sdft_jax.testing.configs import tiny_config
+
+
+def load(**overrides):
+    """The default config with dotted-key overrides, validated."""
+    c = base_config()
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return load_train_config(c)
+
+
+def test_defaults_round_trip_through_the_config_dict():
+    assert load() == TrainConfig()
+    assert to_dict(load())["rollout"]["prompt_buckets"] == SamplingConfig().prompt_buckets
+
+
+def test_sections_are_the_librarys_own_config_classes():
+    cfg = load(**{"optim.learning_rate": 1e-3, "rollout.temperature": 0.5, "rollout.samples_per_prompt": 4,
+                  "rollout.prompt_buckets": "64, 4096", "model.lora.rank": 8, "model.lora.targets": "q_proj,v_proj"})
+    assert type(cfg.optim) is OptimConfig and cfg.optim.learning_rate == 1e-3
+    assert type(cfg.loss) is LossConfig
+    sampling = cfg.rollout.sampling()
+    assert type(sampling) is SamplingConfig
+    assert sampling == SamplingConfig(temperature=0.5, prompt_buckets=(64, 4096))
+    assert cfg.rollout.samples_per_prompt == 4
+    assert cfg.model.lora.adapters() == LoraConfig(rank=8, alpha=32.0, targets=("q_proj", "v_proj"))
+    assert type(cfg.model.lora.adapters()) is LoraConfig
+    assert load().model.lora.adapters() is None  # rank 0: full fine-tuning
+
+
+def test_the_learning_rate_schedule_runs_over_the_train_steps():
+    cfg = load(**{"train.steps": 10, "optim.learning_rate": 1.0, "optim.warmup_ratio": 0.2})
+    schedule = cfg.optim.schedule_fn(cfg.train.steps)
+    assert [float(schedule(s)) for s in (0, 1, 2)] == pytest.approx([0.0, 0.5, 1.0])
+    assert float(schedule(10)) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("loss.top_k", 0, r"config\.loss\.top_k: LossConfig\.top_k"),
+    ("loss.name", "kl", r"config\.loss\.name"),
+    ("method", "sft", r"config\.loss\.name: .*method 'sft' needs loss\.name"),
+    ("teacher.mode", "ema2", r"config\.teacher\.mode"),
+    ("teacher.ema_alpha", 2.0, r"config\.teacher\.ema_alpha: TeacherConfig\.ema_alpha"),
+    ("train.steps", 0, r"config\.train\.steps: TrainSection\.steps must be an integer >= 1"),
+    ("train.nonfinite", "ignore", r"config\.train\.nonfinite"),
+    ("model.lora.targets", "qkv", r"config\.model\.lora\.targets: LoraConfig\.targets must be one of"),
+    ("model.lora.rank", -1, r"config\.model\.lora\.rank: LoraSection\.rank must be an integer >= 0"),
+    ("model.lora.alpha", 0.0, r"config\.model\.lora\.alpha: LoraConfig\.alpha"),
+    ("model.query_block", -1, r"config\.model\.query_block"),
+    ("optim.warmup_ratio", 1.0, r"config\.optim\.warmup_ratio: OptimConfig\.warmup_ratio"),
+    ("optim.learning_rate", 0.0, r"config\.optim\.learning_rate: OptimConfig\.learning_rate"),
+    ("optim.schedule", "linear", r"config\.optim\.schedule"),
+    ("rollout.samples_per_prompt", 0, r"config\.rollout\.samples_per_prompt: RolloutConfig\.samples_per_prompt"),
+    ("rollout.top_p", 1.5, r"config\.rollout\.top_p: SamplingConfig\."),
+    ("rollout.max_new_tokens", 0, r"config\.rollout\.max_new_tokens: SamplingConfig\.max_new_tokens"),
+    ("rollout.prompt_buckets", "64,x", r"config\.rollout\.prompt_buckets must be comma-separated integers"),
+    ("rollout.prompt_buckets", "128,64", r"config\.rollout\.prompt_buckets: SamplingConfig\.prompt_buckets"),
+    ("eval.batch_size", 0, r"config\.eval\.batch_size: EvalSection\.batch_size"),
+    ("eval.every", -1, r"config\.eval\.every"),
+    ("checkpoint.every", 0, r"config\.checkpoint\.every: CheckpointSection\.every"),
+    ("checkpoint.keep", 0, r"config\.checkpoint\.keep"),
+    ("mesh.fsdp", 0, r"config\.mesh\.fsdp: MeshSection\.fsdp must be an integer >= 1 \(or -1"),
+    ("data.offline_num_train", -1, r"config\.data\.offline_num_train"),
+    ("data.task", "tooluse", r"config\.data\.data_dir: data_dir is required"),
+    ("prompts.overlong", "cut", r"config\.prompts\.overlong"),
+    ("seed", -1, r"config\.seed: TrainConfig\.seed"),
+])
+def test_invalid_values_fail_naming_the_key(key, value, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(tiny_config("m", tmp_path, **{key: value}))
+
+
+def test_values_of_the_wrong_type_are_named():
+    raw = base_config().to_dict()  # a plain dict: no ConfigDict type check before ours
+    raw["export"] = 1
+    with pytest.raises(ConfigError, match=r"config\.export must be true or false, got 1"):
+        load_train_config(raw)
+    raw = base_config().to_dict()
+    raw["loss"]["top_k"] = True
+    with pytest.raises(ConfigError, match=r"config\.loss\.top_k must be an integer, got True"):
+        load_train_config(raw)
+    raw = base_config().to_dict()
+    raw["run_dir"] = 3
+    with pytest.raises(ConfigError, match=r"config\.run_dir must be a string, got 3"):
+        load_train_config(raw)
+    raw = base_config().to_dict()
+    raw["rollout"]["prompt_buckets"] = 64
+    with pytest.raises(ConfigError, match=r"config\.rollout\.prompt_buckets must be a comma-separated list, got 64"):
+        load_train_config(raw)
+    raw = base_config().to_dict()
+    raw["rollout"]["prompt_buckets"] = [64, 8192]  # a list from a dict-built config
+    assert load_train_config(raw).rollout.prompt_buckets == (64, 8192)
+    raw = base_config().to_dict()
+    raw["optim"]["learning_rate"] = 1  # an int where a float is expected is taken as that float
+    assert load_train_config(raw).optim.learning_rate == 1.0
+
+
+def test_a_rule_between_the_fields_of_a_library_section_names_its_first_key():
+    with pytest.raises(ConfigError, match=r"config\.distributed\.process_id: .*process_id 3 is not below"):
+        load(**{"distributed.process_id": 3, "distributed.num_processes": 2})
+
+
+def test_sdft_needs_a_distillation_loss_and_sft_the_sft_loss():
+    with pytest.raises(ConfigError, match=r"config\.loss\.name: .*method 'sdft' needs a distillation loss"):
+        load(**{"loss.name": "sft"})
+    with pytest.raises(ConfigError, match=r"config\.loss\.name: .*method 'sft' needs loss\.name = 'sft'"):
+        load(method="sft")
+    assert load(method="sft", **{"loss.name": "sft"}).method == "sft"
+
+
+def test_teacher_init_from_needs_sdft_with_full_fine_tuning():
+    assert load(teacher_init_from="/other").teacher_init_from == "/other"
+    for overrides in ({"model.lora.rank": 4}, {"method": "sft", "loss.name": "sft"}):
+        with pytest.raises(ConfigError, match=r"config\.teacher_init_from: .*needs method 'sdft' with full fine"):
+            load(teacher_init_from="/other", **overrides)
+
+
+@pytest.mark.parametrize("tensor", [2, -1])
+def test_blocked_vocab_backward_is_refused_on_a_tensor_split_vocabulary(tensor):
+    mesh = {"mesh.data": 1, "mesh.tensor": tensor}
+    with pytest.raises(ConfigError, match=rf"config\.loss\.vocab_chunk_size: .*= 16384: must be 0 when the "
+                                          rf"vocabulary is split over the tensor mesh axis \(mesh\.tensor = {tensor}\)"):
+        load(**mesh)
+    assert load(**mesh, **{"loss.vocab_chunk_size": 0}).mesh.tensor == tensor
+    assert load(**{"mesh.tensor": 1}).loss.vocab_chunk_size == 16384
+
+
+def test_the_largest_prompt_bucket_holds_the_longest_prompt():
+    with pytest.raises(ConfigError, match=r"config\.rollout\.prompt_buckets: .*prompts\.max_prompt_tokens = 2048"):
+        load(**{"rollout.prompt_buckets": "64,1024"})
+    assert load(**{"rollout.prompt_buckets": "64,1024", "prompts.max_prompt_tokens": 1024})
+    # SFT samples nothing: the rollout's buckets are unused.
+    assert load(method="sft", **{"loss.name": "sft", "rollout.prompt_buckets": "64,1024"})
+
+
+def test_batch_rows_split_over_the_batch_axes():
+    with pytest.raises(ConfigError, match=r"config\.train\.prompts_per_step: .*= 3: 3 batch rows per step \(1 per "
+                                          r"prompt\) do not split over the mesh\.data x mesh\.fsdp = 2 batch shards"):
+        load(**{"train.prompts_per_step": 3, "mesh.data": 2})
+    assert load(**{"train.prompts_per_step": 3, "mesh.data": 2, "rollout.samples_per_prompt": 2})
+    assert load(**{"train.prompts_per_step": 3, "mesh.data": 1, "mesh.fsdp": -1})  # known on the devices only
+    with pytest.raises(ConfigError, match=r"config\.train\.prompts_per_step: .*6 batch rows"):
+        load(**{"train.prompts_per_step": 3, "rollout.samples_per_prompt": 2, "mesh.data": 4})
+
+
+def test_mesh_sizes():
+    with pytest.raises(ConfigError, match=r"config\.mesh: MeshSection: at most one size may be -1"):
+        load(**{"mesh.fsdp": -1})
+    with pytest.raises(ValueError, match=r"MeshSection\.tensor must be an integer >= 1 \(or -1 = all remaining"):
+        MeshSection(tensor=-2)
+
+
+def test_direct_construction_checks_the_rules_too():
+    with pytest.raises(ValueError, match=r"^TrainConfig\.loss\.vocab_chunk_size = 16384: must be 0"):
+        TrainConfig(mesh=MeshSection(tensor=2))
+    ok = TrainConfig(mesh=MeshSection(tensor=2), loss=LossConfig(vocab_chunk_size=0))
+    assert dataclasses.replace(ok, seed=1).seed == 1
+
+
+def test_unknown_keys_and_sections_are_named():
+    raw = base_config().to_dict()
+    raw["model"]["lora"]["ranks"] = 4
+    with pytest.raises(ConfigError, match=r"unknown config key config\.model\.lora\.ranks \(valid keys of "
+                                          r"config\.model\.lora: alpha, rank, targets\)"):
+        load_train_config(raw)
+    raw = base_config().to_dict()
+    raw["optim"] = 1e-3
+    with pytest.raises(ConfigError, match=r"config\.optim must be a section"):
+        load_train_config(raw)
+
+
+def test_lora_targets_parse_from_a_comma_separated_string():
+    assert load(**{"model.lora.targets": " q_proj , o_proj,"}).model.lora.targets == ("q_proj", "o_proj")
+    assert load().model.lora.targets == tuple(PROJECTIONS)
