@@ -1,8 +1,8 @@
 """The chunked loss with a hand-written backward that never holds the LM head's gradient twice.
 
 Autodiff of `losses.chunked_loss` accumulates the head's gradient `[D, V]` over token chunks in a
-loop carry. XLA cannot give that carry the output's buffer, so a second `[D, V]` fp32 buffer lives
-through the backward pass (2.5 GB for a 152K vocab at D=4096: most of the chunked loss's memory).
+loop carry. XLA cannot give that carry the output's buffer, so a second `[D, V]` fp32 buffer, as
+large as the gradient itself, lives through the backward pass.
 
 Here the backward pass runs vocab blocks in the outer loop and token chunks in the inner one. A
 block's gradient columns are complete when its inner loop ends and are written once into the
@@ -11,13 +11,13 @@ loss but `jsd`, the gradient of a position's loss with respect to the student lo
 
     d loss / d z  =  alpha * p_S  +  beta * p_T  +  sum_k c_k * onehot(id_k)
 
-(`p_S`, `p_T` the student and teacher softmax), so the forward saves alpha, beta, the sparse ids and
-coefficients, and the two softmax normalisers; the backward recomputes `p_S` (and `p_T` for `full_kl`)
-one block at a time. `jsd` has no such form and keeps the autodiff path. Parity with `dense_loss`
-(values and gradients, every loss and reduction, ragged token chunks and vocab blocks) is tested in
-tests/distill/head_grad_test.py.
+(`p_S`, `p_T` the student and teacher softmax), so the forward saves these `Coefficients` (alpha,
+beta, the sparse ids and coefficients, and the two softmax normalisers); the backward recomputes `p_S`
+(and `p_T` for `full_kl`) one block at a time. `jsd` has no such form and keeps the autodiff path.
+Parity with `dense_loss` (values and gradients, every loss and reduction, ragged token chunks and
+vocab blocks) is tested in tests/distill/head_grad_test.py.
 
-Per-loss coefficients (z = student logits, lse its log-normaliser, w = renormalised teacher top-K):
+Per-loss coefficients (z = student logits, w = renormalised teacher top-K):
   topk          alpha 1, ids = teacher top-K, c = -w
   full_kl       alpha 1, beta -1
   reverse_topk  alpha 0, ids = teacher top-K, c_k = q_k (log q_k - log w_k - loss)  (q: student over the K)
@@ -27,128 +27,221 @@ Per-loss coefficients (z = student logits, lse its log-normaliser, w = renormali
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
+
+from sdft_jax.distill.loss_config import LossConfig
+from sdft_jax.distill.token_terms import (
+    TokenMetrics,
+    TokenStreams,
+    TokenTerms,
+    student_logits,
+    teacher_logits,
+    token_terms,
+)
 
 BLOCKED_LOSSES = frozenset({"topk", "full_kl", "reverse_topk", "importance_sampling", "sft"})
 
 
-def _normaliser(logits):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Coefficients:
+    """The gradient of each position's loss with respect to its student logits z, in closed form:
+
+        d loss / d z = alpha * p_S + beta * p_T + sum_k sparse_coeffs[k] * onehot(sparse_ids[k])
+
+    Attributes:
+      alpha: `[*N]` the weight of the student softmax.
+      beta: `[*N]` the weight of the teacher softmax (non-zero for `full_kl` only).
+      sparse_ids: `[*N, K]` the token ids of the sparse terms (K = 1 when the loss has none: a zero term).
+      sparse_coeffs: `[*N, K]` their coefficients.
+      student_norm: `[*N, 2]` (max, log-sum-exp of z - max) of the student logits, which give p_S.
+      teacher_norm: `[*N, 2]` the same for the teacher logits (`full_kl`; zeros otherwise).
+    """
+
+    alpha: Float[Array, "*N"]
+    beta: Float[Array, "*N"]
+    sparse_ids: Int[Array, "*N K"]
+    sparse_coeffs: Float[Array, "*N K"]
+    student_norm: Float[Array, "*N 2"]
+    teacher_norm: Float[Array, "*N 2"]
+
+    def times(self, cotangent: Float[Array, "*N"]) -> Coefficients:
+        """The coefficients of `cotangent * loss` at each position."""
+        return dataclasses.replace(self, alpha=self.alpha * cotangent, beta=self.beta * cotangent,
+                                   sparse_coeffs=self.sparse_coeffs * cotangent[..., None])
+
+
+def _normaliser(logits: Float[Array, "*N V"]) -> Float[Array, "*N 2"]:
     """(max, log-sum-exp of logits - max): softmax = exp((z - max) - that), as exact as log_softmax."""
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     return jnp.stack([m, jnp.log(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1))], axis=-1)
 
 
-def _coefficients(cfg, s_logits, t_logits, loss, parts):
-    """(alpha, beta, ids, c, norm_s, norm_t) of each position: [..], [..], [.., K], [.., K], [.., 2], [.., 2],
-    from the values the loss already computed (`parts`)."""
-    norm_s = _normaliser(s_logits)
-    zeros = jnp.zeros(s_logits.shape[:-1], jnp.float32)
-    ones = jnp.ones_like(zeros)
-    norm_t = jnp.zeros_like(norm_s)
-    if cfg.name == "full_kl":
-        return ones, -ones, jnp.zeros(zeros.shape + (1,), jnp.int32), zeros[..., None], norm_s, _normaliser(t_logits)
-    if cfg.name == "importance_sampling":
-        ra = parts["ratio_advantage"]
-        return ra, zeros, parts["targets"][..., None], -ra[..., None], norm_s, norm_t
-    if cfg.name == "sft":
-        return ones, zeros, parts["targets"][..., None], -ones[..., None], norm_s, norm_t
-    if cfg.name == "topk":
-        return ones, zeros, parts["top_ids"], -jnp.exp(parts["logw"]), norm_s, norm_t
-    logq = parts["logq"]  # reverse_topk
-    c = jnp.exp(logq) * (logq - parts["logw"] - loss[..., None])
-    return zeros, zeros, parts["top_ids"], c, norm_s, norm_t
-
-
-def _softmax(logits, norm):
+def _softmax(logits: Float[Array, "*N V"], norm: Float[Array, "*N 2"]) -> Float[Array, "*N V"]:
     return jnp.exp((logits - norm[..., :1]) - norm[..., 1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def blocked_terms(cfg, token_terms, s_head: Float[Array, "D V"], xs: dict[str, Array]):
-    """Per-position loss and metrics over chunks `xs` ([n_chunks, B, P, ...] streams), like the scan in
-    `losses.chunked_loss`; differentiable in `s_head` and `xs["student_hidden"]` only."""
-    return _forward(cfg, token_terms, s_head, xs)[0]
+def _coefficients(
+    cfg: LossConfig,
+    terms: TokenTerms,
+    s_logits: Float[Array, "*N V"],
+    t_logits: Float[Array, "*N V"] | None,
+    targets: Int[Array, "*N"] | None,
+) -> Coefficients:
+    """The coefficients of each position, from the values the loss already computed (`terms`)."""
+    student_norm = _normaliser(s_logits)
+    zeros = jnp.zeros(s_logits.shape[:-1], jnp.float32)
+    ones = jnp.ones_like(zeros)
+    no_teacher = jnp.zeros_like(student_norm)
+    if cfg.name == "full_kl":
+        return Coefficients(alpha=ones, beta=-ones, sparse_ids=jnp.zeros(zeros.shape + (1,), jnp.int32),
+                            sparse_coeffs=zeros[..., None], student_norm=student_norm,
+                            teacher_norm=_normaliser(t_logits))
+    if cfg.name == "importance_sampling":
+        ra = terms.ratio_advantage
+        return Coefficients(alpha=ra, beta=zeros, sparse_ids=targets[..., None], sparse_coeffs=-ra[..., None],
+                            student_norm=student_norm, teacher_norm=no_teacher)
+    if cfg.name == "sft":
+        return Coefficients(alpha=ones, beta=zeros, sparse_ids=targets[..., None], sparse_coeffs=-ones[..., None],
+                            student_norm=student_norm, teacher_norm=no_teacher)
+    if cfg.name == "topk":
+        return Coefficients(alpha=ones, beta=zeros, sparse_ids=terms.teacher_topk_ids,
+                            sparse_coeffs=-jnp.exp(terms.teacher_topk_logw), student_norm=student_norm,
+                            teacher_norm=no_teacher)
+    if cfg.name == "reverse_topk":
+        logq = terms.student_topk_logq
+        sparse_coeffs = jnp.exp(logq) * (logq - terms.teacher_topk_logw - terms.loss[..., None])
+        return Coefficients(alpha=zeros, beta=zeros, sparse_ids=terms.teacher_topk_ids, sparse_coeffs=sparse_coeffs,
+                            student_norm=student_norm, teacher_norm=no_teacher)
+    raise ValueError(f"loss {cfg.name!r} has no blocked backward (only {sorted(BLOCKED_LOSSES)})")
 
 
-def _forward(cfg, token_terms, s_head, xs):
-    t_head = xs.get("teacher_head")
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Residuals:
+    """What the blocked backward keeps from the forward pass (chunked streams: `[n_chunks, B, P, ...]`)."""
 
-    def chunk(_, xc):
-        s_logits = jnp.matmul(xc["student_hidden"], s_head)
-        t_logits = None
-        if t_head is not None:
-            t_logits = jnp.matmul(xc["teacher_hidden"], t_head, preferred_element_type=jnp.float32)
-        loss, metrics, parts = token_terms(cfg, s_logits, t_logits, xc.get("targets"), xc.get("sampler_logprobs"))
-        coeffs = _coefficients(cfg, s_logits, t_logits, loss, {**parts, "targets": xc.get("targets")})
-        return None, ((loss, metrics), coeffs)
-
-    chunk_xs = {k: v for k, v in xs.items() if k != "teacher_head"}
-    _, (out, coeffs) = jax.lax.scan(chunk, None, chunk_xs)
-    return out, (s_head, xs, coeffs)
+    student_head: Float[Array, "D V"]
+    teacher_head: Float[Array, "Dt V"] | None
+    streams: TokenStreams
+    coefficients: Coefficients
 
 
-def _bwd(cfg, token_terms, residuals, cotangents):
-    s_head, xs, (alpha, beta, ids, c, norm_s, norm_t) = residuals
-    ct_loss = cotangents[0]  # [n_chunks, B, P]; the metrics carry no gradient
-    alpha, beta, c = alpha * ct_loss, beta * ct_loss, c * ct_loss[..., None]
-    hidden = xs["student_hidden"]  # [n_chunks, B, P, D]
-    vocab = s_head.shape[1]
+# The backward's carry over vocab blocks: the gradients of the student head and hidden states.
+_Gradients = tuple[Float[Array, "D V"], Float[Array, "n B P D"]]
+
+
+class _BackwardChunk(NamedTuple):
+    """One token chunk's inputs to a vocab block's backward (`[B, P, ...]`)."""
+
+    student_hidden: Float[Array, "B P D"]
+    coefficients: Coefficients
+    d_hidden: Float[Array, "B P D"]  # the chunk's hidden-state gradient from the blocks before
+    teacher_hidden: Float[Array, "B P Dt"] | None  # read by `full_kl` only
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def blocked_terms(
+    cfg: LossConfig,
+    student_head: Float[Array, "D V"],
+    teacher_head: Float[Array, "Dt V"] | None,
+    streams: TokenStreams,
+) -> tuple[Float[Array, "n B P"], TokenMetrics]:
+    """Per-position loss and metrics of token chunks, like the scan in `losses.chunked_loss`.
+
+    Args:
+      cfg: the loss (one of `BLOCKED_LOSSES`) and `vocab_chunk_size`, the columns of a vocab block.
+      student_head: the student's LM head, fp32.
+      teacher_head: the teacher's LM head (None for `sft`); it gets no gradient.
+      streams: the inputs cut into chunks, `[n_chunks, B, P, ...]`.
+
+    Returns:
+      The loss and metrics at every position, `[n_chunks, B, P]`; differentiable in `student_head` and
+      `streams.student_hidden` only.
+    """
+    (loss, metrics), _ = _blocked_forward(cfg, student_head, teacher_head, streams)
+    return loss, metrics
+
+
+def _blocked_forward(
+    cfg: LossConfig,
+    student_head: Float[Array, "D V"],
+    teacher_head: Float[Array, "Dt V"] | None,
+    streams: TokenStreams,
+) -> tuple[tuple[Float[Array, "n B P"], TokenMetrics], _Residuals]:
+    """The loss over the chunks, and each position's gradient coefficients for the backward."""
+
+    def chunk(carry: None, xc: TokenStreams) -> tuple[None, tuple[Float[Array, "B P"], TokenMetrics, Coefficients]]:
+        s_logits = student_logits(xc.student_hidden, student_head)
+        t_logits = None if teacher_head is None else teacher_logits(xc.teacher_hidden, teacher_head)
+        terms = token_terms(cfg, s_logits, t_logits, xc.targets, xc.sampler_logprobs)
+        return carry, (terms.loss, terms.metrics, _coefficients(cfg, terms, s_logits, t_logits, xc.targets))
+
+    _, (loss, metrics, coefficients) = jax.lax.scan(chunk, None, streams)
+    residuals = _Residuals(student_head=student_head, teacher_head=teacher_head, streams=streams,
+                           coefficients=coefficients)
+    return (loss, metrics), residuals
+
+
+def _blocked_backward(
+    cfg: LossConfig,
+    residuals: _Residuals,
+    cotangents: tuple[Float[Array, "n B P"], TokenMetrics],
+) -> tuple[Float[Array, "D V"], None, TokenStreams]:
+    """Gradients of the head and the student hidden states, one vocab block at a time."""
+    loss_cotangent, _ = cotangents  # the metrics carry no gradient
+    coefficients = residuals.coefficients.times(loss_cotangent)
+    head = residuals.student_head
+    hidden = residuals.streams.student_hidden  # [n_chunks, B, P, D]
+    vocab = head.shape[1]
     block = min(cfg.vocab_chunk_size, vocab)
     n_blocks = -(-vocab // block)
-    teacher = cfg.name == "full_kl"
+    uses_teacher = cfg.name == "full_kl"
 
-    def vocab_block(j, carry):
-        d_head, d_hidden = carry
+    def vocab_block(j: Int[Array, ""], grads: _Gradients) -> _Gradients:
+        d_head, d_hidden = grads
         # The last block is moved back to end at V; the columns it shares with the previous block get
         # their (complete) gradient written again, and add nothing more to the hidden gradient.
         start = jnp.minimum(j * block, vocab - block)
-        w = jax.lax.dynamic_slice_in_dim(s_head, start, block, axis=1)
-        w_t = jax.lax.dynamic_slice_in_dim(xs["teacher_head"], start, block, axis=1) if teacher else None
+        w = jax.lax.dynamic_slice_in_dim(head, start, block, axis=1)
+        w_t = jax.lax.dynamic_slice_in_dim(residuals.teacher_head, start, block, axis=1) if uses_teacher else None
         fresh = (start + jnp.arange(block)) >= j * block
 
-        def token_chunk(d_w, x):
-            h, a, b, i, cc, ls, lt, dh, h_t = x
-            g = a[..., None] * _softmax(jnp.matmul(h, w), ls)
-            if teacher:
-                g = g + b[..., None] * _softmax(jnp.matmul(h_t, w_t, preferred_element_type=jnp.float32), lt)
-            local = jnp.where((i >= start) & (i < start + block), i - start, block)  # `block`: dropped
+        def token_chunk(
+            d_w: Float[Array, "D W"], x: _BackwardChunk
+        ) -> tuple[Float[Array, "D W"], Float[Array, "B P D"]]:
+            cf = x.coefficients
+            g = cf.alpha[..., None] * _softmax(jnp.matmul(x.student_hidden, w), cf.student_norm)
+            if uses_teacher:
+                t_block = jnp.matmul(x.teacher_hidden, w_t, preferred_element_type=jnp.float32)
+                g = g + cf.beta[..., None] * _softmax(t_block, cf.teacher_norm)
+            ids = cf.sparse_ids
+            local = jnp.where((ids >= start) & (ids < start + block), ids - start, block)  # `block`: dropped
             rows = jnp.arange(g.shape[0])[:, None, None]
             cols = jnp.arange(g.shape[1])[None, :, None]
-            g = g.at[rows, cols, local].add(cc, mode="drop")
-            d_w = d_w + jnp.einsum("bpd,bpv->dv", h, g)
-            dh = dh + jnp.einsum("bpv,dv->bpd", jnp.where(fresh, g, 0.0), w)
-            return d_w, dh
+            g = g.at[rows, cols, local].add(cf.sparse_coeffs, mode="drop")
+            d_w = d_w + jnp.einsum("bpd,bpv->dv", x.student_hidden, g)
+            d_h = x.d_hidden + jnp.einsum("bpv,dv->bpd", jnp.where(fresh, g, 0.0), w)
+            return d_w, d_h
 
-        # Without a teacher term the last stream is a stand-in that is never read.
-        streams = (hidden, alpha, beta, ids, c, norm_s, norm_t, d_hidden, xs["teacher_hidden"] if teacher else hidden)
-        d_w, d_hidden = jax.lax.scan(token_chunk, jnp.zeros((s_head.shape[0], block), jnp.float32), streams)
+        chunks = _BackwardChunk(student_hidden=hidden, coefficients=coefficients, d_hidden=d_hidden,
+                                teacher_hidden=residuals.streams.teacher_hidden if uses_teacher else None)
+        d_w, d_hidden = jax.lax.scan(token_chunk, jnp.zeros((head.shape[0], block), jnp.float32), chunks)
         d_head = jax.lax.dynamic_update_slice_in_dim(d_head, d_w, start, axis=1)
         return d_head, d_hidden
 
     d_head, d_hidden = jax.lax.fori_loop(0, n_blocks, vocab_block,
-                                         (jnp.zeros_like(s_head), jnp.zeros(hidden.shape, jnp.float32)))
-    d_hidden = d_hidden.astype(hidden.dtype)
-    d_xs = {k: (d_hidden if k == "student_hidden" else _zero_cotangent(v)) for k, v in xs.items()}
-    return d_head, d_xs
+                                         (jnp.zeros_like(head), jnp.zeros(hidden.shape, jnp.float32)))
+    # None: no cotangent (a zero) for the teacher head and for every stream but the student's hidden states.
+    d_streams = TokenStreams(student_hidden=d_hidden.astype(hidden.dtype), teacher_hidden=None, targets=None,
+                             sampler_logprobs=None)
+    return d_head, None, d_streams
 
 
-def _zero_cotangent(x):
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros_like(x)
-    return jnp.zeros(x.shape, jax.dtypes.float0)
-
-
-blocked_terms.defvjp(_forward, _bwd)
-
-
-def chunk_streams(xs: dict[str, Array], teacher_head: Float[Array, "D V"] | None) -> dict[str, Array]:
-    """The scan inputs of `blocked_terms`: the chunked streams plus the (gradient-free) teacher head."""
-    out = dict(xs)
-    if teacher_head is not None:
-        out["teacher_head"] = jax.lax.stop_gradient(teacher_head)
-    return out
-
+blocked_terms.defvjp(_blocked_forward, _blocked_backward)

@@ -3,7 +3,8 @@
 Both functions take the student's (and teacher's) final, post-norm hidden states aligned so that
 position `t` predicts completion token `t`, together with the LM-head weights, and return the reduced
 loss and a dict of scalar metrics. All math is fp32 whatever the input dtype; the teacher side never
-receives a gradient.
+receives a gradient. The per-position math is `token_terms.token_terms`, shared by both; this module
+checks the arguments, cuts the positions into chunks and reduces the result.
 
 Memory. `dense_loss` materialises `[B, C, V]` logits for each model (and the backward pass keeps
 several more arrays of that size): with a 152K vocab that is 0.6 MB per token per array in fp32.
@@ -16,7 +17,9 @@ teacher values the gradient needs (saved, so the backward pass skips the teacher
 memory is therefore `O(chunk_size * V)` per model instead of `O(B * C * V)`, plus `[D, V]` buffers for
 the student head: its fp32 gradient, an fp32 copy of a bf16 head (so that the gradient accumulates
 over chunks in fp32), and, where the backend does not fuse the accumulation into the matmul (XLA:CPU
-does not), one chunk's contribution before it is added. `python -m sdft_jax.bench loss` measures it.
+does not), one chunk's contribution before it is added. With `LossConfig.vocab_chunk_size > 0` the
+backward of every loss but `jsd` is `head_grad.blocked_terms` instead, which never holds the head's
+gradient twice. `python -m sdft_jax.bench loss` measures both.
 
 Chunks run along the sequence and hold every row of the batch (`chunk_size // B` positions each, at
 least one), so a batch sharded over a data axis stays sharded: each device computes its own rows of
@@ -29,167 +32,45 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import typing
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
-LossName = Literal["topk", "full_kl", "reverse_topk", "importance_sampling", "jsd", "sft"]
-Reduction = Literal["sequence_mean", "token_mean", "sum"]
+from sdft_jax.distill import head_grad
+from sdft_jax.distill.loss_config import LossConfig, LossName, Reduction
+from sdft_jax.distill.token_terms import (
+    SAVED_TEACHER_VALUES,
+    TokenMetrics,
+    TokenStreams,
+    student_logits,
+    teacher_logits,
+    token_terms,
+)
 
-_LOSS_NAMES: tuple[str, ...] = typing.get_args(LossName)
-_REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
+__all__ = ["LossConfig", "LossName", "Reduction", "chunked_loss", "dense_loss"]
+
 # The losses that compare whole next-token distributions skip the first completion tokens (both
 # references do: the first few tokens of an answer are the least informative about the skill).
 _SKIPPING_LOSSES = frozenset({"topk", "full_kl", "reverse_topk", "jsd"})
-# Names given to the teacher values that the backward pass needs; saved across the rematerialised
-# chunk so the teacher's LM-head matmul is not recomputed.
-_SAVED_TEACHER_VALUES = ("teacher_topk_ids", "teacher_topk_logw", "teacher_target_logprob")
-
-
-def _check_int(field: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"LossConfig.{field} must be an integer >= {minimum}, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LossConfig:
-    """Which SDFT loss to compute and how to reduce it.
-
-    Attributes:
-      name: the per-position loss (see the SDFT spec, section 3).
-      top_k: how many of the teacher's most likely tokens `topk` and `reverse_topk` use.
-      jsd_beta: weight of the teacher in the `jsd` mixture; 0 is forward KL(T||S), 1 is reverse KL(S||T).
-      reduction: `sequence_mean` (mean per sequence, then over sequences), `token_mean` or `sum`.
-      skip_first_tokens: completion positions `t < skip_first_tokens` are not scored by `topk`,
-        `full_kl`, `reverse_topk` and `jsd` (`importance_sampling` and `sft` score every position).
-      chunk_size: at most this many tokens (of the whole batch) per chunk in `chunked_loss`.
-      vocab_chunk_size: N > 0 = `chunked_loss`'s backward runs over blocks of N vocab columns
-        (`head_grad.py`; every loss but `jsd`), so the LM head's gradient is never held twice; 0 = plain
-        autodiff, which accumulates it over token chunks in a second [D, V] buffer. Use 0 when the
-        vocabulary is split over the `tensor` mesh axis (each block would gather its slice of the head).
-    """
-
-    name: LossName = "topk"
-    top_k: int = 20
-    jsd_beta: float = 0.5
-    reduction: Reduction = "sequence_mean"
-    skip_first_tokens: int = 3
-    chunk_size: int = 256
-    vocab_chunk_size: int = 16384
-
-    def __post_init__(self):
-        if self.name not in _LOSS_NAMES:
-            raise ValueError(f"LossConfig.name must be one of {_LOSS_NAMES}, got {self.name!r}")
-        _check_int("top_k", self.top_k, 1)
-        beta = self.jsd_beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-            raise ValueError(f"LossConfig.jsd_beta must be a number in [0, 1], got {beta!r}")
-        if self.reduction not in _REDUCTIONS:
-            raise ValueError(f"LossConfig.reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
-        _check_int("skip_first_tokens", self.skip_first_tokens, 0)
-        _check_int("chunk_size", self.chunk_size, 1)
-        _check_int("vocab_chunk_size", self.vocab_chunk_size, 0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Per-token math, shared by both paths. Inputs are fp32 logits with any leading shape.
-
-
-def _take(x: Float[Array, "... V"], ids: Int[Array, "... K"]) -> Float[Array, "... K"]:
-    return jnp.take_along_axis(x, ids, axis=-1)
-
-
-def _token_terms(
-    cfg: LossConfig,
-    student_logits: Float[Array, "*N V"],
-    teacher_logits: Float[Array, "*N V"] | None,
-    targets: Int[Array, "*N"] | None,
-    sampler_logprobs: Float[Array, "*N"] | None,
-) -> tuple[Float[Array, "*N"], dict[str, Float[Array, "*N"]]]:
-    """Per-position loss and per-position metrics (the metrics carry no gradient)."""
-    loss, metrics, _ = token_terms_and_parts(cfg, student_logits, teacher_logits, targets, sampler_logprobs)
-    return loss, metrics
-
-
-def token_terms_and_parts(cfg: LossConfig, student_logits, teacher_logits, targets, sampler_logprobs):
-    """`_token_terms` plus the intermediate values it computed (`parts`: log-probs, the teacher's top-K),
-    for the blocked backward (head_grad.py), which needs them and should not compute them twice."""
-    logp_s = jax.nn.log_softmax(student_logits, axis=-1)
-    parts = {"logp_s": logp_s}
-    if cfg.name == "sft":
-        return -_take(logp_s, targets[..., None])[..., 0], {}, parts
-
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    logp_t = jax.nn.log_softmax(teacher_logits, axis=-1)
-    parts["logp_t"] = logp_t
-    p_t = jnp.exp(logp_t)
-    forward_kl = jnp.sum(p_t * (logp_t - logp_s), axis=-1)
-    metrics = {
-        "kl": jax.lax.stop_gradient(forward_kl),
-        "teacher_entropy": -jnp.sum(p_t * logp_t, axis=-1),
-    }
-
-    if cfg.name == "full_kl":
-        loss = forward_kl
-    elif cfg.name in ("topk", "reverse_topk"):
-        if cfg.top_k > teacher_logits.shape[-1]:
-            raise ValueError(f"LossConfig.top_k={cfg.top_k} exceeds the vocabulary size {teacher_logits.shape[-1]}")
-        top_vals, top_ids = jax.lax.top_k(teacher_logits, cfg.top_k)
-        top_ids = checkpoint_name(top_ids, "teacher_topk_ids")
-        logw = checkpoint_name(jax.nn.log_softmax(top_vals, axis=-1), "teacher_topk_logw")
-        parts.update(top_ids=top_ids, logw=logw)
-        logp_s_top = _take(logp_s, top_ids)
-        if cfg.name == "topk":
-            loss = -jnp.sum(jnp.exp(logw) * logp_s_top, axis=-1)
-            metrics["topk_mass"] = jnp.exp(jax.nn.logsumexp(_take(logp_t, top_ids), axis=-1))
-        else:
-            logq = jax.nn.log_softmax(logp_s_top, axis=-1)
-            parts["logq"] = logq
-            loss = jnp.sum(jnp.exp(logq) * (logq - logw), axis=-1)
-    elif cfg.name == "importance_sampling":
-        lp_s = _take(logp_s, targets[..., None])[..., 0]
-        lp_t = checkpoint_name(_take(logp_t, targets[..., None])[..., 0], "teacher_target_logprob")
-        advantage = jax.lax.stop_gradient(lp_t - sampler_logprobs)
-        loss = -jnp.exp(lp_s - sampler_logprobs) * advantage
-        parts["ratio_advantage"] = jnp.exp(lp_s - sampler_logprobs) * advantage
-    elif cfg.name == "jsd":
-        p_s = jnp.exp(logp_s)
-        beta = cfg.jsd_beta
-        if beta == 0.0:
-            loss = forward_kl
-        elif beta == 1.0:
-            loss = jnp.sum(p_s * (logp_s - logp_t), axis=-1)
-        else:
-            # log M from the two log-probs, so that tokens one side gives probability ~0 stay finite.
-            log_m = jnp.logaddexp(logp_t + math.log(beta), logp_s + math.log1p(-beta))
-            kl_t_m = jnp.sum(p_t * (logp_t - log_m), axis=-1)
-            kl_s_m = jnp.sum(p_s * (logp_s - log_m), axis=-1)
-            loss = beta * kl_t_m + (1.0 - beta) * kl_s_m
-    else:  # pragma: no cover - LossConfig validates the name
-        raise AssertionError(cfg.name)
-    return loss, {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}, parts
 
 
 # ---------------------------------------------------------------------------------------------------
 # Shared input checks and the reduction.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Inputs:
-    student_hidden: Array
-    teacher_hidden: Array | None
-    targets: Array | None
-    sampler_logprobs: Array | None
-    scored: Array
-
-
-def _prepare(cfg, student_hidden, student_head, mask, teacher_hidden, teacher_head, targets, sampler_logprobs):
-    """Checks the arguments, computes the scored positions and neutralises the unscored ones."""
+def _prepare(
+    cfg: LossConfig,
+    student_hidden: Float[Array, "B C D"],
+    student_head: Float[Array, "D V"],
+    mask: Bool[Array, "B C"],
+    teacher_hidden: Float[Array, "B C Dt"] | None,
+    teacher_head: Float[Array, "Dt V"] | None,
+    targets: Int[Array, "B C"] | None,
+    sampler_logprobs: Float[Array, "B C"] | None,
+) -> tuple[TokenStreams, Bool[Array, "B C"]]:
+    """Checks the arguments; returns the streams with the unscored positions neutralised, and the scored
+    positions."""
     if student_hidden.ndim != 3:
         raise ValueError(f"student_hidden must be [B, C, D], got shape {student_hidden.shape}")
     b, c, d = student_hidden.shape
@@ -221,16 +102,18 @@ def _prepare(cfg, student_hidden, student_head, mask, teacher_hidden, teacher_he
         scored = scored & (jnp.arange(c) >= cfg.skip_first_tokens)[None, :]
     # Unscored positions see zero hidden states and neutral targets, so that whatever the caller left
     # there (padding garbage, lp_old = -inf) cannot turn a zero weight into a NaN gradient.
-    zero_unscored = lambda x: None if x is None else jnp.where(scored[..., None], x, jnp.zeros((), x.dtype))
-    return _Inputs(
+    def zero_unscored(x: Array | None) -> Array | None:
+        return None if x is None else jnp.where(scored[..., None], x, jnp.zeros((), x.dtype))
+
+    streams = TokenStreams(
         student_hidden=zero_unscored(student_hidden),
         teacher_hidden=None if cfg.name == "sft" else jax.lax.stop_gradient(zero_unscored(teacher_hidden)),
         targets=None if targets is None else jnp.where(scored, targets, 0).astype(jnp.int32),
         sampler_logprobs=(
             None if sampler_logprobs is None else jnp.where(scored, sampler_logprobs.astype(jnp.float32), 0.0)
         ),
-        scored=scored,
     )
+    return streams, scored
 
 
 def _reduction_weights(scored: Bool[Array, "B C"], reduction: Reduction) -> Float[Array, "B C"]:
@@ -246,27 +129,71 @@ def _reduction_weights(scored: Bool[Array, "B C"], reduction: Reduction) -> Floa
     return s * row_weight / jnp.maximum(rows, 1.0)
 
 
-def _finish(cfg, token_loss, token_metrics, scored):
+def _finish(
+    cfg: LossConfig, token_loss: Float[Array, "B C"], token_metrics: TokenMetrics, scored: Bool[Array, "B C"]
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """The reduced loss, and the public metrics: each per-position metric as a mean over the scored positions."""
     loss = jnp.sum(_reduction_weights(scored, cfg.reduction) * token_loss)
     token_mean = _reduction_weights(scored, "token_mean")
     metrics = {"loss": jax.lax.stop_gradient(loss)}
-    metrics.update({k: jnp.sum(token_mean * v) for k, v in token_metrics.items()})
+    metrics.update({k: jnp.sum(token_mean * v) for k, v in token_metrics.named().items()})
     metrics["scored_tokens"] = jnp.sum(scored.astype(jnp.float32))
     return loss, metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+    """How `chunked_loss` cuts `[B, C]` positions: chunks of every row and `positions` positions each, the
+    last one padded."""
+
+    rows: int
+    length: int
+    positions: int
+
+    @classmethod
+    def of(cls, rows: int, length: int, chunk_size: int) -> _Chunks:
+        return cls(rows=rows, length=length, positions=max(1, min(length, chunk_size // rows)))
+
+    @property
+    def count(self) -> int:
+        return -(-self.length // self.positions)
+
+    def split(self, a: Array) -> Array:
+        """`[B, C, ...]` -> `[n_chunks, B, positions, ...]`."""
+        pad = self.count * self.positions - self.length
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape(self.rows, self.count, self.positions, *a.shape[2:]), 1, 0)
+
+    def join(self, a: Float[Array, "n B P"]) -> Float[Array, "B C"]:
+        """`[n_chunks, B, positions]` -> `[B, C]`."""
+        return jnp.moveaxis(a, 0, 1).reshape(self.rows, self.count * self.positions)[:, : self.length]
+
+
+def _scanned_terms(
+    cfg: LossConfig, student_head: Float[Array, "D V"], teacher_head: Float[Array, "Dt V"] | None, chunks: TokenStreams
+) -> tuple[Float[Array, "n B P"], TokenMetrics]:
+    """Per-position loss and metrics over the chunks, differentiated by autodiff: each chunk is
+    rematerialised in the backward pass, except the teacher values it saves."""
+
+    @functools.partial(
+        jax.checkpoint,
+        policy=jax.checkpoint_policies.save_only_these_names(*SAVED_TEACHER_VALUES),
+        prevent_cse=False,  # safe inside scan, and lets XLA share work between the recomputed parts
+    )
+    def chunk(
+        s_head: Float[Array, "D V"], t_head: Float[Array, "Dt V"] | None, xc: TokenStreams
+    ) -> tuple[Float[Array, "B P"], TokenMetrics]:
+        t_logits = None if t_head is None else teacher_logits(xc.teacher_hidden, t_head)
+        terms = token_terms(cfg, student_logits(xc.student_hidden, s_head), t_logits, xc.targets, xc.sampler_logprobs)
+        return terms.loss, terms.metrics
+
+    _, (token_loss, token_metrics) = jax.lax.scan(
+        lambda carry, xc: (carry, chunk(student_head, teacher_head, xc)), None, chunks)
+    return token_loss, token_metrics
+
+
 # ---------------------------------------------------------------------------------------------------
 # The two public paths.
-
-
-def _student_logits(hidden, head):
-    return jnp.matmul(hidden.astype(jnp.float32), head.astype(jnp.float32))
-
-
-def _teacher_logits(hidden, head):
-    # bf16 x bf16 products are exact in fp32, so an fp32-accumulated matmul of the stored dtypes equals
-    # the fp32 matmul without materialising an fp32 copy of the (V-sized) teacher head.
-    return jax.lax.stop_gradient(jnp.matmul(hidden, head, preferred_element_type=jnp.float32))
 
 
 def dense_loss(
@@ -281,14 +208,14 @@ def dense_loss(
     sampler_logprobs: Float[Array, "B C"] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """The reference loss: same contract as `chunked_loss`, with `[B, C, V]` logits materialised."""
-    x = _prepare(cfg, student_hidden, student_head, mask, teacher_hidden, teacher_head, targets, sampler_logprobs)
-    teacher_logits = None
-    if x.teacher_hidden is not None:
-        teacher_logits = jax.lax.stop_gradient(_student_logits(x.teacher_hidden, teacher_head))
-    token_loss, token_metrics = _token_terms(
-        cfg, _student_logits(x.student_hidden, student_head), teacher_logits, x.targets, x.sampler_logprobs
-    )
-    return _finish(cfg, token_loss, token_metrics, x.scored)
+    streams, scored = _prepare(cfg, student_hidden, student_head, mask, teacher_hidden, teacher_head, targets,
+                               sampler_logprobs)
+    t_logits = None
+    if streams.teacher_hidden is not None:
+        t_logits = jax.lax.stop_gradient(student_logits(streams.teacher_hidden, teacher_head))
+    terms = token_terms(cfg, student_logits(streams.student_hidden, student_head), t_logits, streams.targets,
+                        streams.sampler_logprobs)
+    return _finish(cfg, terms.loss, terms.metrics, scored)
 
 
 def chunked_loss(
@@ -321,48 +248,17 @@ def chunked_loss(
       positions, `kl` (full-vocab KL(teacher||student)) and `teacher_entropy` for every loss but `sft`,
       and `topk_mass` (teacher probability of its top-K ids) for `topk`.
     """
-    x = _prepare(cfg, student_hidden, student_head, mask, teacher_hidden, teacher_head, targets, sampler_logprobs)
+    streams, scored = _prepare(cfg, student_hidden, student_head, mask, teacher_hidden, teacher_head, targets,
+                               sampler_logprobs)
     b, c, _ = student_hidden.shape
-    positions = max(1, min(c, cfg.chunk_size // b))  # per row and chunk; every row is in every chunk
-    n_chunks = -(-c // positions)
-    pad = n_chunks * positions - c
-
-    def to_chunks(a):  # [B, C, ...] -> [n_chunks, B, positions, ...]
-        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-        return jnp.moveaxis(a.reshape(b, n_chunks, positions, *a.shape[2:]), 1, 0)
-
-    def from_chunks(a):  # [n_chunks, B, positions] -> [B, C]
-        return jnp.moveaxis(a, 0, 1).reshape(b, n_chunks * positions)[:, :c]
-
-    streams = {"student_hidden": x.student_hidden, "teacher_hidden": x.teacher_hidden, "targets": x.targets,
-               "sampler_logprobs": x.sampler_logprobs}
-    xs = {k: to_chunks(v) for k, v in streams.items() if v is not None}
+    chunks = _Chunks.of(b, c, cfg.chunk_size)
+    xs = jax.tree.map(chunks.split, streams)
     # The fp32 cast happens once, outside the loop, so the head's gradient accumulates over chunks in
     # fp32 (a bf16 accumulator would round away the small per-chunk contributions).
     student_head = student_head.astype(jnp.float32)
-    teacher_head = None if x.teacher_hidden is None else jax.lax.stop_gradient(teacher_head)
-
-    from sdft_jax.distill import head_grad  # the blocked backward (imports this module's per-token math)
-
+    teacher_head = None if streams.teacher_hidden is None else jax.lax.stop_gradient(teacher_head)
     if cfg.vocab_chunk_size and cfg.name in head_grad.BLOCKED_LOSSES:
-        token_loss, token_metrics = head_grad.blocked_terms(cfg, token_terms_and_parts, student_head,
-                                                            head_grad.chunk_streams(xs, teacher_head))
-        token_metrics = {k: from_chunks(v) for k, v in token_metrics.items()}
-        return _finish(cfg, from_chunks(token_loss), token_metrics, x.scored)
-
-    @functools.partial(
-        jax.checkpoint,
-        policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_TEACHER_VALUES),
-        prevent_cse=False,  # safe inside scan, and lets XLA share work between the recomputed parts
-    )
-    def chunk(s_head, t_head, xc):
-        t_logits = None if t_head is None else _teacher_logits(xc["teacher_hidden"], t_head)
-        return _token_terms(
-            cfg, _student_logits(xc["student_hidden"], s_head), t_logits, xc.get("targets"), xc.get("sampler_logprobs")
-        )
-
-    _, (token_loss, token_metrics) = jax.lax.scan(lambda carry, xc: (carry, chunk(student_head, teacher_head, xc)),
-                                                  None, xs)
-    token_loss = from_chunks(token_loss)
-    token_metrics = {k: from_chunks(v) for k, v in token_metrics.items()}
-    return _finish(cfg, token_loss, token_metrics, x.scored)
+        token_loss, token_metrics = head_grad.blocked_terms(cfg, student_head, teacher_head, xs)
+    else:
+        token_loss, token_metrics = _scanned_terms(cfg, student_head, teacher_head, xs)
+    return _finish(cfg, chunks.join(token_loss), jax.tree.map(chunks.join, token_metrics), scored)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+from jaxtyping import Array, Bool, Float, Int
 
 from sdft_jax import distributed
 from sdft_jax.distill import teacher as teacher_lib
@@ -27,6 +28,7 @@ from sdft_jax.distill.losses import LossConfig, chunked_loss
 from sdft_jax.distill.train_state import OptimConfig, TrainState
 from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, activation_sharding
 from sdft_jax.models.transformer import Transformer, positions_from_mask
+from sdft_jax.validation import check_bool, check_int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,16 +36,25 @@ class StepConfig:
     loss: LossConfig = LossConfig()
     teacher: teacher_lib.TeacherConfig = teacher_lib.TeacherConfig()
     optim: OptimConfig = OptimConfig()
+    total_steps: int = 1000  # the learning-rate schedule's length: the run's optimizer steps
     skip_nonfinite: bool = True  # a non-finite loss/gradient leaves the state unchanged (counted in metrics)
 
+    def __post_init__(self):
+        check_int("StepConfig.total_steps", self.total_steps, minimum=1)
+        check_bool("StepConfig.skip_nonfinite", self.skip_nonfinite)
 
-def _completion_hidden(model: Transformer, tokens, mask, prompt_len: int, completion_len: int):
+
+def _completion_hidden(
+    model: Transformer, tokens: Int[Array, "B L"], mask: Bool[Array, "B L"], prompt_len: int, completion_len: int
+) -> Float[Array, "B C D"]:
     """Final hidden states at the positions that predict the completion tokens: [B, C, D]."""
     hidden, _ = model(tokens, positions_from_mask(mask), mask)
     return hidden[:, prompt_len - 1: prompt_len - 1 + completion_len]
 
 
-def train_step(graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg: StepConfig):
+def train_step(
+    graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg: StepConfig
+) -> tuple[TrainState, dict[str, Array]]:
     """(state, batch) -> (new state, metrics). Pure; jit it with `make_train_step`."""
     C = batch.completion_len
     sft = cfg.loss.name == "sft"
@@ -57,7 +68,7 @@ def train_step(graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg:
         teacher_head = jax.lax.stop_gradient(teacher.head_weight())
 
     # 2-3. Student forward and backward through the chunked loss.
-    def loss_fn(params):
+    def loss_fn(params: nnx.State) -> tuple[Float[Array, ""], dict[str, Array]]:
         student = nnx.merge(graphdef, params, state.frozen)
         hidden = _completion_hidden(student, batch.student_tokens, batch.student_mask, batch.student_prompt_len, C)
         return chunked_loss(hidden, student.head_weight(), batch.completion_mask, cfg.loss,
@@ -68,7 +79,7 @@ def train_step(graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg:
 
     # 4. Optimizer update, unless the step produced a non-finite loss or gradient.
     grad_norm = optax.tree.norm(grads)
-    tx = cfg.optim.optimizer()
+    tx = cfg.optim.optimizer(cfg.total_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -88,7 +99,7 @@ def train_step(graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg:
     metrics = dict(metrics)
     metrics.update(
         grad_norm=grad_norm,
-        lr=cfg.optim.schedule_fn()(state.step),
+        lr=cfg.optim.schedule_fn(cfg.total_steps)(state.step),
         skipped_nonfinite=(~finite).astype(jnp.int32),
         completion_tokens=batch.completion_mask.sum().astype(jnp.int32),
     )
@@ -113,7 +124,7 @@ def make_train_step(
     """The jitted step with the state donated and its shardings kept fixed across steps."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
-    def step(state, batch):
+    def step(state: TrainState, batch: StepBatch) -> tuple[TrainState, dict[str, Array]]:
         if mesh is None:
             return train_step(graphdef, state, batch, cfg)
         with activation_sharding(mesh, rules):

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdft_jax.distill.head_grad import BLOCKED_LOSSES
+from sdft_jax.distill.head_grad import BLOCKED_LOSSES, blocked_terms
 from sdft_jax.distill.losses import LossConfig, chunked_loss, dense_loss
+from sdft_jax.distill.token_terms import TokenStreams
 from tests.distill.losses_test import REDUCTIONS, assert_close, compiled, parity_config, random_inputs
 
 # V = 13: blocks of 5 are columns 0-4, 5-9 and (moved back to end at V) 8-12, sharing 8-9 with the
@@ -76,6 +77,14 @@ def test_jsd_keeps_the_autodiff_path():
     assert_close(blocked, plain, rtol=0, atol=0)
 
 
+def test_jsd_has_no_blocked_backward():
+    inputs = random_inputs()
+    streams = TokenStreams(student_hidden=inputs["student_hidden"][None],  # one chunk of every position
+                           teacher_hidden=inputs["teacher_hidden"][None], targets=None, sampler_logprobs=None)
+    with pytest.raises(ValueError, match="no blocked backward"):
+        blocked_terms(parity_config("jsd"), inputs["student_head"], inputs["teacher_head"], streams)
+
+
 @pytest.mark.parametrize("name", ["topk", "full_kl"])
 def test_no_second_head_sized_buffer(name):
     """XLA's temporary memory of loss + gradients: the autodiff path holds a [D, V] accumulator, the
@@ -99,11 +108,6 @@ def test_no_second_head_sized_buffer(name):
     blocked = temp_bytes(dataclasses.replace(base, vocab_chunk_size=4096))
     assert autodiff >= head  # the accumulator (the measurement this test relies on still shows it)
     assert blocked < head, (blocked, autodiff)  # all of the blocked path's temporaries are smaller than one
-
-
-def test_vocab_chunk_size_is_validated():
-    with pytest.raises(ValueError, match="LossConfig.vocab_chunk_size must be an integer >= 0"):
-        LossConfig(vocab_chunk_size=-1)
 
 
 def test_sharded_vocab_gives_the_same_gradients():

@@ -25,9 +25,9 @@ EPS = 1e-6
 def random_batch(seed=0, rows=4, vocab=300):
     rng = np.random.default_rng(seed)
     lens = lambda lo, hi: rng.integers(lo, hi, rows)  # noqa: E731
-    student = [list(rng.integers(3, vocab, n)) for n in lens(3, 9)]
-    teacher = [list(rng.integers(3, vocab, n)) for n in lens(8, 15)]
-    completions = [list(rng.integers(3, vocab, n)) for n in lens(5, 12)]
+    student = [rng.integers(3, vocab, n).tolist() for n in lens(3, 9)]
+    teacher = [rng.integers(3, vocab, n).tolist() for n in lens(8, 15)]
+    completions = [rng.integers(3, vocab, n).tolist() for n in lens(5, 12)]
     completions[-1] = completions[-1][:2]  # shorter than skip_first_tokens: a row with nothing scored
     return make_step_batch(student, teacher, completions, pad_id=0,
                            sampler_logprobs=[list(-rng.random(len(c))) for c in completions])
@@ -37,7 +37,8 @@ def step_config(loss, teacher_mode="ema", **loss_kwargs):
     return StepConfig(
         loss=LossConfig(name=loss, top_k=8, chunk_size=16, **loss_kwargs),
         teacher=teacher_lib.TeacherConfig(mode=teacher_mode, ema_alpha=0.1),
-        optim=OptimConfig(learning_rate=LR, schedule="constant", warmup_ratio=0.0, total_steps=10, eps=EPS),
+        optim=OptimConfig(learning_rate=LR, schedule="constant", warmup_ratio=0.0, eps=EPS),
+        total_steps=10,
     )
 
 
@@ -97,10 +98,10 @@ def test_sft_step_matches_torch(tiny_model_dir):
 
     path = tiny_model_dir("qwen2")
     cfg = StepConfig(loss=LossConfig(name="sft", chunk_size=16),
-                     optim=OptimConfig(learning_rate=LR, schedule="constant", warmup_ratio=0.0, total_steps=10))
+                     optim=OptimConfig(learning_rate=LR, schedule="constant", warmup_ratio=0.0), total_steps=10)
     rng = np.random.default_rng(5)
-    batch = make_step_batch([list(rng.integers(3, 300, n)) for n in (4, 7)], None,
-                            [list(rng.integers(3, 300, n)) for n in (6, 3)], pad_id=0)
+    batch = make_step_batch([rng.integers(3, 300, n).tolist() for n in (4, 7)], None,
+                            [rng.integers(3, 300, n).tolist() for n in (6, 3)], pad_id=0)
     graphdef, state = init_train_state(load_hf(path), cfg.optim)
     state, metrics = make_train_step(graphdef, state, cfg)(state, shard_batch(batch, None))
     ref = TorchSDFTStep(path, TorchStepConfig(loss="sft", learning_rate=LR))
