@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not prompt_ids:
         parser.error("--prompt gives no tokens")
     model = load_hf(path)
-    # One call: the scanned layers compile ~5x faster than unrolled ones, which only pay off over many calls.
+    # One call: the scanned layers compile much faster than unrolled ones, which only pay off over many calls.
     sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=pad_token_id(tokenizer), unroll_layers=False)
     try:
         out = sampler.generate(model, [prompt_ids], cfg, jax.random.key(args.seed))

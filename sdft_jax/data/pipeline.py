@@ -7,28 +7,21 @@ dropped). Every host builds the same global batches and keeps its own disjoint s
 The iterator state is a small JSON-serialisable dict (the index of the next global batch plus what
 the order depends on). It names a global batch, not a host's position, so a run resumed on a different
 number of hosts continues with exactly the next global batch.
-
-Also here: shape buckets. Padding every batch to one of a few lengths bounds the number of distinct
-shapes, hence of compilations.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grain
 import jax
-import numpy as np
 
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -134,50 +127,3 @@ def _global_batches(items: Sequence[T], config: PipelineConfig) -> grain.MapData
     # reseed_each_epoch: every epoch gets its own order, derived from the one seed.
     ds = ds.repeat(config.num_epochs, reseed_each_epoch=True)
     return ds.batch(config.global_batch_size, drop_remainder=True, batch_fn=list)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Shape buckets
-
-
-def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
-    """The smallest bucket >= `length`; ValueError if `length` exceeds the largest."""
-    ordered = sorted(buckets)
-    i = bisect.bisect_left(ordered, length)
-    if i == len(ordered):
-        raise ValueError(f"length {length} exceeds the largest bucket {ordered[-1]}")
-    return ordered[i]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PaddedBatch:
-    """Padded ids `[B, L]` (int32) and their mask `[B, L]` (True on real tokens)."""
-
-    ids: np.ndarray
-    mask: np.ndarray
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.mask.sum(axis=1)
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, buckets: Sequence[int] = DEFAULT_BUCKETS,
-              side: Literal["left", "right"] = "right") -> PaddedBatch:
-    """Pads variable-length id lists to `[B, bucket]`, bucket = `bucket_length` of the longest.
-
-    Left padding puts every sequence's end at the last column (prompts before decoding); right padding
-    puts every start at column 0 (teacher-forced sequences).
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    if not sequences:
-        raise ValueError("no sequences to pad")
-    width = bucket_length(max(len(s) for s in sequences), buckets)
-    ids = np.full((len(sequences), width), pad_id, dtype=np.int32)
-    mask = np.zeros((len(sequences), width), dtype=bool)
-    for row, seq in enumerate(sequences):
-        n = len(seq)
-        cols = slice(0, n) if side == "right" else slice(width - n, width)
-        ids[row, cols] = np.asarray(seq, dtype=np.int32)
-        mask[row, cols] = True
-    return PaddedBatch(ids=ids, mask=mask)

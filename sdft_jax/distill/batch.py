@@ -11,22 +11,25 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax
 import numpy as np
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int
+
+from sdft_jax.padding import bucket_length, pad_rows
+from sdft_jax.pytrees import pytree_dataclass
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepBatch:
-    """Host or device arrays of one step. Shapes: B rows, Ps/Pt prompt widths, C completion width."""
+    """Host or device arrays of one step. Shapes: B rows, Ps/Pt prompt widths, C completion width;
+    the student sequences are Ls = Ps + C wide, the teacher's Lt = Pt + C."""
 
-    student_tokens: Int[np.ndarray, "B Ps+C"]
-    student_mask: Bool[np.ndarray, "B Ps+C"]
-    teacher_tokens: Int[np.ndarray, "B Pt+C"]
-    teacher_mask: Bool[np.ndarray, "B Pt+C"]
-    completion_mask: Bool[np.ndarray, "B C"]  # real completion tokens that are scored candidates
-    sampler_logprobs: Float[np.ndarray, "B C"]  # log-prob of each token under the sampling policy (lp_old)
+    student_tokens: Int[np.ndarray | Array, "B Ls"]
+    student_mask: Bool[np.ndarray | Array, "B Ls"]
+    teacher_tokens: Int[np.ndarray | Array, "B Lt"]
+    teacher_mask: Bool[np.ndarray | Array, "B Lt"]
+    completion_mask: Bool[np.ndarray | Array, "B C"]  # real completion tokens that are scored candidates
+    sampler_logprobs: Float[np.ndarray | Array, "B C"]  # log-prob of each token under the sampling policy (lp_old)
 
     @property
     def completion_len(self) -> int:
@@ -41,30 +44,18 @@ class StepBatch:
         return self.teacher_tokens.shape[1] - self.completion_len
 
     @property
-    def completion_tokens(self) -> Int[np.ndarray, "B C"]:
+    def completion_tokens(self) -> Int[np.ndarray | Array, "B C"]:
         return self.student_tokens[:, self.student_prompt_len:]
 
 
-def _bucket(n: int, buckets: Sequence[int] | None) -> int:
-    if not buckets:
-        return n
-    for b in sorted(buckets):
-        if b >= n:
-            return b
-    raise ValueError(f"length {n} is over the largest bucket {max(buckets)}")
-
-
-def _left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for i, row in enumerate(rows):
+def _pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int] | None,
+                 pad_id: int) -> tuple[Int[np.ndarray, "B P"], Bool[np.ndarray, "B P"]]:
+    """The prompts left-padded to the bucket of the longest."""
+    for i, row in enumerate(prompts):
         if len(row) == 0:
             raise ValueError(f"row {i}: empty prompt")
-        if len(row) > width:
-            raise ValueError(f"row {i}: prompt of {len(row)} tokens is wider than {width}")
-        tokens[i, width - len(row):] = row
-        mask[i, width - len(row):] = True
-    return tokens, mask
+    width = bucket_length(max(len(p) for p in prompts), buckets)
+    return pad_rows(prompts, width, pad_value=pad_id, side="left")
 
 
 def make_step_batch(
@@ -85,22 +76,20 @@ def make_step_batch(
     """
     if not (len(student_prompts) == len(completions) and (teacher_prompts is None or len(teacher_prompts) == len(completions))):
         raise ValueError("make_step_batch: prompts and completions differ in number of rows")
-    ps = _bucket(max(len(p) for p in student_prompts), prompt_buckets)
-    s_prompt, s_prompt_mask = _left_pad(student_prompts, ps, pad_id)
+    s_prompt, s_prompt_mask = _pad_prompts(student_prompts, prompt_buckets, pad_id)
+    ps = s_prompt.shape[1]
     if teacher_prompts is not None:
-        pt = _bucket(max(len(p) for p in teacher_prompts), prompt_buckets)
-        t_prompt, t_prompt_mask = _left_pad(teacher_prompts, pt, pad_id)
-    c = _bucket(max(1, max(len(c) for c in completions)), completion_buckets)
-    comp = np.full((len(completions), c), pad_id, np.int32)
-    comp_mask = np.zeros((len(completions), c), bool)
-    lp = np.zeros((len(completions), c), np.float32)
-    for i, row in enumerate(completions):
-        comp[i, :len(row)] = row
-        comp_mask[i, :len(row)] = True
-        if sampler_logprobs is not None:
+        t_prompt, t_prompt_mask = _pad_prompts(teacher_prompts, prompt_buckets, pad_id)
+        pt = t_prompt.shape[1]
+    c = bucket_length(max(1, max(len(c) for c in completions)), completion_buckets)
+    comp, comp_mask = pad_rows(completions, c, pad_value=pad_id, side="right")
+    if sampler_logprobs is None:
+        lp = np.zeros((len(completions), c), np.float32)
+    else:
+        for i, row in enumerate(completions):
             if len(sampler_logprobs[i]) != len(row):
                 raise ValueError(f"row {i}: {len(sampler_logprobs[i])} sampler log-probs for {len(row)} tokens")
-            lp[i, :len(row)] = sampler_logprobs[i]
+        lp, _ = pad_rows(sampler_logprobs, c, pad_value=0.0, side="right", dtype=np.float32)
     if max_seq_len is not None:
         widest = max(ps, pt if teacher_prompts is not None else ps)
         if widest >= max_seq_len:

@@ -9,14 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from sdft_jax.models.config import ModelConfig, RopeScaling
+from sdft_jax.pytrees import pytree_dataclass
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# The arrays one layer's attention works on. B rows, T new tokens (queries), S key slots, Hkv KV heads,
+# G query heads per KV head, hd the head dimension.
+Queries = Float[Array, "B T Hkv G hd"]
+NewKeys = Float[Array, "B T Hkv hd"]  # the new tokens' keys, or their values
+Visibility = Bool[Array, "B T S"]  # which key slots each query sees
+RopeTables = tuple[Float[Array, "B T half"], Float[Array, "B T half"]]  # `rope_tables`' (cos, sin)
+
+# A cache's attention for one layer, `(q, k, v, visible) -> (out, the layer's new cache buffers)`: writes
+# the new keys and values into the cache, then attends over its slots (`attend_stacked`, `attend_layer`).
+CacheAttention = Callable[[Queries, NewKeys, NewKeys, Visibility], tuple[Queries, tuple[Array, Array]]]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Float[Array, "half"]:
@@ -45,18 +59,14 @@ def _llama3_scale(inv: Float[Array, "half"], s: RopeScaling) -> Float[Array, "ha
     return jnp.where(medium, interpolated, out)
 
 
-def rope_tables(
-    positions: Int[Array, "B T"], inv_freq: Float[Array, "half"]
-) -> tuple[Float[Array, "B T half"], Float[Array, "B T half"]]:
+def rope_tables(positions: Int[Array, "B T"], inv_freq: Float[Array, "half"]) -> RopeTables:
     """`(cos, sin)` of each token's rotation angles, fp32, for `apply_rope`: made once per forward,
     outside the layer scan, and read by every layer (not recomputed per layer and head)."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(
-    x: Float[Array, "B T H hd"], tables: tuple[Float[Array, "B T half"], Float[Array, "B T half"]]
-) -> Float[Array, "B T H hd"]:
+def apply_rope(x: Float[Array, "B T H hd"], tables: RopeTables) -> Float[Array, "B T H hd"]:
     """Rotates pairs (i, i + hd/2) by `rope_tables`' angles: the HF "rotate_half" convention that HF
     checkpoints are stored in."""
     cos, sin = (t[:, :, None, :].astype(x.dtype) for t in tables)
@@ -64,10 +74,41 @@ def apply_rope(
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-@jax.tree_util.register_dataclass
+CacheT = TypeVar("CacheT", bound="CacheSlots")
+
+
+class CacheSlots:
+    """The slot bookkeeping both cache layouts share (`KVCache`, `LayerKVCache`): which slots hold a
+    real token (`valid [B, S]`) and where the next token goes (`index`, one slot shared by all rows).
+
+    A cached forward of T tokens `reserve`s slots `index .. index + T - 1` for them, runs its layers
+    (each writes its keys and values there), then `commit`s the layers' buffers and moves the index on.
+    """
+
+    valid: Bool[Array, "B S"]
+    index: Int[Array, ""]
+
+    @property
+    def max_len(self) -> int:
+        """The number of slots."""
+        return self.valid.shape[1]
+
+    def reserve(self: CacheT, input_mask: Bool[Array, "B T"]) -> tuple[CacheT, Visibility]:
+        """Marks the next T slots valid where `input_mask` is (False: padding, never seen), and says
+        which slots each of the T new tokens sees: its own and the valid ones before it."""
+        valid = jax.lax.dynamic_update_slice(self.valid, input_mask, (0, self.index))
+        visible = causal_visibility(self.index + jnp.arange(input_mask.shape[1]), valid)
+        return dataclasses.replace(self, valid=valid), visible
+
+    def commit(self: CacheT, k: Array | tuple[Array, ...], v: Array | tuple[Array, ...], count: int) -> CacheT:
+        """The cache holding the layers' new buffers `k` and `v`, its index moved past the `count` new tokens."""
+        return dataclasses.replace(self, k=k, v=v, index=self.index + count)
+
+
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Keys and values of every layer for a batch, written at a shared slot index.
+class KVCache(CacheSlots):
+    """Keys and values of every layer for a batch, stacked over a leading layers axis.
 
     Row b's token in slot s is visible iff `valid[b, s]`; positions (for RoPE) are per row and
     independent of slots, so left-padded prompts of different lengths share one write index.
@@ -79,7 +120,7 @@ class KVCache:
     index: Int[Array, ""]  # next slot to write
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
@@ -88,17 +129,10 @@ class KVCache:
             index=jnp.zeros((), jnp.int32),
         )
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
 
 def attention(
-    q: Float[Array, "B T Hkv G hd"],
-    k: Float[Array, "B S Hkv hd"],
-    v: Float[Array, "B S Hkv hd"],
-    visible: Bool[Array, "B T S"],
-) -> Float[Array, "B T Hkv G hd"]:
+    q: Queries, k: Float[Array, "B S Hkv hd"], v: Float[Array, "B S Hkv hd"], visible: Visibility
+) -> Queries:
     """Softmax attention (fp32 scores) of grouped queries over shared K/V heads."""
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     return jnp.einsum("bkgts,bskd->btkgd", _probs(scores, q.shape[-1], visible, v.dtype), v)
@@ -119,9 +153,8 @@ def causal_attention(
     computed in blocks of queries, each over only the keys up to its last query.
 
     The keys after a block are invisible to all of its queries, so skipping them changes nothing
-    but the work: about half the scores of a long sequence are never computed. On XLA:CPU the
-    smaller score blocks also stay in cache; SmolLM2's SDFT train step (4 x 384 student, 4 x 512
-    teacher tokens) runs ~10% faster with blocks of 128 (docs/benchmarks.md). Blocks are
+    but the work: about half the scores of a long sequence are never computed, and on XLA:CPU the
+    smaller score blocks stay in cache (docs/benchmarks.md has the measurements). Blocks are
     `query_block` queries, or more when that would make over `MAX_QUERY_BLOCKS` of them (each block
     is its own pair of matmuls in the program); `query_block` 0 computes one block, i.e. `attention`.
     """
@@ -143,23 +176,20 @@ def query_blocks(length: int, query_block: int) -> list[tuple[int, int]]:
     return [(start, min(length, start + block)) for start in range(0, length, block)]
 
 
-def _probs(scores: Float[Array, "B Hkv G T S"], head_dim: int, visible: Bool[Array, "B T S"], dtype):
+def _probs(
+    scores: Float[Array, "B Hkv G T S"], head_dim: int, visible: Visibility, dtype
+) -> Float[Array, "B Hkv G T S"]:
+    """Softmax over the visible keys of the scaled scores, in `dtype`."""
     scores = jnp.where(visible[:, None, None, :, :], scores * head_dim**-0.5, _MASK_VALUE)
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
 def attend_stacked(
-    q: Float[Array, "B T Hkv G hd"],
-    k: Float[Array, "B T Hkv hd"],
-    v: Float[Array, "B T Hkv hd"],
-    visible: Bool[Array, "B T S"],
-    *,
-    k_all: Float[Array, "L B S Hkv hd"],
-    v_all: Float[Array, "L B S Hkv hd"],
-    layer: Int[Array, ""],
-    slot: Int[Array, ""],
-) -> tuple[Float[Array, "B T Hkv G hd"], tuple[Array, Array]]:
-    """Writes a layer's new keys and values into the stacked cache at `slot`, then attends over its slots."""
+    q: Queries, k: NewKeys, v: NewKeys, visible: Visibility, *,
+    k_all: Float[Array, "L B S Hkv hd"], v_all: Float[Array, "L B S Hkv hd"], layer: Int[Array, ""], slot: Int[Array, ""],
+) -> tuple[Queries, tuple[Float[Array, "L B S Hkv hd"], Float[Array, "L B S Hkv hd"]]]:
+    """A `CacheAttention` over layer `layer` of a `KVCache`'s stacked buffers `k_all`, `v_all`: writes the
+    new keys and values at `slot`, then attends over the layer's slots."""
     start = (layer, 0, slot, 0, 0)
     k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
     v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
@@ -167,19 +197,18 @@ def attend_stacked(
     return out, (k_all, v_all)
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
-class LayerKVCache:
+class LayerKVCache(CacheSlots):
     """The KV cache as one buffer per layer, rows and KV heads merged, keys stored transposed: the
     decoding layout on CPU.
 
     Keys are `[B * Hkv, hd, S]` and values `[B * Hkv, S, hd]` (row b's head h at `b * Hkv + h`), so
     both attention matmuls of a decode step read a layer's buffer as it lies, with no size-1 axis to
     squeeze. Read out of the stacked `[L, B, S, Hkv, hd]` cache inside a scan, XLA:CPU copies (and
-    transposes) every layer's keys and values at every decode step (~25% of a batch-32 SmolLM2
-    step); with a separate batch axis, at batch 1 it squeezes that axis out of the matmul operand
-    and copies every buffer four times per step (~7% of a batch-1 step). Same `valid` / `index`
-    meaning as `KVCache`.
+    transposes) every layer's keys and values at every decode step; with a separate batch axis, at
+    batch 1 it squeezes that axis out of the matmul operand and copies every buffer several times per
+    step (docs/benchmarks.md). Same `valid` / `index` meaning as `KVCache`.
     """
 
     k: tuple[Float[Array, "BHkv hd S"], ...]
@@ -188,7 +217,7 @@ class LayerKVCache:
     index: Int[Array, ""]
 
     @classmethod
-    def from_stacked(cls, cache: KVCache) -> "LayerKVCache":
+    def from_stacked(cls, cache: KVCache) -> LayerKVCache:
         L, B, S, Hkv, hd = cache.k.shape
         return cls(k=tuple(cache.k[i].transpose(0, 2, 3, 1).reshape(B * Hkv, hd, S) for i in range(L)),
                    v=tuple(cache.v[i].transpose(0, 2, 1, 3).reshape(B * Hkv, S, hd) for i in range(L)),
@@ -196,16 +225,11 @@ class LayerKVCache:
 
 
 def attend_layer(
-    q: Float[Array, "B T Hkv G hd"],
-    k: Float[Array, "B T Hkv hd"],
-    v: Float[Array, "B T Hkv hd"],
-    visible: Bool[Array, "B T S"],
-    *,
-    k_cache: Float[Array, "BHkv hd S"],
-    v_cache: Float[Array, "BHkv S hd"],
-    slot: Int[Array, ""],
-) -> tuple[Float[Array, "B T Hkv G hd"], tuple[Array, Array]]:
-    """`attend_stacked` for one layer's buffers of a `LayerKVCache`."""
+    q: Queries, k: NewKeys, v: NewKeys, visible: Visibility, *,
+    k_cache: Float[Array, "BHkv hd S"], v_cache: Float[Array, "BHkv S hd"], slot: Int[Array, ""],
+) -> tuple[Queries, tuple[Float[Array, "BHkv hd S"], Float[Array, "BHkv S hd"]]]:
+    """A `CacheAttention` over one layer's buffers `k_cache`, `v_cache` of a `LayerKVCache`: writes the new
+    keys and values at `slot`, then attends over the layer's slots."""
     B, T, Hkv, G, hd = q.shape
     S = k_cache.shape[-1]
     k_new = k.transpose(0, 2, 3, 1).reshape(B * Hkv, hd, T).astype(k_cache.dtype)
@@ -215,7 +239,7 @@ def attend_layer(
     keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     if T == 1:
         # One query per row (decoding): as batched matmuls over the merged (row, head) axis, the
-        # buffers' own layout (with a length axis, XLA:CPU runs slow generic dots: ~40% of a batch-32 step).
+        # buffers' own layout (with a length axis of 1, XLA:CPU runs slow generic dots).
         scores = jnp.einsum("ngd,nds->ngs", q.reshape(B * Hkv, G, hd), keys, preferred_element_type=jnp.float32)
         probs = _probs(scores.reshape(B, Hkv, G, 1, S), hd, visible, q.dtype).reshape(B * Hkv, G, S)
         return jnp.einsum("ngs,nsd->ngd", probs, values).reshape(B, 1, Hkv, G, hd), (k_cache, v_cache)
@@ -224,9 +248,7 @@ def attend_layer(
     return out, (k_cache, v_cache)
 
 
-def causal_visibility(
-    query_slots: Int[Array, "T"], key_valid: Bool[Array, "B S"]
-) -> Bool[Array, "B T S"]:
+def causal_visibility(query_slots: Int[Array, "T"], key_valid: Bool[Array, "B S"]) -> Visibility:
     """Query at slot i sees key slot j iff j <= i and key j is a real token."""
     key_slots = jnp.arange(key_valid.shape[1])
     causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]

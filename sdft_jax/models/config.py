@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Literal
 
+from sdft_jax.validation import check_int
+
 Architecture = Literal["llama", "qwen2", "qwen3"]
 
 # model_type in config.json -> our architecture family.
@@ -59,9 +61,7 @@ class ModelConfig:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                     "num_kv_heads", "head_dim")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+            check_int(f"ModelConfig.{name}", getattr(self, name), minimum=1)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"

@@ -9,11 +9,17 @@ Two modes share one code path:
 - no cache: a padded batch `[B, T]`, causal attention among the real tokens of each row;
 - KV cache: tokens are written at the cache's shared slot index (prefill a batch, then decode one
   token per call); positions are per row, so left-padded prompts of different lengths decode together.
+
+Every forward is built from the same public parts, which a caller that runs the layers its own way
+(the sampler's unrolled decode step) uses too: `Transformer.embed_tokens`, `Transformer.rope_tables`,
+`decoder_layer` (one layer, on one layer's weights), `Transformer.normalize` (the final norm) and
+`Transformer.logits`; in cache mode, `KVCache.reserve` / `commit` around the layers.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Literal
 
 import jax
@@ -25,15 +31,10 @@ from sdft_jax.models import attention as attn
 from sdft_jax.models import lora as lora_lib
 from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.sharding import constrain
+from sdft_jax.validation import check_int
 
 RematPolicy = Literal["none", "full", "dots"]
 DEFAULT_QUERY_BLOCK = 128  # queries per block of the uncached attention (attention.causal_attention)
-
-
-def check_query_block(query_block) -> None:
-    """Raises a ValueError unless `query_block` is an integer >= 0 (0 = one block)."""
-    if isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 0:
-        raise ValueError(f"query_block must be an integer >= 0 (0 = one block), got {query_block!r}")
 
 
 def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"], eps: float) -> Float[Array, "... D"]:
@@ -108,7 +109,7 @@ class DecoderStack(nnx.Module):
                 setattr(self, f"{name}_lora_b", nnx.LoRAParam(
                     jnp.zeros(b_shape, param_dtype), axes=("layers", "lora_rank", *axes[n_in:])))
 
-    def weights(self) -> dict[str, jax.Array]:
+    def weights(self) -> dict[str, Array]:
         """The stacked arrays (base weights and adapters) by name."""
         names = list(self.weight_names)
         if self.lora is not None:
@@ -118,17 +119,22 @@ class DecoderStack(nnx.Module):
     def __call__(
         self,
         x: Float[Array, "B T D"],
-        positions: Int[Array, "B T"],
-        visible: Bool[Array, "B T S"],
+        rope: attn.RopeTables,
+        visible: attn.Visibility,
         cache: attn.KVCache | None,
         *,
         dtype,
         remat: RematPolicy,
         query_block: int,
-    ) -> tuple[Float[Array, "B T D"], attn.KVCache | None]:
-        layer = functools.partial(_layer, cfg=self.cfg, lora=self.lora, dtype=dtype, query_block=query_block)
-        rope = attn.rope_tables(positions, attn.rope_inv_freq(self.cfg))
-        if remat != "none":
+    ) -> tuple[Float[Array, "B T D"], tuple[Float[Array, "L B S Hkv hd"], Float[Array, "L B S Hkv hd"]] | None]:
+        """`decoder_layer` over every layer in one scan. In cache mode (`cache` holds this call's slots,
+        see `KVCache.reserve`) also returns the cache's new `(k, v)` buffers.
+
+        `remat` rematerialises each layer in the backward of the uncached forward (training); a cached
+        forward is inference and is never rematerialised.
+        """
+        layer = functools.partial(decoder_layer, cfg=self.cfg, lora=self.lora, dtype=dtype, query_block=query_block)
+        if remat != "none" and cache is None:
             policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             layer = jax.checkpoint(layer, policy=policy)
         weights = self.weights()
@@ -148,27 +154,51 @@ class DecoderStack(nnx.Module):
             return (h, k_all, v_all), None
 
         (x, k, v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (weights, jnp.arange(self.cfg.num_layers)))
-        return x, attn.KVCache(k=k, v=v, valid=cache.valid, index=cache.index)
+        return x, (k, v)
 
 
-def _layer(h, w, rope, visible, kv, *, cfg: ModelConfig, lora, dtype, query_block: int = 0):
-    """One pre-norm decoder layer; `rope` is the forward's `attention.rope_tables`.
+def decoder_layer(
+    h: Float[Array, "B T D"],
+    weights: Mapping[str, Array],
+    rope: attn.RopeTables,
+    visible: attn.Visibility,
+    kv: attn.CacheAttention | None,
+    *,
+    cfg: ModelConfig,
+    lora: lora_lib.LoraConfig | None,
+    dtype,
+    query_block: int = 0,
+) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None]:
+    """One pre-norm decoder layer on one layer's `weights` (`DecoderStack.weights` without the layers
+    axis): the token mixer (self-attention) and the channel mixer (the MLP), each added to the residual
+    stream `h`. `rope` is the forward's `Transformer.rope_tables`, `visible` which keys each query sees.
 
     `kv` is None (no cache: attend among this call's tokens, causally, in blocks of `query_block`
-    queries; see `attention.causal_attention`) or a cache's attend function,
-    `(q, k, v, visible) -> (out, new cache buffers)`, which writes the new keys and values and attends
-    over the cache (`attention.attend_stacked`, `attention.attend_layer`).
+    queries; see `attention.causal_attention`) or a cache's `attention.CacheAttention`, which writes
+    the new keys and values and attends over the cache; its new buffers are returned beside `h`.
     """
-    B, T, _ = h.shape
-    w = {n: a.astype(dtype) if not n.endswith("norm") else a for n, a in w.items()}
+    w = {n: a.astype(dtype) if not n.endswith("norm") else a for n, a in weights.items()}
+    mixed, new_kv = _self_attention(rms_norm(h, w["input_layernorm"], cfg.rms_norm_eps), w, rope, visible, kv,
+                                    cfg=cfg, lora=lora, query_block=query_block)
+    h = h + mixed
+    mlp = _mlp(rms_norm(h, w["post_attention_layernorm"], cfg.rms_norm_eps), w, lora)
+    h = constrain(h + mlp, ("batch", "length", "embed"))
+    return h, new_kv
 
-    def proj(x, name):
-        n_in = lora_lib.PROJECTIONS[name]
-        adapters = (w[f"{name}_lora_a"], w[f"{name}_lora_b"]) if f"{name}_lora_a" in w else None
-        return lora_lib.project(x, w[name], n_in, adapters, lora.scale if adapters else 1.0)
 
-    x = rms_norm(h, w["input_layernorm"], cfg.rms_norm_eps)
-    q, k, v = proj(x, "q_proj"), proj(x, "k_proj"), proj(x, "v_proj")  # [B, T, heads, hd]
+def _project(x: Float[Array, "B T *in"], w: Mapping[str, Array], name: str,
+             lora: lora_lib.LoraConfig | None) -> Float[Array, "B T *out"]:
+    """Projection `name` of `x`, with its low-rank update when `w` holds adapters for it."""
+    adapters = (w[f"{name}_lora_a"], w[f"{name}_lora_b"]) if f"{name}_lora_a" in w else None
+    return lora_lib.project(x, w[name], lora_lib.PROJECTIONS[name], adapters, lora.scale if adapters else 1.0)
+
+
+def _self_attention(x: Float[Array, "B T D"], w: Mapping[str, Array], rope: attn.RopeTables, visible: attn.Visibility,
+                    kv: attn.CacheAttention | None, *, cfg: ModelConfig, lora: lora_lib.LoraConfig | None,
+                    query_block: int) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None]:
+    """Grouped-query self-attention of the normed `x` with RoPE (and the family's biases and q/k norms)."""
+    B, T, _ = x.shape
+    q, k, v = _project(x, w, "q_proj", lora), _project(x, w, "k_proj", lora), _project(x, w, "v_proj", lora)
     if cfg.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if cfg.qk_norm:
@@ -181,15 +211,16 @@ def _layer(h, w, rope, visible, kv, *, cfg: ModelConfig, lora, dtype, query_bloc
         out, new_kv = attn.causal_attention(q, k, v, visible, query_block=query_block), None
     else:
         out, new_kv = kv(q, k, v, visible)
-    out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)
-    out = proj(out, "o_proj")
+    out = _project(out.reshape(B, T, cfg.num_heads, cfg.head_dim), w, "o_proj", lora)
     if cfg.o_bias:
         out = out + w["o_bias"]
-    h = h + out
-    x = rms_norm(h, w["post_attention_layernorm"], cfg.rms_norm_eps)
-    mlp = proj(jax.nn.silu(proj(x, "gate_proj")) * proj(x, "up_proj"), "down_proj")
-    h = constrain(h + mlp, ("batch", "length", "embed"))
-    return h, new_kv
+    return out, new_kv
+
+
+def _mlp(x: Float[Array, "B T D"], w: Mapping[str, Array], lora: lora_lib.LoraConfig | None) -> Float[Array, "B T D"]:
+    """The gated (SwiGLU) MLP of the normed `x`."""
+    return _project(jax.nn.silu(_project(x, w, "gate_proj", lora)) * _project(x, w, "up_proj", lora), w, "down_proj",
+                    lora)
 
 
 class Transformer(nnx.Module):
@@ -206,7 +237,7 @@ class Transformer(nnx.Module):
         remat: RematPolicy = "none",
         query_block: int = DEFAULT_QUERY_BLOCK,
     ):
-        check_query_block(query_block)
+        check_int("query_block", query_block, minimum=0, hint="0 = one block")
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
@@ -235,20 +266,30 @@ class Transformer(nnx.Module):
 
         `input_mask` marks real tokens (False = padding); `positions` are RoPE positions per row.
         """
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = self.embed_tokens(tokens)
         T = tokens.shape[1]
         if cache is None:
             visible = attn.causal_visibility(jnp.arange(T), input_mask)
         else:
-            valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, cache.index))
-            cache = attn.KVCache(k=cache.k, v=cache.v, valid=valid, index=cache.index)
-            visible = attn.causal_visibility(cache.index + jnp.arange(T), valid)
-        x, cache = self.layers(x, positions, visible, cache, dtype=self.dtype, remat=self.remat,
-                               query_block=self.query_block)
+            cache, visible = cache.reserve(input_mask)
+        x, new_kv = self.layers(x, self.rope_tables(positions), visible, cache, dtype=self.dtype, remat=self.remat,
+                                query_block=self.query_block)
         if cache is not None:
-            cache = attn.KVCache(k=cache.k, v=cache.v, valid=cache.valid, index=cache.index + T)
-        return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), cache
+            cache = cache.commit(*new_kv, count=T)
+        return self.normalize(x), cache
+
+    def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        """The input embeddings of `tokens`, in the compute dtype."""
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        return constrain(x, ("batch", "length", "embed"))
+
+    def rope_tables(self, positions: Int[Array, "B T"]) -> attn.RopeTables:
+        """The RoPE tables of `positions` that every layer of a forward reads (`attention.rope_tables`)."""
+        return attn.rope_tables(positions, attn.rope_inv_freq(self.cfg))
+
+    def normalize(self, x: Float[Array, "*B D"]) -> Float[Array, "*B D"]:
+        """The final norm: the last layer's output to the hidden states the LM head reads."""
+        return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
 
     def head_weight(self) -> Float[Array, "D V"]:
         """The LM head as `[hidden, vocab]` (the transposed embedding when tied)."""

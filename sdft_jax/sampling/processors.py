@@ -16,20 +16,21 @@ exist only when those are on), so a jitted caller treats them as static.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, Key, UInt32
+from jaxtyping import Array, Bool, Float, Int, Key, UInt32
+
+from sdft_jax.validation import check_int, check_number
 
 
-def check_settings(*, temperature: float, top_p: float, top_k: int) -> None:
-    """Raises a ValueError naming the first setting out of range."""
-    number = (int, float)
-    if isinstance(temperature, bool) or not isinstance(temperature, number) or not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, number) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+def check_settings(*, temperature: float, top_p: float, top_k: int, prefix: str = "") -> None:
+    """Raises a ValueError naming the first setting out of range (as `prefix` + its name, e.g.
+    `SamplingConfig.top_p`)."""
+    check_number(f"{prefix}temperature", temperature, low=0, hint="0 = greedy")
+    check_number(f"{prefix}top_p", top_p, low=0, high=1, low_open=True)
+    check_int(f"{prefix}top_k", top_k, minimum=0, hint="0 = off")
 
 
 def is_identity(*, temperature: float, top_p: float, top_k: int) -> bool:
@@ -56,7 +57,8 @@ def sampling_logits(
         kth = _largest_threshold(keys, lambda keep: jnp.sum(keep, axis=-1, dtype=jnp.int32) >= top_k)
         x = jnp.where(keys >= kth, x, -jnp.inf)
     if top_p < 1:
-        # The barrier materialises probs and keys once; fused into the 32 passes they would be recomputed in each.
+        # The barrier materialises probs and keys once; fused into the 32 passes of `_largest_threshold`
+        # they would be recomputed in each.
         probs = jnp.exp(x - jax.nn.logsumexp(x, axis=-1, keepdims=True))
         probs, keys = jax.lax.optimization_barrier((probs, _order_keys(probs)))
         last = _largest_threshold(keys, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), axis=-1) >= top_p)
@@ -72,12 +74,14 @@ def _order_keys(x: Float[Array, "*B V"]) -> UInt32[Array, "*B V"]:
     return jnp.where(bits & sign, ~bits, bits | sign)
 
 
-def _largest_threshold(keys: UInt32[Array, "*B V"], enough) -> UInt32[Array, "*B 1"]:
+def _largest_threshold(
+    keys: UInt32[Array, "*B V"], enough: Callable[[Bool[Array, "*B V"]], Bool[Array, "*B"]]
+) -> UInt32[Array, "*B 1"]:
     """Per row, the largest key t for which `enough(keys >= t)` holds (it must hold for t = 0 and
     must only turn false as t grows).
 
-    Built bit by bit from the top: 32 passes over the row, each a fused compare-and-reduce. A sort
-    or `lax.top_k` over a 49,152-token vocabulary is about 100x slower on XLA:CPU.
+    Built bit by bit from the top: 32 passes over the row, each a fused compare-and-reduce, which on
+    XLA:CPU is far faster than a sort or `lax.top_k` over a whole vocabulary (docs/benchmarks.md).
     """
     def bit(i, t):
         candidate = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
@@ -88,7 +92,8 @@ def _largest_threshold(keys: UInt32[Array, "*B V"], enough) -> UInt32[Array, "*B
 
 
 def sample_tokens(
-    noise: Float[Array, "B 2"], logits: Float[Array, "B V"], *, temperature: float, top_p: float = 1.0, top_k: int = 0
+    noise: Float[Array, "B 2"] | None, logits: Float[Array, "B V"], *, temperature: float, top_p: float = 1.0,
+    top_k: int = 0,
 ) -> tuple[Int[Array, "B"], Float[Array, "B"], Float[Array, "B"]]:
     """One token per row, drawn with that row's `noise` (from `noise_for`; unused when greedy).
 
@@ -122,10 +127,9 @@ def noise_for(keys: Key[Array, "B"], steps: int | None = None) -> Float[Array, "
 
 
 def argmax(logits: Float[Array, "B V"]) -> Int[Array, "B"]:
-    """`argmax` over the last axis (lowest index on ties), as two plain reductions.
-
-    XLA:CPU runs `jnp.argmax`'s pair-valued reduction about 6x slower than a max and a min over
-    `[32, 49152]`; at 32 rows that is 6 ms of every decode step.
+    """`argmax` over the last axis (lowest index on ties), as two plain reductions: a max, then a min
+    over the indices that reach it. XLA:CPU runs `jnp.argmax`'s pair-valued reduction much slower
+    (docs/benchmarks.md).
     """
     vocab = logits.shape[-1]
     best = jnp.max(logits, axis=-1, keepdims=True)
@@ -141,8 +145,7 @@ def draw(noise: Float[Array, "B 2"], logits: Float[Array, "B V"]) -> Int[Array, 
     Two-stage inverse-CDF sampling: a block of 256 tokens with probability proportional to its
     mass, then a token within it. Exact up to fp32 rounding (each stage's uniform has 2^-23
     resolution over at most a few hundred outcomes), and it needs two random numbers per row where
-    Gumbel-max (`jax.random.categorical`) needs one per vocabulary entry: 0.7 ms instead of 30 ms
-    for 32 rows x 49,152 tokens on 2 CPU cores.
+    Gumbel-max (`jax.random.categorical`) needs one per vocabulary entry (docs/benchmarks.md compares them).
     """
     batch, vocab = logits.shape
     pad = -vocab % _BLOCK
@@ -167,4 +170,5 @@ def _inverse_cdf(mass: Float[Array, "B K"], u: Float[Array, "B"]) -> Int[Array, 
 
 
 def _at(values: Float[Array, "B V"], tokens: Int[Array, "B"]) -> Float[Array, "B"]:
+    """Each row's value at its token."""
     return jnp.take_along_axis(values, tokens[:, None], axis=-1)[:, 0]

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Literal
 
 import jax
@@ -39,17 +39,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, Key
 
 from sdft_jax.distributed import put, to_host
-from sdft_jax.models import attention, transformer
-from sdft_jax.models.attention import KVCache
+from sdft_jax.models import attention
+from sdft_jax.models.attention import KVCache, LayerKVCache
 from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, activation_sharding, constrain, logical_sharding
-from sdft_jax.models.transformer import Transformer, positions_from_mask
+from sdft_jax.models.transformer import Transformer, decoder_layer, positions_from_mask
+from sdft_jax.padding import LENGTH_BUCKETS, bucket_length, pad_rows
+from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.sampling import processors
+from sdft_jax.validation import check_increasing, check_int
 
 log = logging.getLogger(__name__)
 
 StopReason = Literal["stop_token", "length"]
 
-DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+DEFAULT_PROMPT_BUCKETS = LENGTH_BUCKETS
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -66,27 +69,18 @@ class SamplingConfig:
     batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
 
     def __post_init__(self):
-        try:
-            processors.check_settings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        except ValueError as e:
-            raise ValueError(f"SamplingConfig.{e}") from None
-        n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"SamplingConfig.max_new_tokens must be an integer >= 1, got {n!r}")
-        for name in ("prompt_buckets", "batch_buckets"):
-            buckets = getattr(self, name)
-            ok = (isinstance(buckets, tuple) and buckets
-                  and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets)
-                  and all(a < b for a, b in zip(buckets, buckets[1:], strict=False)))
-            if not ok:
-                raise ValueError(f"SamplingConfig.{name} must be a non-empty tuple of increasing positive "
-                                 f"integers, got {buckets!r}")
+        processors.check_settings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                  prefix="SamplingConfig.")
+        check_int("SamplingConfig.max_new_tokens", self.max_new_tokens, minimum=1)
+        check_increasing("SamplingConfig.prompt_buckets", self.prompt_buckets)
+        check_increasing("SamplingConfig.batch_buckets", self.batch_buckets)
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class SampleResult:
-    """Generated tokens on device; column `t` is the t-th new token, padding after `lengths`.
+    """Generated tokens (on device, or on the host after `to_host`); column `t` is the t-th new token,
+    padding after `lengths`.
 
     `sampling_logprobs` are under the distribution the token was drawn from (temperature, top-k,
     top-p; 0 when greedy); `model_logprobs` under the plain model, `log_softmax(logits)`, which is
@@ -94,12 +88,12 @@ class SampleResult:
     row (the stop token is included in the tokens and the length), False where the length limit did.
     """
 
-    tokens: Int[Array, "B N"]
-    lengths: Int[Array, "B"]
-    stopped: Bool[Array, "B"]
-    sampling_logprobs: Float[Array, "B N"]
-    model_logprobs: Float[Array, "B N"]
-    logits: Float[Array, "B N V"] | None = None  # only with keep_logits (tests, debugging)
+    tokens: Int[Array | np.ndarray, "B N"]
+    lengths: Int[Array | np.ndarray, "B"]
+    stopped: Bool[Array | np.ndarray, "B"]
+    sampling_logprobs: Float[Array | np.ndarray, "B N"]
+    model_logprobs: Float[Array | np.ndarray, "B N"]
+    logits: Float[Array | np.ndarray, "B N V"] | None = None  # only with keep_logits (tests, debugging)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,15 +117,45 @@ def cache_length(prompt_len: int, max_new_tokens: int) -> int:
     return prompt_len + max_new_tokens - 1
 
 
-def layer_copies(model: Transformer) -> tuple[dict[str, jax.Array], ...]:
+LayerWeights = tuple[dict[str, Array], ...]  # one dict of arrays per layer: `layer_copies`
+
+
+def layer_copies(model: Transformer) -> LayerWeights:
     """The model's stacked layer weights (and adapters) as one dict of arrays per layer: what the
-    decode loop reads with `unroll_layers` (see `decode_step`). A copy: 425 MB for SmolLM2-135M."""
+    decode loop reads with `unroll_layers` (see `decode_step`). A copy: a second set of layer weights
+    in memory while it is kept."""
     return _copy_layers(model.layers.weights(), None)
 
 
-def _empty_cache(model: Transformer, batch: int, length: int, unroll_layers: bool):
+def _empty_cache(model: Transformer, batch: int, length: int, unroll_layers: bool) -> KVCache | LayerKVCache:
+    """A cache of `length` slots for `batch` rows, in the layout `unroll_layers` decodes with."""
     cache = KVCache.zeros(model.cfg, batch, length, model.dtype)
-    return attention.LayerKVCache.from_stacked(cache) if unroll_layers else cache
+    return LayerKVCache.from_stacked(cache) if unroll_layers else cache
+
+
+@pytree_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeState:
+    """What the decode loop carries from one step to the next. B rows, N = max_new_tokens.
+
+    Step `step` draws new token `step` of every row still running, from the logits of the token
+    drawn at step `step - 1` (`token`, fed through the model at that step; at step 0, from the
+    prompt's last token). A row is `done` once it has drawn a stop id (`stopped`), or from the start
+    when it is batch padding; a done row is frozen: its `lengths` stops counting and it records
+    `pad_id` and log-prob 0. The output buffers (`tokens`, the two log-probs, `logits` with
+    keep_logits) hold column t once step t has run.
+    """
+
+    step: Int[Array, ""]  # the next new token to draw
+    cache: KVCache | LayerKVCache  # every token fed so far
+    token: Int[Array, "B"]  # the last token drawn, fed at the next step
+    done: Bool[Array, "B"]
+    lengths: Int[Array, "B"]  # new tokens per row so far (a stop id included)
+    stopped: Bool[Array, "B"]  # whether a stop id ended the row
+    logits: Float[Array, "B N V"] | None  # every step's logits (only with keep_logits)
+    model_logprobs: Float[Array, "B N"]
+    sampling_logprobs: Float[Array, "B N"]
+    tokens: Int[Array, "B N"]
 
 
 def sample(
@@ -145,11 +169,11 @@ def sample(
     stop_ids: Sequence[int],
     pad_id: int,
     row_ids: Int[Array, "B"] | None = None,
-    cache: KVCache | attention.LayerKVCache | None = None,
-    layer_weights: tuple[dict[str, jax.Array], ...] | None = None,
+    cache: KVCache | LayerKVCache | None = None,
+    layer_weights: LayerWeights | None = None,
     keep_logits: bool = False,
     unroll_layers: bool = False,
-) -> tuple[SampleResult, KVCache | attention.LayerKVCache]:
+) -> tuple[SampleResult, KVCache | LayerKVCache]:
     """Generates up to `cfg.max_new_tokens` tokens for a LEFT-padded batch of prompts (pure, traceable).
 
     `prompt_mask` marks real prompt tokens; a row with none is treated as finished from the start
@@ -168,14 +192,14 @@ def sample(
     needed = cache_length(prompt_len, n_new)
     if cache is None:
         cache = _empty_cache(model, batch, needed, unroll_layers)
-    elif isinstance(cache, attention.LayerKVCache) != unroll_layers:
+    elif isinstance(cache, LayerKVCache) != unroll_layers:
         raise ValueError(f"a {type(cache).__name__} does not fit unroll_layers={unroll_layers}")
-    if cache.valid.shape[1] < needed or cache.valid.shape[0] != batch:
-        raise ValueError(f"cache of batch {cache.valid.shape[0]} x {cache.valid.shape[1]} slots is too small for "
+    if cache.max_len < needed or cache.valid.shape[0] != batch:
+        raise ValueError(f"cache of batch {cache.valid.shape[0]} x {cache.max_len} slots is too small for "
                          f"batch {batch}, prompt {prompt_len} + {n_new} new tokens (needs {needed} slots)")
     # Stale keys and values stay in the buffers; clearing `valid` hides them.
     cache = dataclasses.replace(cache, valid=jnp.zeros_like(cache.valid), index=jnp.zeros((), jnp.int32))
-    step_fn = decode_step(model, unroll_layers=unroll_layers, layer_weights=layer_weights, max_len=cache.valid.shape[1])
+    step_fn = decode_step(model, unroll_layers=unroll_layers, layer_weights=layer_weights, max_len=cache.max_len)
     if row_ids is None:
         row_ids = jnp.arange(batch, dtype=jnp.int32)
     greedy = cfg.temperature == 0
@@ -187,72 +211,76 @@ def sample(
     hidden, cache = step_fn(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache)
     logits = model.logits(hidden[:, -1])  # left padding: the last column is every row's last token
 
-    out = dict(
-        tokens=jnp.full((batch, n_new), pad_id, jnp.int32),
-        sampling_logprobs=jnp.zeros((batch, n_new), jnp.float32),
-        model_logprobs=jnp.zeros((batch, n_new), jnp.float32),
-    )
-    if keep_logits:
-        out["logits"] = jnp.zeros((batch, n_new, logits.shape[-1]), jnp.float32)
-
-    def emit(step, logits, done, lengths, stopped, out):
-        """Draws token `step` for the rows still running and records it."""
+    def emit(state: DecodeState, logits: Float[Array, "B V"]) -> DecodeState:
+        """Draws token `state.step` for the rows still running, records it, and moves to the next step."""
+        step = state.step
         step_noise = None if greedy else jax.lax.dynamic_index_in_dim(noise, step, axis=1, keepdims=False)
         token, sampling_lp, model_lp = processors.sample_tokens(step_noise, logits, **settings)
-        active = ~done
+        active = ~state.done
         token = jnp.where(active, token, pad_id)
-        values = dict(tokens=token, sampling_logprobs=jnp.where(active, sampling_lp, 0.0),
-                      model_logprobs=jnp.where(active, model_lp, 0.0))
-        if keep_logits:
-            values["logits"] = jnp.where(active[:, None], logits, 0.0)
-        out = {name: jax.lax.dynamic_update_index_in_dim(out[name], values[name], step, axis=1) for name in out}
+        sampling_lp, model_lp = jnp.where(active, sampling_lp, 0.0), jnp.where(active, model_lp, 0.0)
+        logits = jnp.where(active[:, None], logits, 0.0) if keep_logits else None
+        record = lambda buffer, value: jax.lax.dynamic_update_index_in_dim(buffer, value, step, axis=1)  # noqa: E731
+        buffers = dict(tokens=record(state.tokens, token),
+                       sampling_logprobs=record(state.sampling_logprobs, sampling_lp),
+                       model_logprobs=record(state.model_logprobs, model_lp),
+                       logits=record(state.logits, logits) if keep_logits else None)
         hit = active & jnp.any(token[:, None] == stop[None, :], axis=1)
-        return token, done | hit, lengths + active, stopped | hit, out
+        return dataclasses.replace(state, token=token, done=state.done | hit, lengths=state.lengths + active,
+                                   stopped=state.stopped | hit, step=step + 1, **buffers)
 
-    done = prompt_lens == 0
-    zeros = jnp.zeros((batch,), jnp.int32)
-    token, done, lengths, stopped, out = emit(0, logits, done, zeros, jnp.zeros((batch,), bool), out)
+    def running(state: DecodeState) -> Bool[Array, ""]:
+        return (state.step < n_new) & ~jnp.all(state.done)
 
-    def cond(carry):
-        step, _, _, done, *_ = carry
-        return (step < n_new) & ~jnp.all(done)
-
-    def body(carry):
-        step, cache, token, done, lengths, stopped, out = carry
+    def next_token(state: DecodeState) -> DecodeState:
         # The token fed now is new token `step - 1`, at position prompt_len + step - 1 of its row.
-        positions = (prompt_lens + step - 1)[:, None]
-        hidden, cache = step_fn(token[:, None], positions, ~done[:, None], cache)
-        logits = model.logits(hidden[:, 0])
-        token, done, lengths, stopped, out = emit(step, logits, done, lengths, stopped, out)
-        return step + 1, cache, token, done, lengths, stopped, out
+        positions = (prompt_lens + state.step - 1)[:, None]
+        hidden, cache = step_fn(state.token[:, None], positions, ~state.done[:, None], state.cache)
+        return emit(dataclasses.replace(state, cache=cache), model.logits(hidden[:, 0]))
 
-    carry = (jnp.ones((), jnp.int32), cache, token, done, lengths, stopped, out)
-    _, cache, _, _, lengths, stopped, out = jax.lax.while_loop(cond, body, carry)
+    first = DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        token=jnp.full((batch,), pad_id, jnp.int32),
+        done=prompt_lens == 0,
+        lengths=jnp.zeros((batch,), jnp.int32),
+        stopped=jnp.zeros((batch,), bool),
+        logits=jnp.zeros((batch, n_new, logits.shape[-1]), jnp.float32) if keep_logits else None,
+        model_logprobs=jnp.zeros((batch, n_new), jnp.float32),
+        sampling_logprobs=jnp.zeros((batch, n_new), jnp.float32),
+        tokens=jnp.full((batch, n_new), pad_id, jnp.int32),
+    )
+    final = jax.lax.while_loop(running, next_token, emit(first, logits))
+    cache = final.cache
     if unroll_layers:  # handed back split as `Sampler` makes it, so the next call's program is this one
         cache = dataclasses.replace(cache, k=tuple(constrain(k, _LAYER_K_AXES) for k in cache.k),
                                     v=tuple(constrain(v, _LAYER_V_AXES) for v in cache.v))
-    result = SampleResult(lengths=lengths, stopped=stopped, logits=out.pop("logits", None), **out)
+    result = SampleResult(tokens=final.tokens, lengths=final.lengths, stopped=final.stopped,
+                          sampling_logprobs=final.sampling_logprobs, model_logprobs=final.model_logprobs,
+                          logits=final.logits)
     return result, cache
 
 
-def decode_step(model: Transformer, *, unroll_layers: bool = False,
-                layer_weights: tuple[dict[str, jax.Array], ...] | None = None, max_len: int | None = None):
+DecodeStep = Callable[[Int[Array, "B T"], Int[Array, "B T"], Bool[Array, "B T"], KVCache | LayerKVCache],
+                      tuple[Float[Array, "B T D"], KVCache | LayerKVCache]]
+
+
+def decode_step(model: Transformer, *, unroll_layers: bool = False, layer_weights: LayerWeights | None = None,
+                max_len: int | None = None) -> DecodeStep:
     """The model's cached forward, `(tokens [B, T], positions, mask, cache) -> (hidden [B, T, D], cache)`.
 
     Scanned: the model's own call on a stacked `KVCache`. With `unroll_layers`, on a `LayerKVCache`:
-    the step runs the model's own layer function once per layer, each on its own weights
-    (`layer_weights`, i.e. `layer_copies(model)`; sliced here, once per call, when None) and cache
-    buffers. Inside a scan, XLA:CPU copies every layer's weights out of the stacked arrays at every
-    step (~60% of a batch-1 SmolLM2 decode step) and every layer's keys and values out of the stacked
-    cache, transposed (~25% at batch 32); unrolled, the step reads both where they lie. The price: a
-    second copy of the layer weights while sampling, and a compile that grows with depth. With the
-    cache and the copies kept between calls (`Sampler`), faster than the scan on CPU at every batch
-    size measured (docs/benchmarks.md), hence the CPU default; on TPU/GPU, where XLA reads slices in
-    place, keep the scan. Unrolled, the RoPE tables of positions `0 .. max_len - 1` (the cache's
-    slots; a row's positions never exceed its slots) are made here, outside the decode loop, and
-    each step looks its positions up: made in the step (even once for all layers), XLA:CPU fuses the
-    sines and cosines into every layer's consumers and evaluates them per element and head (batch
-    32: prefill 5% and decode steps 2.5% slower, docs/benchmarks.md).
+    the step runs the model's `decoder_layer` once per layer, each on its own weights (`layer_weights`,
+    i.e. `layer_copies(model)`; sliced here, once per call, when None) and cache buffers. Inside a scan,
+    XLA:CPU copies every layer's weights out of the stacked arrays at every step, and every layer's
+    keys and values out of the stacked cache, transposed; unrolled, the step reads both where they lie.
+    The price: a second copy of the layer weights while sampling, and a compile that grows with depth.
+    With the cache and the copies kept between calls (`Sampler`), it decodes faster than the scan on
+    CPU at every batch size measured (docs/benchmarks.md), hence the CPU default; on TPU/GPU, where
+    XLA reads slices in place, keep the scan. Unrolled, the RoPE tables of positions
+    `0 .. max_len - 1` (the cache's slots; a row's positions never exceed its slots) are made here,
+    outside the decode loop, and each step looks its positions up: made in the step, XLA:CPU fuses
+    the sines and cosines into every layer's consumers and evaluates them per element and head.
     """
     if not unroll_layers:
         if layer_weights is not None:
@@ -260,24 +288,22 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False,
         return model
     if max_len is None:
         raise ValueError("decode_step with unroll_layers needs max_len, the cache's slot count")
-    layers, cfg = model.layers, model.cfg
     per_layer = layer_copies(model) if layer_weights is None else layer_weights
-    layer = functools.partial(transformer._layer, cfg=cfg, lora=layers.lora, dtype=model.dtype)
-    cos, sin = attention.rope_tables(jnp.arange(max_len)[None], attention.rope_inv_freq(cfg))  # [1, max_len, hd/2]
+    layer = functools.partial(decoder_layer, cfg=model.cfg, lora=model.layers.lora, dtype=model.dtype)
+    cos, sin = model.rope_tables(jnp.arange(max_len)[None])  # [1, max_len, hd/2]
 
-    def step(tokens, positions, mask, cache: attention.LayerKVCache):
+    def step(tokens: Int[Array, "B T"], positions: Int[Array, "B T"], mask: Bool[Array, "B T"],
+             cache: LayerKVCache) -> tuple[Float[Array, "B T D"], LayerKVCache]:
         # Transformer.__call__'s cache path, with the layer scan written out.
-        x = constrain(jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype), ("batch", "length", "embed"))
-        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-        visible = attention.causal_visibility(cache.index + jnp.arange(tokens.shape[1]), valid)
+        x = model.embed_tokens(tokens)
+        cache, visible = cache.reserve(mask)
         ks, vs = list(cache.k), list(cache.v)
         rope = (cos[0][positions], sin[0][positions])  # [B, T, hd/2] each
         for i, weights in enumerate(per_layer):
             kv = functools.partial(attention.attend_layer, k_cache=ks[i], v_cache=vs[i], slot=cache.index)
             x, (ks[i], vs[i]) = layer(x, weights, rope, visible, kv)
-        hidden = transformer.rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)
-        return hidden, attention.LayerKVCache(k=tuple(ks), v=tuple(vs), valid=valid,
-                                              index=cache.index + tokens.shape[1])
+        hidden = model.normalize(x)
+        return hidden, cache.commit(tuple(ks), tuple(vs), count=tokens.shape[1])
 
     return step
 
@@ -288,12 +314,23 @@ _LAYER_K_AXES = ("batch", "head_dim", "length")
 _LAYER_V_AXES = ("batch", "length", "head_dim")
 
 
+def _laid_out(cache: KVCache | LayerKVCache) -> KVCache | LayerKVCache:
+    """The cache pinned to its layout under `activation_sharding`: split over the batch like the prompts;
+    the stacked one also over KV heads like the model (a `LayerKVCache`'s buffers as `_LAYER_K_AXES`)."""
+    valid, index = constrain(cache.valid, ("batch", "length")), constrain(cache.index, ())
+    if isinstance(cache, KVCache):
+        axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+        return KVCache(k=constrain(cache.k, axes), v=constrain(cache.v, axes), valid=valid, index=index)
+    return LayerKVCache(k=tuple(constrain(k, _LAYER_K_AXES) for k in cache.k),
+                        v=tuple(constrain(v, _LAYER_V_AXES) for v in cache.v), valid=valid, index=index)
+
+
 def default_unroll_layers() -> bool:
     """Whether `Sampler` unrolls the decode loop's layers when not told: on CPU (see `decode_step`)."""
     return jax.default_backend() == "cpu"
 
 
-def _sharding_key(sharding: jax.sharding.Sharding):
+def _sharding_key(sharding: jax.sharding.Sharding) -> Hashable:
     """A hashable stand-in equal for equivalent shardings (`P('x', None)` and `P('x')` are the same layout)."""
     if isinstance(sharding, NamedSharding):
         spec = tuple(sharding.spec)
@@ -301,11 +338,6 @@ def _sharding_key(sharding: jax.sharding.Sharding):
             spec = spec[:-1]
         return sharding.mesh, spec, sharding.memory_kind
     return sharding
-
-
-def round_up(value: int, buckets: Sequence[int]) -> int | None:
-    """The smallest bucket >= value, or None when value is above them all."""
-    return next((b for b in buckets if b >= value), None)
 
 
 class Sampler:
@@ -335,7 +367,7 @@ class Sampler:
         self.unroll_layers = default_unroll_layers() if unroll_layers is None else unroll_layers
         self.compilations = 0
         self._batch_multiple = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-        self._cache: KVCache | attention.LayerKVCache | None = None  # donated into the next same-shape call
+        self._cache: KVCache | LayerKVCache | None = None  # donated into the next same-shape call
         self._layers: _LayerCopies | None = None
         self.copies_made = 0
         self._programs: dict[tuple, jax.stages.Compiled] = {}
@@ -344,7 +376,11 @@ class Sampler:
                                donate_argnames=("cache",))
         self._copy = jax.jit(_copy_layers, donate_argnums=(1,))
 
-    def _traced(self, state, tokens, mask, row_ids, key, cache, layer_weights, *, graphdef, cfg, keep_logits):
+    def _traced(self, state: nnx.State, tokens: Int[Array, "B P"], mask: Bool[Array, "B P"], row_ids: Int[Array, "B"],
+                key: Key[Array, ""], cache: KVCache | LayerKVCache, layer_weights: LayerWeights | None, *,
+                graphdef: nnx.GraphDef, cfg: SamplingConfig,
+                keep_logits: bool) -> tuple[SampleResult, KVCache | LayerKVCache]:
+        """`sample` with this sampler's settings, traced under its mesh's activation sharding."""
         kwargs = dict(cfg=cfg, stop_ids=self.stop_ids, pad_id=self.pad_id, row_ids=row_ids, cache=cache,
                       layer_weights=layer_weights, keep_logits=keep_logits, unroll_layers=self.unroll_layers)
         if self.mesh is None:
@@ -352,7 +388,8 @@ class Sampler:
         with activation_sharding(self.mesh, self.rules):
             return sample(graphdef, state, tokens, mask, key, **kwargs)
 
-    def _program(self, graphdef, args, cfg: SamplingConfig, keep_logits: bool) -> jax.stages.Compiled:
+    def _program(self, graphdef: nnx.GraphDef, args: tuple, cfg: SamplingConfig,
+                 keep_logits: bool) -> jax.stages.Compiled:
         """The compiled program for these arguments' shapes, dtypes and shardings (compiled on first use)."""
         # The buckets only chose the shapes, which the signature holds: configs that differ only in
         # their buckets share programs.
@@ -377,6 +414,21 @@ class Sampler:
         """Frees the KV cache and the layer copies kept for the next call (e.g. before a memory-hungry
         train step)."""
         self._cache = self._layers = None
+
+    @property
+    def kept_cache(self) -> KVCache | LayerKVCache | None:
+        """The KV cache kept for the next call of the same shape (donated to it), if any."""
+        return self._cache
+
+    @property
+    def kept_layer_copies(self) -> LayerWeights | None:
+        """The per-layer weight copies (`layer_copies`) kept for the next unrolled call, if any."""
+        return None if self._layers is None else self._layers.copies
+
+    def has_layer_copies_of(self, model: Transformer) -> bool:
+        """Whether the kept layer copies were made from `model`'s layer weights as they are now (the very
+        arrays, none deleted since), i.e. whether a call with `model` reuses them instead of copying."""
+        return self._layers is not None and self._layers.made_from(model.layers.weights())
 
     def generate(
         self,
@@ -411,7 +463,7 @@ class Sampler:
             logits=cat("logits") if keep_logits else None,
         )
 
-    def _check_prompts(self, model: Transformer, prompts, cfg: SamplingConfig) -> int:
+    def _check_prompts(self, model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> int:
         """Validates the prompts; returns the prompt bucket they fit."""
         if not len(prompts):
             raise ValueError("generate: no prompts")
@@ -429,20 +481,20 @@ class Sampler:
                                  f"{n + cfg.max_new_tokens}, more than the model's max_position_embeddings ({limit})")
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
-        return round_up(max(len(p) for p in prompts), cfg.prompt_buckets)
+        return bucket_length(max(len(p) for p in prompts), cfg.prompt_buckets)
 
     def _batch_bucket(self, batch: int, cfg: SamplingConfig) -> int:
-        bucket = round_up(batch, cfg.batch_buckets) or cfg.batch_buckets[-1]
+        """The batch bucket of `batch` rows (the largest bucket for more), rounded up to a multiple of
+        the data-parallel size."""
+        bucket = bucket_length(min(batch, cfg.batch_buckets[-1]), cfg.batch_buckets)
         return math.ceil(bucket / self._batch_multiple) * self._batch_multiple
 
-    def _run(self, model, graphdef, state, prompts, start, prompt_len, cfg, key, keep_logits) -> SampleResult:
+    def _run(self, model: Transformer, graphdef: nnx.GraphDef, state: nnx.State, prompts: Sequence[Sequence[int]],
+             start: int, prompt_len: int, cfg: SamplingConfig, key: Key[Array, ""], keep_logits: bool) -> SampleResult:
         """One call of the compiled program on at most the largest batch bucket; host arrays back."""
         batch = self._batch_bucket(len(prompts), cfg)
-        tokens = np.full((batch, prompt_len), self.pad_id, np.int32)
-        mask = np.zeros((batch, prompt_len), bool)
-        for i, p in enumerate(prompts):  # left padding
-            tokens[i, prompt_len - len(p):] = p
-            mask[i, prompt_len - len(p):] = True
+        rows = [*prompts, *[[]] * (batch - len(prompts))]  # batch padding: rows without a token
+        tokens, mask = pad_rows(rows, prompt_len, pad_value=self.pad_id, side="left")
         row_ids = np.arange(start, start + batch, dtype=np.int32)
         tokens, mask, row_ids, key = self._place(tokens, mask, row_ids, key)
         cache = self._take_cache(model, batch, cache_length(prompt_len, cfg.max_new_tokens))
@@ -454,7 +506,9 @@ class Sampler:
         n = len(prompts)
         return jax.tree.map(lambda x: x[:n], to_host(result))
 
-    def _place(self, tokens, mask, row_ids, key):
+    def _place(self, tokens: Int[np.ndarray, "B P"], mask: Bool[np.ndarray, "B P"], row_ids: Int[np.ndarray, "B"],
+               key: Key[Array, ""]) -> tuple[Int[Array, "B P"], Bool[Array, "B P"], Int[Array, "B"], Key[Array, ""]]:
+        """The call's inputs on the devices: committed to one, or split over the mesh's batch axes."""
         if self.mesh is None:
             # Committed like the model's parameters and the returned cache, so every call of a shape
             # presents the same shardings to its compiled program.
@@ -466,37 +520,24 @@ class Sampler:
         # Every process passes the same prompts; each fills only its own devices' rows.
         return (put(tokens, two), put(mask, two), put(row_ids, one), put(key, replicated))
 
-    def _take_cache(self, model: Transformer, batch: int, length: int) -> KVCache | attention.LayerKVCache:
+    def _take_cache(self, model: Transformer, batch: int, length: int) -> KVCache | LayerKVCache:
         """The kept cache when it fits this call exactly, else a new one (the old one is freed first)."""
         make = functools.partial(_empty_cache, model, batch, length, self.unroll_layers)
-        wanted = jax.eval_shape(make)
+        wanted = jax.eval_shape(lambda: jax.tree.leaves(make()))
         old, self._cache = self._cache, None
-        if old is not None and jax.tree.structure(old) == jax.tree.structure(wanted) and all(
-                a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(wanted))):
+        if old is not None and isinstance(old, LayerKVCache) == self.unroll_layers and [
+                (a.shape, a.dtype) for a in jax.tree.leaves(old)] == [(b.shape, b.dtype) for b in wanted]:
             return old
         del old
         if self.mesh is None:
             return jax.device_put(jax.jit(make)(), jax.devices()[0])
-        return jax.jit(make, out_shardings=self._cache_shardings(wanted))()
+        with activation_sharding(self.mesh, self.rules):
+            return jax.jit(lambda: _laid_out(make()))()
 
-    def _cache_shardings(self, wanted: KVCache | attention.LayerKVCache):
-        """The cache split over the batch like the prompts; the stacked one also over KV heads like the
-        model (a `LayerKVCache`'s merged row-and-head axis over the batch axes only, `_LAYER_K_AXES`)."""
-        sharding = lambda axes, shape: logical_sharding(axes, shape, self.mesh, self.rules)  # noqa: E731
-        valid = sharding(("batch", "length"), wanted.valid.shape)
-        index = NamedSharding(self.mesh, PartitionSpec())
-        if isinstance(wanted, KVCache):
-            kv = sharding(("layers", "batch", "length", "kv_heads", "head_dim"), wanted.k.shape)
-            return KVCache(k=kv, v=kv, valid=valid, index=index)
-        k = sharding(_LAYER_K_AXES, wanted.k[0].shape)
-        v = sharding(_LAYER_V_AXES, wanted.v[0].shape)
-        layers = len(wanted.k)
-        return attention.LayerKVCache(k=(k,) * layers, v=(v,) * layers, valid=valid, index=index)
-
-    def _layer_weights(self, model: Transformer) -> tuple[dict[str, jax.Array], ...]:
+    def _layer_weights(self, model: Transformer) -> LayerWeights:
         """`layer_copies(model)`: the kept ones when they were made from these very arrays, else new ones,
-        written into the old copies' memory when it fits (memory freshly mapped for SmolLM2's 425 MB
-        page-faults ~130,000 times, 0.1-0.3 s at batch 1)."""
+        written into the old copies' memory when it fits (freshly mapped memory of that size page-faults
+        on every page at first touch)."""
         stacked = model.layers.weights()
         kept, self._layers = self._layers, None
         if kept is not None and kept.made_from(stacked):
@@ -510,7 +551,7 @@ class Sampler:
         return copies
 
 
-def _copy_layers(stacked: dict[str, jax.Array], into: tuple[dict[str, jax.Array], ...] | None):
+def _copy_layers(stacked: dict[str, Array], into: LayerWeights | None) -> LayerWeights:
     """`layer_copies` of the stacked weights, written into `into` (same shapes, donated) when given."""
     per_layer = tuple({name: w[i] for name, w in stacked.items()} for i in range(len(next(iter(stacked.values())))))
     if into is None:
@@ -522,15 +563,15 @@ def _copy_layers(stacked: dict[str, jax.Array], into: tuple[dict[str, jax.Array]
 class _LayerCopies:
     """Per-layer weight copies and (weakly) the stacked arrays they were made from."""
 
-    copies: tuple[dict[str, jax.Array], ...]
+    copies: LayerWeights
     source: dict[str, weakref.ref]
 
-    def made_from(self, stacked: dict[str, jax.Array]) -> bool:
+    def made_from(self, stacked: dict[str, Array]) -> bool:
         # jax arrays are immutable: the same live objects hold the same values.
         return stacked.keys() == self.source.keys() and all(
             self.source[n]() is w and not w.is_deleted() for n, w in stacked.items())
 
-    def fits(self, stacked: dict[str, jax.Array]) -> bool:
+    def fits(self, stacked: dict[str, Array]) -> bool:
         """Whether the copies can take these arrays' slices (names, shapes, dtypes and layouts alike)."""
         if stacked.keys() != self.copies[0].keys() or len(self.copies) != len(next(iter(stacked.values()))):
             return False

@@ -1,11 +1,10 @@
-"""Tests of sdft_jax/data/pipeline.py: order, resumption, host shards, buckets and padding."""
+"""Tests of sdft_jax/data/pipeline.py: order, resumption, host shards."""
 
 import json
 
-import numpy as np
 import pytest
 
-from sdft_jax.data.pipeline import BatchIterator, PipelineConfig, bucket_length, pad_batch
+from sdft_jax.data.pipeline import BatchIterator, PipelineConfig
 
 ITEMS = [f"item{i}" for i in range(10)]
 
@@ -114,34 +113,3 @@ def test_bad_pipeline_arguments():
 def test_defaults_to_this_process():
     it = BatchIterator(ITEMS, PipelineConfig(global_batch_size=2))
     assert (it.process_index, it.process_count, it.per_host) == (0, 1, 2)
-
-
-@pytest.mark.parametrize("length,bucket", [(1, 64), (64, 64), (65, 128), (500, 512), (1024, 1024), (1025, 2048)])
-def test_bucket_length(length, bucket):
-    assert bucket_length(length) == bucket
-
-
-def test_bucket_length_custom_and_too_long():
-    assert bucket_length(5, (8, 4, 16)) == 8  # unsorted buckets are fine
-    with pytest.raises(ValueError, match="length 17 exceeds the largest bucket 16"):
-        bucket_length(17, (4, 8, 16))
-
-
-def test_pad_right_and_left():
-    seqs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
-    right = pad_batch(seqs, pad_id=0, buckets=(4, 8))
-    np.testing.assert_array_equal(right.ids, [[5, 6, 7, 0, 0, 0, 0, 0],
-                                              [8, 0, 0, 0, 0, 0, 0, 0],
-                                              [9, 10, 11, 12, 13, 0, 0, 0]])
-    np.testing.assert_array_equal(right.mask, right.ids != 0)
-    left = pad_batch(seqs, pad_id=-1, buckets=(4, 8), side="left")
-    np.testing.assert_array_equal(left.ids, [[-1, -1, -1, -1, -1, 5, 6, 7],
-                                             [-1, -1, -1, -1, -1, -1, -1, 8],
-                                             [-1, -1, -1, 9, 10, 11, 12, 13]])
-    np.testing.assert_array_equal(left.lengths, [3, 1, 5])
-    assert left.ids.dtype == np.int32 and left.mask.dtype == bool
-    # The pad id may be a real token id (e.g. 0): the mask, not the id, marks padding.
-    zeros = pad_batch([[0, 0], [0]], pad_id=0, buckets=(2,))
-    np.testing.assert_array_equal(zeros.mask, [[True, True], [True, False]])
-    with pytest.raises(ValueError, match="side must be"):
-        pad_batch(seqs, pad_id=0, side="middle")

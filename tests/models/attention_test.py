@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -55,6 +56,21 @@ def test_cache_shapes():
     cache = attention.KVCache.zeros(cfg, batch=3, max_len=10)
     assert cache.k.shape == (cfg.num_layers, 3, 10, cfg.num_kv_heads, cfg.head_dim)
     assert cache.max_len == 10 and int(cache.index) == 0
+
+
+def test_reserve_and_commit_keep_the_slots_of_either_layout():
+    cfg = tiny_config("llama")
+    stacked = attention.KVCache.zeros(cfg, batch=2, max_len=6)
+    for cache in (stacked, attention.LayerKVCache.from_stacked(stacked)):
+        assert cache.max_len == 6
+        cache, visible = cache.reserve(jnp.array([[False, True, True], [True, True, True]]))  # row 0 left-padded
+        np.testing.assert_array_equal(cache.valid, [[0, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+        np.testing.assert_array_equal(visible[0], [[0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0]])
+        cache = cache.commit(cache.k, cache.v, count=3)
+        assert int(cache.index) == 3
+        cache, visible = cache.reserve(jnp.array([[True], [False]]))  # one more token; row 1's is padding
+        np.testing.assert_array_equal(cache.valid, [[0, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+        np.testing.assert_array_equal(visible[:, 0], [[0, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
 
 
 @pytest.mark.parametrize("tokens, B", [(1, 2), (3, 2), (1, 1)], ids=["decode", "prefill", "decode-batch-1"])
@@ -131,8 +147,11 @@ def test_causal_attention_in_blocks_equals_attention(length, query_block, blocks
     np.testing.assert_allclose(out[sees], np.asarray(plain_attention(q, k, v, visible))[sees], rtol=1e-5, atol=1e-6)
 
 
-def test_causal_attention_rejects_cross_attention():
+def test_causal_attention_rejects_cross_attention(monkeypatch):
     q = jnp.ones((1, 2, 1, 1, 4))
     k = v = jnp.ones((1, 3, 1, 4))
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):  # the suite's shape checker sees it first
+        attention.causal_attention(q, k, v, jnp.ones((1, 2, 3), bool), query_block=1)
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)  # as users run it: the function's own check
     with pytest.raises(ValueError, match="over itself"):
         attention.causal_attention(q, k, v, jnp.ones((1, 2, 3), bool), query_block=1)

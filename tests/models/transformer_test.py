@@ -76,6 +76,21 @@ def test_cached_decoding_equals_full_forward_at_every_step(architecture, tiny_mo
     assert np.abs(cached - full)[MASK].max() < 1e-4
 
 
+def test_cached_forward_of_a_rematerialised_model_is_the_plain_one(tiny_model_dir):
+    """`remat` shapes the backward of training forwards only; a cached (inference) forward ignores it."""
+    path = tiny_model_dir("llama")
+    mask = jnp.asarray(MASK)
+    positions = positions_from_mask(mask)
+    outs = []
+    for model in (load_hf(path), load_hf(path, remat="full")):
+        cache = KVCache.zeros(model.cfg, batch=3, max_len=12)
+        hidden, cache = model(jnp.asarray(TOKENS), positions, mask, cache)
+        outs.append((np.asarray(hidden), np.asarray(cache.k), int(cache.index)))
+    np.testing.assert_array_equal(outs[1][0], outs[0][0])
+    np.testing.assert_array_equal(outs[1][1], outs[0][1])
+    assert outs[0][2] == outs[1][2] == 8
+
+
 def test_lora_starts_at_base_and_matches_merged_weights(tiny_model_dir):
     path = tiny_model_dir("qwen2")
     base = load_hf(path)

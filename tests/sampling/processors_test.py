@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -122,6 +123,10 @@ def test_greedy_takes_first_maximum_with_zero_sampling_logprob():
     (dict(temperature=1.0, top_k=-1), "top_k"),
     (dict(temperature=1.0, top_k=2.5), "top_k"),
 ])
-def test_bad_settings_raise(settings, message):
+def test_bad_settings_raise(settings, message, monkeypatch):
+    # The suite's shape checker rejects a float top_k before the function's own check does.
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError), match=message):
+        processors.sampling_logits(jnp.zeros((1, 4)), **{"top_p": 1.0, "top_k": 0, **settings})
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)  # as users run it: the function's own check
     with pytest.raises(ValueError, match=message):
         processors.sampling_logits(jnp.zeros((1, 4)), **{"top_p": 1.0, "top_k": 0, **settings})
