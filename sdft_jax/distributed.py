@@ -9,10 +9,9 @@ sizes changed.
 
 Joining, explicitly configured (`coordinator_address`, `num_processes`, `process_id`, from the
 config or the SDFT_* environment variables): before JAX's own handshake, the processes meet at the
-coordinator's port in a small rendezvous of our own. Its point is the failure modes: a process that
-never starts, a coordinator port already taken, two processes claiming one id, or hosts running
-different programs each give a Python error naming the coordinator and the processes concerned,
-within `initialization_timeout_s`, instead of a hang or JAX's bare DEADLINE_EXCEEDED abort.
+coordinator's port (`sdft_jax.rendezvous`), so that a missing, unreachable or mismatched process
+gives a `DistributedError` naming the coordinator and the processes concerned, within
+`initialization_timeout_s`, instead of a hang or JAX's bare DEADLINE_EXCEEDED abort.
 
 Joining, auto-detected (Cloud TPU VMs, Slurm, Open MPI; `cluster_detection`): JAX finds the
 coordinator and the process ids itself; we only log what is about to happen and bound the wait.
@@ -26,13 +25,10 @@ import glob
 import importlib.metadata
 import importlib.util
 import itertools
-import json
 import logging
 import math
 import os
-import socket
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,7 +38,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sdft_jax import rendezvous
 from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, logical_to_spec
+from sdft_jax.validation import check_choice, check_int
 
 _log = logging.getLogger(__name__)
 
@@ -86,21 +84,23 @@ class DistributedConfig:
     cluster_detection: str | None = None
 
     def __post_init__(self):
-        n, i, t = self.num_processes, self.process_id, self.initialization_timeout_s
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(f"num_processes must be a positive integer, got {n!r}")
-        if i is not None and (not isinstance(i, int) or isinstance(i, bool) or i < 0):
-            raise ValueError(f"process_id must be a non-negative integer, got {i!r}")
-        if n is not None and i is not None and i >= n:
-            raise ValueError(f"process_id {i} is not below num_processes {n}")
-        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t <= 0):
-            raise ValueError(f"initialization_timeout_s must be a positive integer, got {t!r}")
-        if self.cluster_detection not in (None, *_DETECTION):
-            raise ValueError(f"cluster_detection must be one of {_DETECTION}, got {self.cluster_detection!r}")
-        if self.cpu_collectives not in ("gloo", "mpi"):
-            raise ValueError(f"cpu_collectives must be gloo or mpi, got {self.cpu_collectives!r}")
+        name = type(self).__name__
+        if self.num_processes is not None:
+            check_int(f"{name}.num_processes", self.num_processes, minimum=1)
+        if self.process_id is not None:
+            check_int(f"{name}.process_id", self.process_id, minimum=0)
+            if self.num_processes is not None and self.process_id >= self.num_processes:
+                raise ValueError(f"{name}.process_id {self.process_id} is not below num_processes {self.num_processes}")
+        if self.initialization_timeout_s is not None:
+            check_int(f"{name}.initialization_timeout_s", self.initialization_timeout_s, minimum=1)
+        if self.cluster_detection is not None:
+            check_choice(f"{name}.cluster_detection", self.cluster_detection, _DETECTION)
+        check_choice(f"{name}.cpu_collectives", self.cpu_collectives, ("gloo", "mpi"))
         if self.coordinator_address is not None:
-            split_address(self.coordinator_address)  # validates
+            try:
+                split_address(self.coordinator_address)
+            except ValueError as e:
+                raise ValueError(f"{name}.coordinator_address: {e}") from None
 
     @property
     def multi_process(self) -> bool:
@@ -123,11 +123,6 @@ class DistributedConfig:
         return dataclasses.replace(
             out, initialization_timeout_s=out.initialization_timeout_s or DEFAULT_TIMEOUT_S,
             cluster_detection=out.cluster_detection or "auto")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **explicit: Any) -> DistributedConfig:
-        """A resolved config from the environment; `explicit` values that are not None win."""
-        return cls(**{k: v for k, v in explicit.items() if v is not None}).resolve(environ)
 
 
 _DETECTION = ("auto", "always", "never")
@@ -183,10 +178,10 @@ def maybe_initialize(cfg: DistributedConfig | None = None, *, fingerprint: str |
     """Joins the JAX distributed system if this is one of several processes; True if it is (now or before).
 
     Call before any JAX computation. Fields of `cfg` left None come from the SDFT_* variables of
-    `environ` (default: the process environment). `fingerprint`
-    (default: package, JAX and Python versions and the program name) must be equal on every process;
-    pass e.g. a hash of the resolved config to also catch hosts started with different configs.
-    Raises DistributedError if the processes do not all join within the timeout.
+    `environ` (default: the process environment). `fingerprint` (default: package, JAX and Python
+    versions and the program name) must be equal on every process; pass e.g. a hash of the resolved
+    config to also catch hosts started with different configs. Raises DistributedError if the
+    processes do not all join within the timeout, or one of them is refused.
     """
     cfg = (DistributedConfig() if cfg is None else cfg).resolve(environ)
     if jax.distributed.is_initialized():
@@ -220,173 +215,18 @@ def _initialize_explicit(cfg: DistributedConfig, fingerprint: str) -> None:
     host, port = split_address(address)
     _log.info("process %d of %d: meeting the others at coordinator %s:%d (timeout %d s)",
               i, n, host, port, cfg.initialization_timeout_s)
-    rendezvous(host, port, num_processes=n, process_id=i, timeout_s=cfg.initialization_timeout_s,
-               fingerprint=fingerprint)
+    try:
+        rendezvous.meet(host, port, num_processes=n, process_id=i, timeout_s=cfg.initialization_timeout_s,
+                        fingerprint=fingerprint, port_hint=f"the coordinator address ({ENV_COORDINATOR})")
+    except rendezvous.RendezvousError as e:
+        raise DistributedError(str(e)) from None
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
     # Every process is known to be up, so JAX's handshake is quick; it gets the full timeout anyway.
     # cluster_detection_method="deactivate": the explicit values are the truth, even on a TPU VM.
-    jax.distributed.initialize(coordinator_address=f"{_bracket(host)}:{port}", num_processes=n, process_id=i,
+    jax.distributed.initialize(coordinator_address=rendezvous.address(host, port), num_processes=n, process_id=i,
                                initialization_timeout=cfg.initialization_timeout_s,
                                cluster_detection_method="deactivate")
     _log.info("joined as process %d of %d (%d local devices)", i, n, jax.local_device_count())
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-# --- The rendezvous: one JSON line each way over TCP, at the coordinator's own port. ---------------
-#
-# Process 0 listens on the port JAX's coordination service will use, and closes it before JAX binds
-# it; so no second port has to be opened between hosts. Peers close their side first (after reading
-# the reply), which keeps the coordinator's port free of TIME_WAIT connections.
-
-_RETRY_S = 0.2
-_VERDICT_GRACE_S = 10.0
-
-
-def rendezvous(host: str, port: int, *, num_processes: int, process_id: int, timeout_s: float,
-               fingerprint: str) -> None:
-    """Blocks until all `num_processes` processes have arrived; raises DistributedError otherwise."""
-    deadline = time.monotonic() + timeout_s
-    where = f"{_bracket(host)}:{port}"
-    if process_id == 0:
-        _coordinate(port, num_processes, deadline, timeout_s, fingerprint, where)
-    else:
-        _join(host, port, num_processes, process_id, deadline, timeout_s, fingerprint, where)
-
-
-def _send(conn: socket.socket, message: dict) -> None:
-    try:
-        conn.sendall((json.dumps(message) + "\n").encode())
-    except OSError:
-        pass  # the peer is gone; it has its own error to report
-
-
-def _read_line(conn: socket.socket, deadline: float) -> dict | None:
-    """One JSON object from `conn`, or None on EOF, garbage or the deadline."""
-    data = b""
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        conn.settimeout(left)
-        try:
-            chunk = conn.recv(4096)
-        except (TimeoutError, OSError):
-            return None
-        if not chunk:
-            return None
-        data += chunk
-        if len(data) > 65536:
-            return None
-    try:
-        message = json.loads(data)
-    except ValueError:
-        return None
-    return message if isinstance(message, dict) else None
-
-
-def _listen(port: int, where: str) -> socket.socket:
-    try:
-        if socket.has_dualstack_ipv6():
-            return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
-        return socket.create_server(("", port))
-    except OSError as e:
-        raise DistributedError(
-            f"process 0 cannot listen on the coordinator port {port} ({where}): {e.strerror or e}. Another "
-            f"program (or an earlier run still shutting down) holds it; choose another port in the "
-            f"coordinator address ({ENV_COORDINATOR}).") from e
-
-
-def _coordinate(port, num_processes, deadline, timeout_s, fingerprint, where) -> None:
-    server = _listen(port, where)
-    joined: dict[int, socket.socket] = {}
-    try:
-        while len(joined) < num_processes - 1:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                missing = sorted(set(range(1, num_processes)) - set(joined))
-                error = (f"process 0 of {num_processes} waited {timeout_s:g} s at coordinator {where}, but "
-                         f"process(es) {missing} never joined (joined: {sorted([0, *joined])}). Start the same "
-                         f"program on every host with the same coordinator address, and check that port "
-                         f"{port} is reachable from them.")
-                for conn in joined.values():
-                    _send(conn, {"error": error})
-                raise DistributedError(error)
-            server.settimeout(left)
-            try:
-                conn, peer = server.accept()
-            except TimeoutError:
-                continue
-            # A short per-hello deadline: a stray connection must not stall the others.
-            hello = _read_line(conn, min(deadline, time.monotonic() + 10.0))
-            problem = _check_hello(hello, num_processes, fingerprint, joined)
-            if problem is None:
-                joined[hello["process_id"]] = conn  # type: ignore[index]
-                _log.info("process %d of %d joined from %s", hello["process_id"], num_processes, peer[0])  # type: ignore[index]
-                continue
-            if hello is None:
-                _log.warning("ignoring a connection from %s that sent no rendezvous message", peer[0])
-                conn.close()
-                continue
-            error = f"coordinator {where} refused process {hello.get('process_id')!r} from {peer[0]}: {problem}"
-            _send(conn, {"error": error})
-            conn.close()
-            for other in joined.values():
-                _send(other, {"error": error})
-            raise DistributedError(error)
-        for conn in joined.values():
-            _send(conn, {"ok": True})
-        for conn in joined.values():
-            _read_line(conn, min(deadline, time.monotonic() + 5.0))  # returns at the peer's close
-    finally:
-        for conn in joined.values():
-            conn.close()
-        server.close()
-
-
-def _check_hello(hello, num_processes, fingerprint, joined) -> str | None:
-    if hello is None:
-        return "no message"
-    pid, n = hello.get("process_id"), hello.get("num_processes")
-    if n != num_processes:
-        return f"it was started with num_processes={n}, process 0 with {num_processes}"
-    if not isinstance(pid, int) or not 0 < pid < num_processes:
-        return f"process id {pid!r} is not in 1..{num_processes - 1}"
-    if pid in joined:
-        return f"process id {pid} was already taken by another process; every process needs its own id"
-    if hello.get("fingerprint") != fingerprint:
-        return (f"it runs a different program: {hello.get('fingerprint')!r}, process 0 runs {fingerprint!r}; "
-                "install the same code on every host")
-    return None
-
-
-def _join(host, port, num_processes, process_id, deadline, timeout_s, fingerprint, where) -> None:
-    last_error: OSError | None = None
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DistributedError(
-                f"process {process_id} of {num_processes} could not reach the coordinator {where} (process 0) "
-                f"within {timeout_s:g} s ({last_error}). Is process 0 running the same program, and is port "
-                f"{port} on {host} reachable from this host?")
-        try:
-            conn = socket.create_connection((host, port), timeout=min(left, 5.0))
-            break
-        except OSError as e:
-            last_error = e
-            time.sleep(min(_RETRY_S, max(0.0, deadline - time.monotonic())))
-    with conn:
-        _send(conn, {"process_id": process_id, "num_processes": num_processes, "fingerprint": fingerprint})
-        # The coordinator gives its verdict at its own deadline, at about ours: wait a little longer for it.
-        reply = _read_line(conn, deadline + _VERDICT_GRACE_S)
-    if reply is None:
-        raise DistributedError(
-            f"process {process_id} of {num_processes}: the coordinator {where} did not confirm within {timeout_s:g} s "
-            f"that all processes joined (it closed the connection or stopped answering)")
-    if "error" in reply:
-        raise DistributedError(f"process {process_id} of {num_processes}: {reply['error']}")
 
 
 # --- After joining. ---------------------------------------------------------------------------------
@@ -396,12 +236,6 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Waits until every process reaches the barrier of the same `name` (no-op with one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
 def to_host(tree):
     """Numpy copies of every array of `tree` on every process (a collective: all processes call it)."""
 
@@ -409,22 +243,6 @@ def to_host(tree):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
-
-    return jax.tree.map(one, tree)
-
-
-def replicate(tree, mesh: Mesh):
-    """Global arrays replicated over every device of `mesh`, from host values equal on every process.
-
-    For small state that is not yet on the mesh (a step counter, a PRNG key made on the default
-    device): such an array lives on one local device, which is a different device in every process
-    and cannot enter a computation over the whole mesh.
-    """
-    sharding = NamedSharding(mesh, PartitionSpec())
-
-    def one(x):
-        host = np.asarray(jax.device_get(x))
-        return jax.make_array_from_process_local_data(sharding, host, host.shape)
 
     return jax.tree.map(one, tree)
 
@@ -495,10 +313,11 @@ def _data_shard(mesh: Mesh, rules: LogicalRules, process_index: int) -> DataShar
     rows_of: dict[int, set[int]] = {}
     for device, index in sharding.devices_indices_map((n,)).items():
         rows_of.setdefault(device.process_index, set()).add(index[0].start or 0)
-    return _data_shard_of(rows_of, n, process_index, dict(mesh.shape))
+    return data_shard_from_rows(rows_of, n, process_index, dict(mesh.shape))
 
 
-def _data_shard_of(rows_of: Mapping[int, set[int]], n: int, process_index: int, mesh_shape) -> DataShard:
+def data_shard_from_rows(rows_of: Mapping[int, set[int]], n: int, process_index: int,
+                         mesh_shape: Mapping[str, int]) -> DataShard:
     """The block of `process_index`, given the batch shards (of `n`) that each process's devices hold."""
     blocks = {p: (min(r), max(r) + 1) for p, r in rows_of.items()}
     distinct = sorted(set(blocks.values()))

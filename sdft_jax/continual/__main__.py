@@ -7,31 +7,19 @@ Started again, finished stages are skipped and an interrupted one resumes from i
 
 from __future__ import annotations
 
-import logging
-import sys
-
 from absl import app
 from ml_collections import config_flags
 
-from sdft_jax.config import ConfigError
+from sdft_jax import cli
+from sdft_jax.continual.plan import make_plan
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to configs/continual.py", lock_config=True)
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config=configs/continual.py is required")
-    from sdft_jax.continual.plan import make_plan
-
-    try:
-        plan = make_plan(_CONFIG.value)
-    except ConfigError as e:
-        print(f"invalid config: {e}", file=sys.stderr)
+    plan = cli.validated_config(argv, _CONFIG, "configs/continual.py", make_plan)
+    if plan is None:
         return 2
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)
     from sdft_jax.continual.runner import run_plan  # imported after validation: nothing compiles before
 
     print(f"{len(plan.runs)} stage runs; results in {plan.out_dir}", flush=True)

@@ -18,6 +18,7 @@ import sys
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sdft_jax import distributed
 
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     cfg = StepConfig(
         loss=LossConfig(name="topk", top_k=8, chunk_size=16),
         teacher=teacher_lib.TeacherConfig(mode="ema", ema_alpha=0.1),
-        optim=OptimConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0, total_steps=10),
+        optim=OptimConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0),
+        total_steps=10,
     )
     model = load_hf(args.model, mesh=mesh)
     graphdef, state = init_train_state(model, cfg.optim)
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
                 for path, leaf in jax.tree_util.tree_flatten_with_path(host)[0]}
         np.savez(os.path.join(args.out, "result.npz"), losses=np.asarray(losses, np.float64),
                  process_count=jax.process_count(), device_count=jax.device_count(), **flat)
-    distributed.barrier("train_worker_done")
+    if jax.process_count() > 1:  # leave together: a process exiting early breaks the others' last collectives
+        multihost_utils.sync_global_devices("train_worker_done")
     return 0
 
 
