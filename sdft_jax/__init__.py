@@ -2,7 +2,7 @@
 
 import os
 
-# This package never downloads from a model hub: without this, a missing local file costs ~47 s of
+# This package never downloads from a model hub: without this, a missing local file costs tens of seconds of
 # retries in `transformers` before the error.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -19,6 +19,7 @@ from sdft_jax.data import offline_tasks
 from sdft_jax.data.tasks import load_records
 from sdft_jax.eval.runner import DEFAULT_MAX_NEW_TOKENS, score_completions, summarize
 
+
 def _read_predictions(path: str, n: int) -> dict[int, str]:
     out = {}
     with open(path, encoding="utf-8") as f:
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--prompt", choices=["student", "teacher"], default="student",
                         help="teacher: show the demonstration in context (offline tasks / train splits)")
-    parser.add_argument("--reference-compatible", action="store_true", help="tool use: the old regex parser")
+    parser.add_argument("--reference-compatible", action="store_true",
+                        help="tool use: the published evaluation's regex parser")
     parser.add_argument("--out", help="directory for per-item JSONL and the summary (decode mode)")
     args = parser.parse_args(argv)
     if (args.model is None) == (args.predictions is None):

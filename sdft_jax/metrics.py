@@ -68,24 +68,29 @@ class MetricsWriter:
 
     def flush(self) -> None:
         """Makes every row written so far readable in the run directory (uploads it for a remote one)."""
-        if not self.enabled:
-            return
-        self._jsonl.flush()
-        if self._tb is not None:
-            self._tb.flush()
-        if self._staging:
-            storage.copy_tree(self._staging, self.run_dir)
+        if self.enabled:
+            self._publish(close=False)
 
     def close(self) -> None:
+        """Flushes (or uploads) everything, then closes the files; the writer takes no more rows."""
         if not self.enabled:
             return
-        self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        self._publish(close=True)
         if self._staging:
-            storage.copy_tree(self._staging, self.run_dir)
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
+
+    def _publish(self, *, close: bool) -> None:
+        """Flushes or closes the JSONL and event files, then uploads the staging directory of a remote run."""
+        for file in (self._jsonl, self._tb):
+            if file is None:
+                continue
+            if close:
+                file.close()
+            else:
+                file.flush()
+        if self._staging:
+            storage.copy_tree(self._staging, self.run_dir)
 
 
 def read_metrics(run_dir: str) -> list[dict]:

@@ -35,21 +35,10 @@ def exists(path: PathLike) -> bool:
     return epath.Path(path).exists() if is_remote(path) else os.path.exists(path)
 
 
-def isdir(path: PathLike) -> bool:
-    return epath.Path(path).is_dir() if is_remote(path) else os.path.isdir(path)
-
-
 def makedirs(path: PathLike) -> None:
     """`os.makedirs(path, exist_ok=True)`; nothing for a remote path (objects create their prefixes)."""
     if not is_remote(path):
         os.makedirs(path, exist_ok=True)
-
-
-def listdir(path: PathLike) -> list[str]:
-    """The sorted names of the entries directly under `path`."""
-    if is_remote(path):
-        return sorted(p.name for p in epath.Path(path).iterdir())
-    return sorted(os.listdir(path))
 
 
 def read_bytes(path: PathLike) -> bytes:

@@ -7,8 +7,7 @@ template, so the two prompts of one item can only differ in their messages.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Mapping
+from collections.abc import Mapping, Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import fsspec
 import pytest
+from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath as epath_gpath
 from fsspec.implementations.memory import MemoryFileSystem
@@ -42,6 +43,11 @@ def fake_gcs(monkeypatch, tmp_path):
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
 
+def listdir(path):
+    """The sorted names under a local or gs:// directory, read without the module under test."""
+    return sorted(p.name for p in epath.Path(path).iterdir())
+
+
 def test_is_remote():
     assert storage.is_remote("gs://bucket/run") and not storage.is_remote("/tmp/run")
     assert not storage.is_remote("runs/x")
@@ -65,12 +71,12 @@ def test_whole_file_operations(root):
     assert storage.read_text(os.path.join(root, "a.json")) == json.dumps({"x": [1, "é"]}, indent=2)
     assert storage.read_text(os.path.join(root, "sub", "b.txt")) == "line 1\nline 2\n"
     assert storage.read_bytes(os.path.join(root, "c.bin")) == b"\x00\xff"
-    assert storage.listdir(root) == ["a.json", "c.bin", "sub"]
-    assert storage.isdir(os.path.join(root, "sub")) and not storage.isdir(os.path.join(root, "c.bin"))
+    assert listdir(root) == ["a.json", "c.bin", "sub"]
+    assert epath.Path(root, "sub").is_dir() and not epath.Path(root, "c.bin").is_dir()
     storage.write_text(os.path.join(root, "sub", "b.txt"), "replaced")  # a write replaces the whole file
     assert storage.read_text(os.path.join(root, "sub", "b.txt")) == "replaced"
     storage.rmtree(os.path.join(root, "sub"))
-    assert not storage.exists(os.path.join(root, "sub", "b.txt")) and storage.listdir(root) == ["a.json", "c.bin"]
+    assert not storage.exists(os.path.join(root, "sub", "b.txt")) and listdir(root) == ["a.json", "c.bin"]
     storage.rmtree(os.path.join(root, "missing"))  # nothing to remove is not an error
 
 
@@ -152,14 +158,14 @@ def test_metrics_writer_uploads_on_flush_and_continues_rows(fake_gcs):
     writer.write(2, {"loss": 0.25})
     writer.close()
     assert [r["step"] for r in read_metrics("gs://bucket/run")] == [1, 2]
-    events = storage.listdir("gs://bucket/run/tensorboard")
+    events = listdir("gs://bucket/run/tensorboard")
     assert len(events) == 1 and events[0].startswith("events.out.tfevents")
     # A resumed run appends to the rows already in the bucket, and keeps the earlier event file.
     writer = MetricsWriter("gs://bucket/run")
     writer.write(3, {"loss": 0.125})
     writer.close()
     assert [r["step"] for r in read_metrics("gs://bucket/run")] == [1, 2, 3]
-    assert len(storage.listdir("gs://bucket/run/tensorboard")) == 2
+    assert len(listdir("gs://bucket/run/tensorboard")) == 2
 
 
 def test_jsonl_task_from_a_bucket(fake_gcs, tmp_path):
@@ -186,7 +192,7 @@ def test_remote_export_is_complete_only_with_its_config(fake_gcs, tiny_model_dir
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model("gs://bucket/export")
     save_hf(model, "gs://bucket/export", tokenizer_dir=model_dir)
-    assert "tokenizer.json" in storage.listdir("gs://bucket/export")
+    assert "tokenizer.json" in listdir("gs://bucket/export")
     with pytest.raises(FileExistsError):
         save_hf(model, "gs://bucket/export")
     local = resolve_model("gs://bucket/export")
@@ -217,7 +223,7 @@ def test_training_run_in_a_bucket(fake_gcs, tiny_model_dir, tmp_path, monkeypatc
     assert storage.read_json(f"{run}/summary.json") == summary and summary["export"] == f"{run}/export"
     assert storage.read_json(f"{run}/eval/step_000002/capitals.summary.json")["total"] == 2
     assert len(storage.read_text(f"{run}/eval/step_000002/capitals.jsonl").splitlines()) == 2
-    assert storage.listdir(f"{run}/tensorboard")
+    assert listdir(f"{run}/tensorboard")
     assert load_hf(resolve_model(f"{run}/export")).cfg.num_layers > 0
     # Started again on the same bucket directory, the finished run returns its summary without training.
     monkeypatch.setattr(trainer.Trainer, "_evaluate", lambda *a: pytest.fail("trained or evaluated again"))

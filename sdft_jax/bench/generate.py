@@ -23,13 +23,14 @@ unless the environment sets it; XLA:CPU uses all cores.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
 import statistics
 import sys
 import time
+
+from sdft_jax.bench.harness import finish_row
 
 ENGINES = ("jax", "jax_scan", "torch")
 
@@ -178,17 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             row[prefix + "warmup_s"] = round(max(first[engine] - median, 0.0), 3)
         for name, value in final[engine].items():
             row[prefix + name] = round(value, 3) if isinstance(value, float) else value
-    row["loadavg_end"] = round(os.getloadavg()[0], 2)  # other work on the machine slows every engine
-    if "torch" in engines:
-        for engine in engines:
-            if engine != "torch":
-                prefix = "" if engine == "jax" else f"{engine}_"
-                row[prefix + "speedup_vs_torch"] = round(row[prefix + "new_tokens_per_s"] /
-                                                         row["torch_new_tokens_per_s"], 3)
-    if not args.json:
-        for k, v in row.items():
-            print(f"{k:>32}: {v}")
-    print(json.dumps(row))
+    finish_row(row, engines, rate="new_tokens_per_s", as_json=args.json, width=32)
     return 0
 
 

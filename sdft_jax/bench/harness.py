@@ -1,11 +1,14 @@
-"""Shared benchmark plumbing: timing with a first (compiling) call, peak RSS, one fresh process per engine."""
+"""Shared benchmark plumbing: timing with a first (compiling) call, peak RSS, one fresh process per
+engine, and the result row every benchmark ends with."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def peak_rss_mb() -> float:
@@ -43,3 +46,28 @@ def in_fresh_process(fn: Callable[[dict], dict], args: dict) -> dict:
     if error is not None:
         raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed: {error}")
     return result
+
+
+def engine_prefix(engine: str) -> str:
+    """The prefix of an engine's figures in a result row: none for `jax`, `{engine}_` for the others."""
+    return "" if engine == "jax" else f"{engine}_"
+
+
+def finish_row(row: dict, engines: Sequence[str], *, rate: str, as_json: bool, width: int) -> None:
+    """Completes a result row and prints it.
+
+    Adds the load average at the end (other work on the machine slows every engine; with
+    `loadavg_start` it tells whether the figures are to be trusted) and, when torch ran, every other
+    engine's `speedup_vs_torch` (its `rate` figure over torch's). Prints the row one `key: value` per
+    line, keys right-aligned to `width` (unless `as_json`), then as one JSON line.
+    """
+    row["loadavg_end"] = round(os.getloadavg()[0], 2)
+    if "torch" in engines:
+        for engine in engines:
+            if engine != "torch":
+                prefix = engine_prefix(engine)
+                row[prefix + "speedup_vs_torch"] = round(row[prefix + rate] / row[engine_prefix("torch") + rate], 3)
+    if not as_json:
+        for k, v in row.items():
+            print(f"{k:>{width}}: {v}")
+    print(json.dumps(row))

@@ -23,13 +23,12 @@ used: it counts the body of the scan over layers once.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
-from sdft_jax.bench.harness import in_fresh_process, peak_rss_mb, timed
+from sdft_jax.bench.harness import engine_prefix, finish_row, in_fresh_process, peak_rss_mb, timed
 
 
 def _parse(argv):
@@ -187,18 +186,13 @@ def main(argv=None) -> int:
     tokens = args.batch * args.completion_len
     row: dict = {"bench": "step", **{k: v for k, v in shared.items() if k != "path"}, "model": args.model,
                  "loadavg_start": round(os.getloadavg()[0], 2)}
-    for engine in args.engines.split(","):
+    engines = args.engines.split(",")
+    for engine in engines:
         r = in_fresh_process(run_jax if engine == "jax" else run_torch, shared)
-        prefix = "" if engine == "jax" else "torch_"
+        prefix = engine_prefix(engine)
         row[prefix + "tokens_per_s"] = round(tokens / r["step_s"], 2)
         row.update({prefix + k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    row["loadavg_end"] = round(os.getloadavg()[0], 2)
-    if "tokens_per_s" in row and "torch_tokens_per_s" in row:
-        row["speedup_vs_torch"] = round(row["tokens_per_s"] / row["torch_tokens_per_s"], 3)
-    if not args.json:
-        for k, v in row.items():
-            print(f"{k:>22}: {v}")
-    print(json.dumps(row))
+    finish_row(row, engines, rate="tokens_per_s", as_json=args.json, width=22)
     return 0
 
 

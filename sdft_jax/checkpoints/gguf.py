@@ -56,11 +56,6 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """The permutation llama.cpp applies when it writes Llama q/k (the inverse of `unpermute_qk`)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _field(reader, key: str, default=None, required: bool = True):
     field = reader.fields.get(key)
     if field is None:

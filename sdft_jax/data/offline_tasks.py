@@ -30,6 +30,7 @@ import dataclasses
 import random
 
 from sdft_jax.data.records import Record
+from sdft_jax.validation import check_int
 
 TASK_NAMES = ("capitals", "elements", "probe")
 SPLITS = ("train", "eval", "heldout")
@@ -69,7 +70,7 @@ _TEMPLATES = {
 }
 
 # (question, answer, demonstration): facts SmolLM2-135M-Instruct-sized models answer reliably.
-_PROBE_FACTS = (
+PROBE_FACTS = (
     ("What is the capital of France?", "Paris", "The capital of France is Paris."),
     ("What is the capital of Japan?", "Tokyo", "The capital of Japan is Tokyo."),
     ("What is the capital of Italy?", "Rome", "The capital of Italy is Rome."),
@@ -142,11 +143,12 @@ class OfflineTaskConfig:
     probe_num_train: int = 0
 
     def __post_init__(self):
-        sizes = (self.num_train, self.num_eval, self.num_heldout, self.probe_num_train)
-        if min(sizes) < 0:
-            raise ValueError(f"split sizes must be >= 0: {self}")
-        if self.probe_num_train > len(_PROBE_FACTS):
-            raise ValueError(f"probe_num_train={self.probe_num_train} > {len(_PROBE_FACTS)} probe facts")
+        name = type(self).__name__
+        check_int(f"{name}.seed", self.seed)
+        for size in ("num_train", "num_eval", "num_heldout", "probe_num_train"):
+            check_int(f"{name}.{size}", getattr(self, size), minimum=0)
+        if self.probe_num_train > len(PROBE_FACTS):
+            raise ValueError(f"{name}.probe_num_train={self.probe_num_train} > {len(PROBE_FACTS)} probe facts")
 
 
 def _word(rng: random.Random, syllables: int, ending: str) -> str:
@@ -223,13 +225,8 @@ def make_task(task: str, split: str, config: OfflineTaskConfig = OfflineTaskConf
 
 
 def _probe(split: str, config: OfflineTaskConfig) -> tuple[Record, ...]:
-    order = list(range(len(_PROBE_FACTS)))
+    order = list(range(len(PROBE_FACTS)))
     random.Random(f"sdft-jax/offline/probe/{config.seed}").shuffle(order)
     n = config.probe_num_train
     lo, hi = {"train": (0, n), "eval": (n, len(order)), "heldout": (0, 0)}[split]
-    return tuple(_record("probe", i, *_PROBE_FACTS[j]) for i, j in enumerate(order[lo:hi]))
-
-
-def probe_facts() -> tuple[tuple[str, str, str], ...]:
-    """All probe facts as (question, answer, demonstration)."""
-    return _PROBE_FACTS
+    return tuple(_record("probe", i, *PROBE_FACTS[j]) for i, j in enumerate(order[lo:hi]))

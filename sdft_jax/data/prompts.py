@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sdft_jax.data.records import Record
 from sdft_jax.tokenization import encode_chat, render_chat, stop_token_ids
+from sdft_jax.validation import check_int, check_literals
 
 _log = logging.getLogger(__name__)
 
@@ -30,12 +31,6 @@ DEFAULT_TEACHER_TEMPLATE = (
     "Now answer with a response of your own, including the thinking process."
 )
 _PLACEHOLDER = re.compile(r"\{(question|demonstration)\}")
-
-# Drop reasons: the keys of `RenderResult.dropped`.
-STUDENT_OVERLONG = "student_overlong"
-TEACHER_OVERLONG = "teacher_overlong"
-TARGET_OVERLONG = "target_overlong"
-NO_DEMONSTRATION = "no_demonstration"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,13 +54,13 @@ class PromptConfig:
     max_target_tokens: int = 2048
 
     def __post_init__(self):
+        name = type(self).__name__
         found = set(_PLACEHOLDER.findall(self.teacher_template))
         if found != {"question", "demonstration"}:
-            raise ValueError(f"teacher_template needs {{question}} and {{demonstration}}; has {sorted(found)}")
-        if self.overlong not in ("drop", "truncate_left"):
-            raise ValueError(f"overlong must be 'drop' or 'truncate_left', got {self.overlong!r}")
-        if self.max_prompt_tokens <= 0 or self.max_target_tokens <= 0:
-            raise ValueError("max_prompt_tokens and max_target_tokens must be positive")
+            raise ValueError(f"{name}.teacher_template needs {{question}} and {{demonstration}}; has {sorted(found)}")
+        check_literals(self)
+        check_int(f"{name}.max_prompt_tokens", self.max_prompt_tokens, minimum=1)
+        check_int(f"{name}.max_target_tokens", self.max_target_tokens, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,6 +89,13 @@ class RenderResult:
 
     items: tuple[PromptItem, ...] | tuple[SftItem, ...]
     dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+# Drop reasons: the keys of `RenderResult.dropped`.
+STUDENT_OVERLONG = "student_overlong"
+TEACHER_OVERLONG = "teacher_overlong"
+TARGET_OVERLONG = "target_overlong"
+NO_DEMONSTRATION = "no_demonstration"
 
 
 def teacher_messages(record: Record, template: str = DEFAULT_TEACHER_TEMPLATE) -> list[dict[str, str]]:

@@ -24,6 +24,7 @@ import pyarrow.ipc as ipc
 
 from sdft_jax.data import records as rec
 from sdft_jax.data.records import DataError, ReadResult, Record, SkipCounter
+from sdft_jax.validation import check_int, check_literals
 
 TASKS = ("tooluse", "science", "tooluse_json", "jsonl")
 SPLITS = ("train", "eval")
@@ -63,10 +64,8 @@ class ReadConfig:
     max_row_chars: int = DEFAULT_MAX_ROW_CHARS
 
     def __post_init__(self):
-        if self.purpose not in ("sdft", "sft"):
-            raise ValueError(f"purpose must be 'sdft' or 'sft', got {self.purpose!r}")
-        if self.max_row_chars <= 0:
-            raise ValueError(f"max_row_chars must be positive, got {self.max_row_chars}")
+        check_literals(self)
+        check_int(f"{type(self).__name__}.max_row_chars", self.max_row_chars, minimum=1)
 
 
 def convert_science_demonstration(text: str, purpose: Purpose) -> str:

@@ -54,7 +54,7 @@ def _ranks_file() -> str:
 
 
 def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """Builds the Qwen fast tokenizer from scratch (a few seconds)."""
+    """Builds the Qwen fast tokenizer from scratch (slow enough that `qwen_tokenizer_dir` caches it)."""
     backend = _RanksFileConverter(_ranks_file(), pattern=_QWEN_PATTERN).converted()
     backend.normalizer = normalizers.NFC()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=CHATML_TEMPLATE)

@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from sdft_jax.checkpoints.gguf import gguf_to_hf, permute_qk, unpermute_qk
+from sdft_jax.checkpoints.gguf import gguf_to_hf, unpermute_qk
 from sdft_jax.checkpoints.hf import load_hf
 from sdft_jax.checkpoints.safetensors_io import SafetensorsDir
 from sdft_jax.models.config import ModelConfig
@@ -14,6 +14,12 @@ from sdft_jax.testing.tiny import CHATML_TEMPLATE, byte_tokenizer
 from sdft_jax.tokenization import load_tokenizer
 
 from tests.models.transformer_test import MASK, our_logits, torch_logits
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The permutation llama.cpp applies when it writes Llama q/k (the inverse of `unpermute_qk`)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
 
 _TO_GGUF = {
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",

@@ -82,7 +82,7 @@ def test_records_and_their_demonstrations_score_correct(task):
 
 
 def test_probe_splits():
-    facts = offline_tasks.probe_facts()
+    facts = offline_tasks.PROBE_FACTS
     assert len(facts) == 50
     assert len(make_task("probe", "eval")) == 50 and make_task("probe", "train") == ()
     config = OfflineTaskConfig(probe_num_train=10)
