@@ -9,6 +9,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pathlib
 
 import pytest
+from jaxtyping import install_import_hook
+
+# Shape annotations are checked at run time in the packages whose public functions take arrays:
+# every call in the suite checks its arguments and results against the jaxtyping annotations.
+# The hook must be installed before anything imports these packages.
+CHECKED_PACKAGES = ("sdft_jax.models", "sdft_jax.distill", "sdft_jax.sampling")
+install_import_hook(CHECKED_PACKAGES, "beartype.beartype")
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "self-distillation"
 
