@@ -21,7 +21,7 @@ from typing import Any
 
 from etils import epath
 
-from sdft_jax.checkpoints import cache
+from sdft_jax import cache
 
 PathLike = str | os.PathLike
 

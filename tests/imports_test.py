@@ -124,3 +124,82 @@ MODULES = {"sdft_jax", "sdft_jax.models", "sdft_jax.models.transformer", "sdft_j
 def test_private_uses_finds_imports_and_attributes(source, expected):
     module = "sdft_jax.models.lora" if source.startswith("from .") else "sdft_jax.a"
     assert private_uses(source, module, MODULES) == expected
+
+
+# What each part of the package may import (docs/architecture.md says why). A part is a top-level module
+# or subpackage of sdft_jax; entry points (`train`, `generate`, ...), `bench`, `testing` and `trainer`
+# sit on top and may import anything. A new dependency is a decision: make it here, on purpose.
+ALLOWED_IMPORTS: dict[str, set[str]] = {
+    "validation": set(),
+    "pytrees": set(),
+    "rendezvous": set(),
+    "tokenization": set(),
+    "cache": set(),
+    "padding": {"validation"},
+    "storage": {"cache"},
+    "models": {"pytrees", "validation"},
+    "distributed": {"models", "rendezvous", "validation"},
+    "sampling": {"distributed", "models", "padding", "pytrees", "validation"},
+    "distill": {"distributed", "models", "padding", "pytrees", "validation"},
+    "data": {"storage", "tokenization", "validation"},
+    "eval": {"data", "models", "sampling", "storage"},
+    "checkpoints": {"cache", "distributed", "models", "storage"},
+    "metrics": {"storage"},
+    "checkpointing": {"storage"},
+    "config": {"data", "distill", "distributed", "models", "sampling", "validation"},
+    "cli": {"config"},
+    "continual": {"checkpoints", "cli", "config", "distributed", "eval", "models", "sampling", "storage",
+                  "tokenization", "trainer", "validation"},
+}
+TOP_LEVEL = {"trainer", "train", "generate", "evaluate", "score", "convert", "bench", "testing"}
+
+
+def part_imports(root: pathlib.Path = ROOT) -> dict[str, dict[str, str]]:
+    """Part -> {imported part: 'file:line' of its first import}, parts as in ALLOWED_IMPORTS."""
+    found: dict[str, dict[str, str]] = {}
+    for path in sorted((root / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(root / PACKAGE).with_suffix("").parts
+        if parts == ("__init__",):
+            continue
+        part = parts[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [f"{node.module}.{a.name}" for a in node.names] if node.module == PACKAGE else [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                dotted = name.split(".")
+                if dotted[0] == PACKAGE and len(dotted) > 1 and dotted[1] != part:
+                    found.setdefault(part, {}).setdefault(dotted[1], f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_every_part_imports_only_what_it_may():
+    imports = part_imports()
+    unknown = sorted(set(imports) - set(ALLOWED_IMPORTS) - TOP_LEVEL)
+    assert not unknown, f"parts missing from ALLOWED_IMPORTS (add them with what they may import): {unknown}"
+    broken = [f"{where}: {part} imports {other}" for part, others in imports.items() if part not in TOP_LEVEL
+              for other, where in others.items() if other not in ALLOWED_IMPORTS[part]]
+    assert not broken, "imports against the layering (tests/imports_test.py ALLOWED_IMPORTS):\n" + "\n".join(broken)
+
+
+def test_the_allowed_imports_have_no_cycle():
+    def visit(part: str, path: tuple[str, ...]) -> None:
+        assert part not in path, f"import cycle: {' -> '.join(path + (part,))}"
+        for other in ALLOWED_IMPORTS.get(part, ()):
+            if other not in TOP_LEVEL:
+                visit(other, path + (part,))
+
+    for part in ALLOWED_IMPORTS:
+        visit(part, ())
+
+
+def test_part_imports_names_the_first_import_of_each_part(tmp_path):
+    (tmp_path / PACKAGE / "models").mkdir(parents=True)
+    (tmp_path / PACKAGE / "models" / "x.py").write_text(
+        "import os\nfrom sdft_jax import trainer\nfrom sdft_jax.models import lora\nimport sdft_jax.trainer\n")
+    (tmp_path / PACKAGE / "cli.py").write_text("from sdft_jax.config import load_train_config\n")
+    assert part_imports(tmp_path) == {"models": {"trainer": "sdft_jax/models/x.py:2"},
+                                      "cli": {"config": "sdft_jax/cli.py:1"}}

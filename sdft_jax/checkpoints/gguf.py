@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from sdft_jax.checkpoints.cache import atomic_directory
+from sdft_jax.cache import atomic_directory
 from sdft_jax.checkpoints.hf import write_safetensors
 from sdft_jax.models.config import ModelConfig
 

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
 from sdft_jax import storage
-from sdft_jax.checkpoints.cache import atomic_directory, cache_root
+from sdft_jax.cache import atomic_directory, cache_root
 from sdft_jax.distributed import to_host
 from sdft_jax.checkpoints.safetensors_io import INDEX_FILE, SafetensorsDir
 from sdft_jax.models import lora as lora_lib

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 
 from sdft_jax import storage
-from sdft_jax.checkpoints import cache
+from sdft_jax import cache
 from sdft_jax.checkpoints.gguf import CONVERTER_VERSION, gguf_to_hf
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from sdft_jax.distill.loss_config import LossConfig
+from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.distill.token_terms import (
     TokenMetrics,
     TokenStreams,
@@ -48,7 +49,7 @@ from sdft_jax.distill.token_terms import (
 BLOCKED_LOSSES = frozenset({"topk", "full_kl", "reverse_topk", "importance_sampling", "sft"})
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class Coefficients:
     """The gradient of each position's loss with respect to its student logits z, in closed form:
@@ -122,7 +123,7 @@ def _coefficients(
     raise ValueError(f"loss {cfg.name!r} has no blocked backward (only {sorted(BLOCKED_LOSSES)})")
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Residuals:
     """What the blocked backward keeps from the forward pass (chunked streams: `[n_chunks, B, P, ...]`)."""

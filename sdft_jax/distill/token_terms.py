@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from sdft_jax.distill.loss_config import LossConfig
+from sdft_jax.pytrees import pytree_dataclass
 
 # Names given to the teacher values that the backward pass needs. The chunked scan saves them across
 # its rematerialised chunk, so that the teacher's LM-head matmul is not recomputed.
@@ -46,7 +47,7 @@ class TokenStreams(NamedTuple):
     sampler_logprobs: Float[Array, "*N"] | None
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class TokenMetrics:
     """Per-position metrics, without gradient; None where the loss does not compute one.
@@ -69,7 +70,7 @@ class TokenMetrics:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class TokenTerms:
     """What `token_terms` computes at each position (leading shape `*N`; K = `LossConfig.top_k`).

@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jaxtyping import Array, Int, UInt32
 
 from sdft_jax.distill import teacher as teacher_lib
 from sdft_jax.models.transformer import Transformer
+from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.validation import check_int, check_literals, check_number
 
 PyTree = Any
@@ -78,19 +80,18 @@ class OptimConfig:
         return adamw
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    """The fields of the module docstring. `step` and `rng` are typed as any leaf, not as arrays: tree
-    operations build TrainStates of other leaves too (the shardings of a state, the abstract state a
-    checkpoint is restored into)."""
+    """The fields of the module docstring. A pytree whose rebuilding skips `__init__` (`pytree_dataclass`):
+    tree operations also build TrainStates of shardings or abstract shapes."""
 
-    step: PyTree  # int32 scalar: the optimizer updates done
+    step: Int[Array, ""]  # the optimizer updates done
     params: nnx.State
     frozen: nnx.State
     opt_state: PyTree
     teacher: nnx.State
-    rng: PyTree  # uint32 key data of the run's PRNG key
+    rng: UInt32[Array, "..."]  # key data of the run's PRNG key
 
 
 def trainable_filter(model: Transformer) -> type[nnx.Variable]:

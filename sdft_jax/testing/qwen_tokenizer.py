@@ -15,7 +15,7 @@ from tokenizers import normalizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from sdft_jax.checkpoints import cache
+from sdft_jax import cache
 
 # Qwen2/2.5/3 pre-tokenisation: like GPT-4's but digits are split one by one.
 _QWEN_PATTERN = (

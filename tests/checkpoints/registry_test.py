@@ -17,7 +17,7 @@ def test_registered_name_builds_once_into_the_cache(smollm2_dir):
 
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SDFT_JAX_CACHE", str(tmp_path))
-    from sdft_jax.checkpoints import cache
+    from sdft_jax import cache
 
     assert cache.cache_root() == str(tmp_path)
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from sdft_jax.checkpoints.cache import atomic_directory
+from sdft_jax.cache import atomic_directory
 
 
 def test_complete_block_renames_into_place(tmp_path):
