@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, str] = {
     "loss": "sdft_jax.bench.loss",
     "generate": "sdft_jax.bench.generate",
     "step": "sdft_jax.bench.step",
+    "moe": "sdft_jax.bench.moe",
 }
 
 
