@@ -91,7 +91,7 @@ class MoeConfig:
 
 
 def param_shapes(hidden_size: int, cfg: MoeConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
-    """One layer's MoE weight name -> (shape, logical axes), as `transformer._param_shapes` lists them.
+    """One layer's MoE weight name -> (shape, logical axes), as the decoder lists its per-layer weights.
 
     `expert` is the expert-parallel logical axis; the router and the shared expert's gate are small
     and replicated along their output.
