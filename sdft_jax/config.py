@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 import ml_collections
 
 from sdft_jax.data.prompts import PromptConfig
+from sdft_jax.distill.head_grad import BLOCKED_LOSSES
 from sdft_jax.distill.losses import LossConfig
 from sdft_jax.distill.teacher import TeacherConfig
 from sdft_jax.distill.train_state import OptimConfig
@@ -54,6 +55,13 @@ class LoraSection(LoraConfig):
     def adapters(self) -> LoraConfig | None:
         """The model's `LoraConfig`, or None for full fine-tuning."""
         return _as(self, LoraConfig) if self.rank else None
+
+    @property
+    def scale(self) -> float:
+        """`LoraConfig.scale`; refused at rank 0, where there are no adapters (pass `adapters()` on)."""
+        if not self.rank:
+            raise ValueError("LoraSection.rank is 0 (full fine-tuning): no adapters, no scale; use adapters()")
+        return super().scale
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -196,7 +204,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_literals(self)
-        check_int("TrainConfig.seed", self.seed, minimum=0)
+        check_int("TrainConfig.seed", self.seed, minimum=0, maximum=2**32 - 1, hint="the data shuffle's seed range")
         check_bool("TrainConfig.export", self.export)
         self._check_loss_fits_method()
         self._check_teacher_start()
@@ -219,7 +227,7 @@ class TrainConfig:
 
     def _check_vocab_split(self) -> None:
         # -1 gives the tensor axis every device the others leave: a split on any mesh of several devices.
-        if self.loss.vocab_chunk_size > 0 and self.mesh.tensor != 1:
+        if self.loss.vocab_chunk_size > 0 and self.loss.name in BLOCKED_LOSSES and self.mesh.tensor != 1:
             raise _rule_error("loss.vocab_chunk_size", self.loss.vocab_chunk_size,
                               f"must be 0 when the vocabulary is split over the tensor mesh axis (mesh.tensor = "
                               f"{self.mesh.tensor}): each vocabulary block of the LM head's backward would "

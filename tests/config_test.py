@@ -145,6 +145,17 @@ def test_blocked_vocab_backward_is_refused_on_a_tensor_split_vocabulary(tensor):
         load(**mesh)
     assert load(**mesh, **{"loss.vocab_chunk_size": 0}).mesh.tensor == tensor
     assert load(**{"mesh.tensor": 1}).loss.vocab_chunk_size == 16384
+    # jsd never runs the blocked backward, so its vocab_chunk_size is unused and not refused.
+    assert load(**mesh, **{"loss.name": "jsd"}).loss.vocab_chunk_size == 16384
+
+
+def test_lora_section_at_rank_0_has_no_scale():
+    full = load()
+    assert full.model.lora.rank == 0 and full.model.lora.adapters() is None
+    with pytest.raises(ValueError, match=r"LoraSection\.rank is 0 \(full fine-tuning\)"):
+        full.model.lora.scale  # noqa: B018
+    adapted = load(**{"model.lora.rank": 8, "model.lora.alpha": 16.0}).model.lora
+    assert adapted.scale == 2.0 and adapted.adapters().scale == 2.0
 
 
 def test_the_largest_prompt_bucket_holds_the_longest_prompt():

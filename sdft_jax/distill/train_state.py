@@ -36,10 +36,10 @@ class OptimConfig:
     `optimizer` rather than held here, so that a trainer config states it once.
 
     Attributes:
-      learning_rate: the peak rate (> 0).
-      schedule: `constant`, or `cosine` decaying to 0 at the schedule's end.
+      learning_rate: the peak rate (> 0); about 2e-5 for full fine-tuning, 5e-4 to 1e-3 with LoRA.
+      schedule: `constant`, or `cosine` decaying to 0 at the schedule's end (the trainer: `train.steps`).
       warmup_ratio: linear warmup from 0 over this fraction of the schedule, in [0, 1).
-      b1, b2, eps, weight_decay: AdamW's, in [0, 1), [0, 1), >= 0 and >= 0.
+      b1, b2, eps, weight_decay: AdamW's, in [0, 1), [0, 1), >= 0 and >= 0 (the recipe uses b2 0.95).
       max_grad_norm: global-norm clipping; <= 0 disables it.
     """
 

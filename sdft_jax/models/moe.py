@@ -93,7 +93,8 @@ class MoeConfig:
 def param_shapes(hidden_size: int, cfg: MoeConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
     """One layer's MoE weight name -> (shape, logical axes), as the decoder lists its per-layer weights.
 
-    `expert` is the expert-parallel logical axis; the router and the shared expert's gate are small
+    `expert` is the logical axis of the experts (no rule in `sharding.DEFAULT_RULES` maps it to a mesh
+    axis yet: expert parallelism is still to come, so these weights stay whole along it); the router and the shared expert's gate are small
     and replicated along their output.
     """
     D, E, F, Fs = hidden_size, cfg.num_experts, cfg.expert_hidden, cfg.shared_expert_hidden
@@ -143,11 +144,6 @@ class RouterStats:
         """The busiest expert's load over the mean load 1/E: 1 when balanced, at most E/k."""
         return jnp.max(self.load()) * self.assignments.shape[0]
 
-    def metrics(self) -> dict[str, Float[Array, ""]]:
-        """Scalars for metrics.jsonl: the busiest and idlest expert's load and max / mean."""
-        load = self.load()
-        return {"moe_max_load": jnp.max(load), "moe_min_load": jnp.min(load),
-                "moe_max_over_mean_load": self.max_over_mean_load()}
 
 
 @pytree_dataclass
