@@ -29,7 +29,7 @@ from sdft_jax.distributed import DistributedConfig
 from sdft_jax.models.lora import LoraConfig
 from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
 from sdft_jax.sampling.sampler import SamplingConfig
-from sdft_jax.validation import check_bool, check_int, check_literals, check_number
+from sdft_jax.validation import check_bool, check_choice, check_int, check_literals, check_number
 
 _Config = TypeVar("_Config")
 
@@ -311,9 +311,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     accepted for floats)."""
     origin = typing.get_origin(hint)
     if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ConfigError(f"{key} must be one of {list(typing.get_args(hint))}, got {value!r}")
-        return value
+        try:
+            return check_choice(key, value, typing.get_args(hint))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if origin is tuple:
         if not isinstance(value, (str, list, tuple)):
             raise ConfigError(f"{key} must be a comma-separated list, got {value!r}")
