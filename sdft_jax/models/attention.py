@@ -108,7 +108,7 @@ class CacheSlots:
 @pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache(CacheSlots):
-    """Keys and values of every layer for a batch, stacked over a leading layers axis.
+    """Keys and values of every attention layer for a batch, stacked over a leading layers axis.
 
     Row b's token in slot s is visible iff `valid[b, s]`; positions (for RoPE) are per row and
     independent of slots, so left-padded prompts of different lengths share one write index.
@@ -121,7 +121,7 @@ class KVCache(CacheSlots):
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.attention_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),

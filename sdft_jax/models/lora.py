@@ -9,6 +9,7 @@ so an adapted model starts equal to its base.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +17,16 @@ from jaxtyping import Array, Float
 
 from sdft_jax.validation import check_choice, check_int, check_number
 
-# Projection name -> number of leading (input) dimensions of its weight, per layer.
+# Projection name -> number of input dimensions of its weight, per layer (after the expert axis of
+# the routed experts' weights, `EXPERT_PROJECTIONS`, whose adapters are per expert: A [E, *in, r],
+# B [E, r, *out]). A model adapts the targets it has: the dense MLP's in a dense layer, the experts'
+# and the shared expert's in a MoE layer.
 PROJECTIONS: dict[str, int] = {
     "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1,
+    "experts_gate_proj": 1, "experts_up_proj": 1, "experts_down_proj": 1,
+    "shared_expert_gate_proj": 1, "shared_expert_up_proj": 1, "shared_expert_down_proj": 1,
 }
+EXPERT_PROJECTIONS = frozenset({"experts_gate_proj", "experts_up_proj", "experts_down_proj"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,7 +36,8 @@ class LoraConfig:
     Attributes:
       rank: the adapters' inner dimension `r` (>= 1).
       alpha: the low-rank update is multiplied by `alpha / rank` (> 0).
-      targets: names of the adapted projections (keys of `PROJECTIONS`), at least one.
+      targets: names of the adapted projections (keys of `PROJECTIONS`), at least one; a model
+        adapts those it has (the router is never adapted: it stays frozen under LoRA).
     """
 
     rank: int = 128
@@ -49,10 +57,19 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+def adapter_shapes(name: str, shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of A and B for projection `name` of one layer's weight `shape` (`[E, *in, *out]` for
+    the routed experts, else `[*in, *out]`)."""
+    lead = 1 if name in EXPERT_PROJECTIONS else 0
+    n_in = PROJECTIONS[name]
+    return (*shape[:lead + n_in], rank), (*shape[:lead], rank, *shape[lead + n_in:])
+
+
 def lora_a_init(key: jax.Array, shape: tuple[int, ...], n_in: int, dtype) -> jax.Array:
-    """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); `shape` is `[L, *in, r]` with `n_in` input dims."""
+    """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); `shape` is `[..., *in, r]` with `n_in` input dims (the
+    fan-in of one adapter: leading layer and expert axes do not count)."""
     fan_in = 1
-    for d in shape[1 : 1 + n_in]:
+    for d in shape[len(shape) - 1 - n_in: -1]:
         fan_in *= d
     bound = fan_in**-0.5
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -73,7 +90,19 @@ def project(
     return y
 
 
-def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """`w + scale * a @ b` for stacked `[L, ...]` weights (export with adapters folded in)."""
-    delta = jax.vmap(lambda a_, b_: jnp.tensordot(a_, b_, axes=1))(a.astype(jnp.float32), b.astype(jnp.float32))
+def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, name: str = "") -> jax.Array:
+    """`w + scale * a @ b` for stacked `[L, ...]` weights of projection `name` (export with adapters
+    folded in; the routed experts' per expert)."""
+    product = lambda a_, b_: jnp.tensordot(a_, b_, axes=1)  # noqa: E731
+    if name in EXPERT_PROJECTIONS:
+        product = jax.vmap(product)
+    delta = jax.vmap(product)(a.astype(jnp.float32), b.astype(jnp.float32))
     return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
+def project_named(x: Float[Array, "B T *in"], w: Mapping[str, Array], name: str,
+                  lora: LoraConfig | None) -> Float[Array, "B T *out"]:
+    """Projection `name` of `x` by one layer's weights `w`, with its low-rank update when `w` holds
+    adapters for it (`{name}_lora_a`, `{name}_lora_b`)."""
+    adapters = (w[f"{name}_lora_a"], w[f"{name}_lora_b"]) if f"{name}_lora_a" in w else None
+    return project(x, w[name], PROJECTIONS[name], adapters, lora.scale if adapters else 1.0)

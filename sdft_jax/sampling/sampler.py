@@ -42,7 +42,9 @@ from sdft_jax.distributed import put, to_host
 from sdft_jax.models import attention
 from sdft_jax.models.attention import KVCache, LayerKVCache
 from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, activation_sharding, constrain, logical_sharding
-from sdft_jax.models.transformer import Transformer, decoder_layer, positions_from_mask
+from sdft_jax.models.config import ModelConfig
+from sdft_jax.models.decoder import Layout, decoder_layer, split_layers
+from sdft_jax.models.transformer import Transformer, positions_from_mask
 from sdft_jax.padding import LENGTH_BUCKETS, bucket_length, pad_rows
 from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.sampling import processors
@@ -124,7 +126,7 @@ def layer_copies(model: Transformer) -> LayerWeights:
     """The model's stacked layer weights (and adapters) as one dict of arrays per layer: what the
     decode loop reads with `unroll_layers` (see `decode_step`). A copy: a second set of layer weights
     in memory while it is kept."""
-    return _copy_layers(model.layers.weights(), None)
+    return model.layers.layer_copies()
 
 
 def _empty_cache(model: Transformer, batch: int, length: int, unroll_layers: bool) -> KVCache | LayerKVCache:
@@ -289,7 +291,9 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False, layer_weight
     if max_len is None:
         raise ValueError("decode_step with unroll_layers needs max_len, the cache's slot count")
     per_layer = layer_copies(model) if layer_weights is None else layer_weights
-    layer = functools.partial(decoder_layer, cfg=model.cfg, lora=model.layers.lora, dtype=model.dtype)
+    layer = functools.partial(decoder_layer, cfg=model.cfg, lora=model.layers.lora, dtype=model.dtype,
+                              token_mask=None)
+    kinds = model.cfg.layer_kinds
     cos, sin = model.rope_tables(jnp.arange(max_len)[None])  # [1, max_len, hd/2]
 
     def step(tokens: Int[Array, "B T"], positions: Int[Array, "B T"], mask: Bool[Array, "B T"],
@@ -299,9 +303,15 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False, layer_weight
         cache, visible = cache.reserve(mask)
         ks, vs = list(cache.k), list(cache.v)
         rope = (cos[0][positions], sin[0][positions])  # [B, T, hd/2] each
-        for i, weights in enumerate(per_layer):
-            kv = functools.partial(attention.attend_layer, k_cache=ks[i], v_cache=vs[i], slot=cache.index)
-            x, (ks[i], vs[i]) = layer(x, weights, rope, visible, kv)
+        slot = 0  # the attention layers' buffers, in order
+        for weights, kind in zip(per_layer, kinds, strict=True):
+            kv = None
+            if kind.token_mixer == "attention":
+                kv = functools.partial(attention.attend_layer, k_cache=ks[slot], v_cache=vs[slot], slot=cache.index)
+            x, new_kv, _ = layer(x, weights, rope, visible, kv, kind=kind)
+            if kv is not None:
+                ks[slot], vs[slot] = new_kv
+                slot += 1
         hidden = model.normalize(x)
         return hidden, cache.commit(tuple(ks), tuple(vs), count=tokens.shape[1])
 
@@ -344,7 +354,7 @@ class Sampler:
     """Generates from token-id prompts with whatever model (full or LoRA, sharded or not) it is handed.
 
     `stop_ids` end a row (EOS, `<|im_end|>`, ...; may be empty); `pad_id` fills the batch and the
-    output after each row's end. With a `mesh`, the batch is split over its `data` x `fsdp` axes
+    output after each row's end. With a `mesh`, the batch is split over its `data` x `fsdp` x `expert` axes
     (batch buckets are rounded up to a multiple of that size) and the model's parameters stay
     where they are. `compilations` counts the programs compiled so far (one per batch bucket x
     prompt bucket x model graph x sampling settings) and `compile_seconds` the time they took; each
@@ -366,7 +376,8 @@ class Sampler:
         self.keep_cache = keep_cache
         self.unroll_layers = default_unroll_layers() if unroll_layers is None else unroll_layers
         self.compilations = 0
-        self._batch_multiple = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        self._batch_multiple = 1 if mesh is None else math.prod(
+            mesh.shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
         self._cache: KVCache | LayerKVCache | None = None  # donated into the next same-shape call
         self._layers: _LayerCopies | None = None
         self.copies_made = 0
@@ -374,7 +385,7 @@ class Sampler:
         self.compile_seconds = 0.0
         self._jitted = jax.jit(self._traced, static_argnames=("graphdef", "cfg", "keep_logits"),
                                donate_argnames=("cache",))
-        self._copy = jax.jit(_copy_layers, donate_argnums=(1,))
+        self._copy = jax.jit(_copy_layers, static_argnums=(2, 3), donate_argnums=(1,))
 
     def _traced(self, state: nnx.State, tokens: Int[Array, "B P"], mask: Bool[Array, "B P"], row_ids: Int[Array, "B"],
                 key: Key[Array, ""], cache: KVCache | LayerKVCache, layer_weights: LayerWeights | None, *,
@@ -543,17 +554,18 @@ class Sampler:
         if kept is not None and kept.made_from(stacked):
             self._layers = kept
             return kept.copies
-        into = kept.copies if kept is not None and kept.fits(stacked) else None
+        into = kept.copies if kept is not None and kept.fits(model) else None
         del kept
-        copies = self._copy(stacked, into)
+        copies = self._copy(stacked, into, model.cfg, model.layers.layout)
         self._layers = _LayerCopies(copies=copies, source={n: weakref.ref(w) for n, w in stacked.items()})
         self.copies_made += 1
         return copies
 
 
-def _copy_layers(stacked: dict[str, Array], into: LayerWeights | None) -> LayerWeights:
+def _copy_layers(stacked: dict[str, Array], into: LayerWeights | None, cfg: ModelConfig,
+                 layout: Layout) -> LayerWeights:
     """`layer_copies` of the stacked weights, written into `into` (same shapes, donated) when given."""
-    per_layer = tuple({name: w[i] for name, w in stacked.items()} for i in range(len(next(iter(stacked.values())))))
+    per_layer = split_layers(cfg, layout, stacked)
     if into is None:
         return per_layer
     return jax.tree.map(lambda buf, w: jax.lax.dynamic_update_slice(buf, w, (0,) * w.ndim), into, per_layer)
@@ -571,15 +583,17 @@ class _LayerCopies:
         return stacked.keys() == self.source.keys() and all(
             self.source[n]() is w and not w.is_deleted() for n, w in stacked.items())
 
-    def fits(self, stacked: dict[str, Array]) -> bool:
-        """Whether the copies can take these arrays' slices (names, shapes, dtypes and layouts alike)."""
-        if stacked.keys() != self.copies[0].keys() or len(self.copies) != len(next(iter(stacked.values()))):
+    def fits(self, model: Transformer) -> bool:
+        """Whether the copies can take this model's layer slices (names, shapes, dtypes and layouts alike)."""
+        wanted = jax.eval_shape(model.layers.layer_copies)
+        if jax.tree.structure(wanted) != jax.tree.structure(self.copies):
             return False
-        for copy in self.copies:
-            for name, w in stacked.items():
-                c = copy[name]
-                if (c.shape, c.dtype) != (w.shape[1:], w.dtype) or (
-                        _sharding_key(c.sharding) != _sharding_key(_without_layers_axis(w.sharding))):
+        stacked = model.layers.weights()
+        for copy, want, kind_names in zip(self.copies, wanted, wanted, strict=True):
+            for name in kind_names:
+                c, w = copy[name], want[name]
+                if (c.shape, c.dtype) != (w.shape, w.dtype) or (
+                        _sharding_key(c.sharding) != _sharding_key(_without_layers_axis(stacked[name].sharding))):
                     return False
         return True
 

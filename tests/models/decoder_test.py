@@ -1,0 +1,167 @@
+"""The decoder built from layer kinds: the segment plan, the per-part stacking, and the scanned stack
+against a plain loop over layers."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sdft_jax.models import attention as attn
+from sdft_jax.models import decoder
+from sdft_jax.models.config import LayerKind
+from sdft_jax.models.lora import LoraConfig
+from sdft_jax.models.moe import MoeConfig
+from sdft_jax.models.transformer import Transformer, positions_from_mask
+from sdft_jax.testing.tiny import random_model, tiny_config
+
+MLP = LayerKind("attention", "mlp")
+MOE = LayerKind("attention", "moe")
+TINY_MOE = MoeConfig(num_experts=4, top_k=2, expert_hidden=24)
+
+
+def _plan(kinds):
+    return [(s.start, s.period, s.repeats) for s in decoder.plan_segments(tuple(kinds))]
+
+
+def test_segment_plan_of_a_uniform_stack_is_one_scan():
+    assert _plan([MOE] * 48) == [(0, (MOE,), 48)]
+
+
+def test_segment_plan_puts_a_leading_dense_layer_in_its_own_segment():
+    assert _plan([MLP] + [MOE] * 47) == [(0, (MLP,), 1), (1, (MOE,), 47)]
+
+
+def test_segment_plan_finds_a_repeating_period():
+    # Qwen3.5-like: three of one kind, then one of another, repeated.
+    kinds = [MOE, MOE, MOE, MLP] * 10
+    assert _plan(kinds) == [(0, (MOE, MOE, MOE, MLP), 10)]
+
+
+def test_segment_plan_of_alternating_kinds_with_a_tail():
+    assert _plan([MLP, MOE] * 3 + [MOE]) == [(0, (MLP, MOE), 3), (6, (MOE,), 1)]
+
+
+def _moe_config(**overrides):
+    return dataclasses.replace(tiny_config("qwen3", num_layers=4), architecture="qwen3_moe", moe=TINY_MOE,
+                               **overrides)
+
+
+def test_weights_are_stacked_over_the_layers_that_have_their_part():
+    cfg = _moe_config(dense_layers=(1,))
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert model.layers.q_proj.shape[0] == 4
+    assert model.layers.gate_proj.shape[0] == 1
+    assert model.layers.experts_gate_proj.shape == (3, 4, cfg.hidden_size, 24)
+    assert model.layers.router.shape == (3, cfg.hidden_size, 4)
+    assert decoder.part_layers(cfg)["moe"] == (0, 2, 3)
+
+
+def test_a_lora_target_the_model_lacks_is_skipped_but_none_is_an_error():
+    cfg = tiny_config("llama")
+    model = Transformer(cfg, rngs=nnx.Rngs(0), lora=LoraConfig(rank=2, targets=("q_proj", "experts_up_proj")))
+    assert model.layers.adapted == ("q_proj",)
+    with pytest.raises(ValueError, match="name no projection"):
+        Transformer(cfg, rngs=nnx.Rngs(0), lora=LoraConfig(rank=2, targets=("experts_up_proj",)))
+
+
+def _loop_forward(model, tokens, mask):
+    """The decoder written as a Python loop over layers, on `split_layers`' per-layer weights."""
+    cfg = model.cfg
+    positions = positions_from_mask(mask)
+    x = model.embed_tokens(tokens)
+    visible = attn.causal_visibility(jnp.arange(tokens.shape[1]), mask)
+    rope = model.rope_tables(positions)
+    for weights, kind in zip(model.layers.layer_copies(), cfg.layer_kinds, strict=True):
+        x, _, _ = decoder.decoder_layer(x, weights, rope, visible, None, cfg=cfg, kind=kind, lora=model.layers.lora,
+                                        dtype=model.dtype, token_mask=mask)
+    return model.normalize(x)
+
+
+@pytest.mark.parametrize("dense_layers", [(), (0,), (1,), (0, 2), (3,)])
+def test_scanned_segments_equal_a_loop_over_layers(dense_layers):
+    cfg = _moe_config(dense_layers=dense_layers)
+    model = random_model(cfg, seed=1)
+    tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, cfg.vocab_size)
+    mask = jnp.array([[True] * 7, [False] * 2 + [True] * 5])
+    scanned, _ = model(tokens, positions_from_mask(mask), mask)
+    looped = _loop_forward(model, tokens, mask)
+    np.testing.assert_allclose(np.asarray(scanned), np.asarray(looped), atol=1e-5)
+
+
+def test_router_statistics_are_summed_over_moe_layers_counting_real_tokens():
+    cfg = _moe_config(dense_layers=(2,))
+    model = random_model(cfg, seed=2)
+    tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, cfg.vocab_size)
+    mask = jnp.array([[True] * 5, [False] * 3 + [True] * 2])
+    out = model.forward(tokens, positions_from_mask(mask), mask)
+    stats = out.router_stats
+    moe_layers = 3
+    assert float(stats.tokens) == moe_layers * 7  # 7 real tokens in each of the 3 MoE layers
+    assert float(stats.assignments.sum()) == moe_layers * 7 * TINY_MOE.top_k
+    np.testing.assert_allclose(float(stats.prob_sum.sum()), moe_layers * 7, rtol=1e-5)
+    assert float(out.aux_loss) == 0.0  # load_balance_coef 0 (the fine-tuning default)
+
+
+def test_gradients_flow_to_every_stacked_weight_of_a_mixed_stack():
+    cfg = _moe_config(dense_layers=(0,))
+    model = random_model(cfg, seed=3)
+    tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, cfg.vocab_size)
+    mask = jnp.ones((2, 6), bool)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+        m = nnx.merge(graphdef, p)
+        hidden, _ = m(tokens, positions_from_mask(mask), mask)
+        return jnp.sum(m.logits(hidden) ** 2)
+
+    def loop_loss(p):
+        m = nnx.merge(graphdef, p)
+        return jnp.sum(m.logits(_loop_forward(m, tokens, mask)) ** 2)
+
+    grads = nnx.to_flat_state(jax.grad(loss)(params))
+    ref = dict(nnx.to_flat_state(jax.grad(loop_loss)(params)))
+    for path, g in grads:
+        r = np.asarray(ref[path][...])
+        assert float(jnp.abs(g[...]).max()) > 0, path
+        # Same math, summed in another order: agreement to fp32 precision of each weight's gradient scale.
+        np.testing.assert_allclose(np.asarray(g[...]), r, rtol=1e-4, atol=1e-5 * np.abs(r).max(), err_msg=str(path))
+
+
+def test_rematerialised_forward_and_gradients_equal_the_plain_ones():
+    cfg = _moe_config(dense_layers=(1,))
+    plain = random_model(cfg, seed=4)
+    tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
+    mask = jnp.ones((1, 6), bool)
+
+    def loss(model):
+        hidden, _ = model(tokens, positions_from_mask(mask), mask)
+        return jnp.sum(model.logits(hidden) ** 2)
+
+    remat = random_model(cfg, seed=4)
+    remat.remat = "full"
+    g_plain = nnx.to_flat_state(nnx.grad(loss)(plain))
+    g_remat = dict(nnx.to_flat_state(nnx.grad(loss)(remat)))
+    for path, g in g_plain:
+        np.testing.assert_allclose(np.asarray(g[...]), np.asarray(g_remat[path][...]), rtol=1e-5, atol=1e-7)
+
+
+def test_cached_moe_decoding_equals_the_full_forward():
+    cfg = _moe_config(dense_layers=(1,))
+    model = random_model(cfg, seed=5)
+    tokens = jax.random.randint(jax.random.key(4), (2, 6), 0, cfg.vocab_size)
+    mask = jnp.array([[True] * 6, [False, True, True, True, True, True]])
+    positions = positions_from_mask(mask)
+    full, _ = model(tokens, positions, mask)
+    cache = attn.KVCache.zeros(cfg, batch=2, max_len=8)
+    step = functools.partial(model)
+    hidden, cache = step(tokens[:, :3], positions[:, :3], mask[:, :3], cache)
+    outs = [hidden]
+    for t in range(3, 6):
+        hidden, cache = step(tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+        outs.append(hidden)
+    cached = jnp.concatenate(outs, axis=1)
+    np.testing.assert_allclose(np.asarray(cached)[np.asarray(mask)], np.asarray(full)[np.asarray(mask)], atol=1e-5)
