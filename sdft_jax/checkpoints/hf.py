@@ -1,9 +1,16 @@
 """HF model directories <-> our Transformer: the name mapping, sharded loading and export.
 
+Which HF tensor holds which of our parameters is the family's table (`hf_names`); a stacked weight
+of ours covers the layers that have its part (`decoder.part_layers`: a MoE model's experts only its
+sparse layers), so its HF names carry those layers' global indices.
+
 Loading builds the model abstractly (no memory), then creates each parameter directly on its target
 sharding with `jax.make_array_from_callback`, one parameter at a time from memory-mapped safetensors:
-the host holds at most one stacked weight (one projection over all layers) at once, never the model.
-Export writes safetensors + config.json that `transformers` loads, with LoRA adapters folded in.
+the host holds at most one stacked weight (one projection over all its layers, e.g. every expert's
+gate over the sparse layers) at once, never the model. The routed experts' layout (per-expert tensors
+or fused) is read from the checkpoint's names (`checkpoint_expert_layout`).
+Export writes safetensors + config.json that `transformers` loads, with LoRA adapters folded in (the
+routed experts' per expert), the experts per expert unless asked for the fused layout.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +32,10 @@ from safetensors.numpy import save_file
 from sdft_jax import storage
 from sdft_jax.cache import atomic_directory, cache_root
 from sdft_jax.distributed import to_host
+from sdft_jax.checkpoints import hf_names
+from sdft_jax.checkpoints.hf_names import ExpertLayout
 from sdft_jax.checkpoints.safetensors_io import INDEX_FILE, SafetensorsDir
+from sdft_jax.models import decoder
 from sdft_jax.models import lora as lora_lib
 from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, logical_sharding
@@ -39,56 +48,42 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Rule:
-    """How one of our parameters is stored in HF: per-layer names and the layout transforms."""
+class _Placement:
+    """One of our parameters in an HF checkpoint: its table row, and the layers it is stacked over
+    (None for a parameter outside the decoder stack)."""
 
-    hf_name: str  # with "{i}" for the layer index when stacked
-    stacked: bool
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+    entry: hf_names.TensorName
+    layers: tuple[int, ...] | None
 
 
-def _rules(cfg: ModelConfig) -> dict[tuple[str, ...], _Rule]:
-    D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    same = lambda x: x  # noqa: E731
-    t = lambda x: x.T  # noqa: E731
-
-    def heads_in(n):  # HF [n*E, D] -> ours [D, n, E]
-        return _Rule("", True, lambda x: x.T.reshape(D, n, E), lambda x: x.reshape(D, n * E).T)
-
-    attn = "model.layers.{i}.self_attn."
-    mlp = "model.layers.{i}.mlp."
-    out: dict[tuple[str, ...], _Rule] = {
-        ("embed",): _Rule("model.embed_tokens.weight", False, same, same),
-        ("final_norm",): _Rule("model.norm.weight", False, same, same),
-        ("layers", "input_layernorm"): _Rule("model.layers.{i}.input_layernorm.weight", True, same, same),
-        ("layers", "post_attention_layernorm"): _Rule(
-            "model.layers.{i}.post_attention_layernorm.weight", True, same, same),
-        ("layers", "q_proj"): dataclasses.replace(heads_in(H), hf_name=attn + "q_proj.weight"),
-        ("layers", "k_proj"): dataclasses.replace(heads_in(K), hf_name=attn + "k_proj.weight"),
-        ("layers", "v_proj"): dataclasses.replace(heads_in(K), hf_name=attn + "v_proj.weight"),
-        ("layers", "o_proj"): _Rule(attn + "o_proj.weight", True, lambda x: x.T.reshape(H, E, D),
-                                    lambda x: x.reshape(H * E, D).T),
-        ("layers", "gate_proj"): _Rule(mlp + "gate_proj.weight", True, t, t),
-        ("layers", "up_proj"): _Rule(mlp + "up_proj.weight", True, t, t),
-        ("layers", "down_proj"): _Rule(mlp + "down_proj.weight", True, t, t),
-    }
-    if not cfg.tie_word_embeddings:
-        out[("lm_head",)] = _Rule("lm_head.weight", False, t, t)
-    if cfg.qkv_bias:
-        for name, n in (("q", H), ("k", K), ("v", K)):
-            out[("layers", f"{name}_bias")] = _Rule(
-                attn + f"{name}_proj.bias", True, lambda x, n=n: x.reshape(n, E), lambda x, n=n: x.reshape(n * E))
-    if cfg.o_bias:
-        out[("layers", "o_bias")] = _Rule(attn + "o_proj.bias", True, same, same)
-    if cfg.qk_norm:
-        out[("layers", "q_norm")] = _Rule(attn + "q_norm.weight", True, same, same)
-        out[("layers", "k_norm")] = _Rule(attn + "k_norm.weight", True, same, same)
+def _placements(cfg: ModelConfig, keys, expert_layout: ExpertLayout) -> dict[tuple[str, ...], _Placement]:
+    """Each of our parameter paths (`keys`, LoRA adapters excluded) -> where it lives in HF."""
+    table = hf_names.family_table(cfg.architecture, expert_layout)
+    shapes = decoder.part_shapes(cfg)
+    layers_of = {name: layers for part, layers in decoder.part_layers(cfg).items() for name in shapes[part]}
+    out = {}
+    for key in keys:
+        name = key[-1]
+        if name not in table:
+            raise ValueError(f"no HF tensor for parameter {'.'.join(key)} of a {cfg.architecture} model")
+        entry = table[name]
+        stacked = key[0] == "layers"
+        if stacked != entry.per_layer:
+            raise ValueError(f"the {cfg.architecture} table places {'.'.join(key)} at {entry.hf_name!r}")
+        out[key] = _Placement(entry, layers_of[name] if stacked else None)
     return out
 
 
-def _hf_names(rule: _Rule, num_layers: int) -> list[str]:
-    return [rule.hf_name.format(i=i) for i in range(num_layers)] if rule.stacked else [rule.hf_name]
+def _hf_names_of(placement: _Placement, cfg: ModelConfig) -> list[str]:
+    experts = cfg.moe.num_experts if cfg.moe is not None else 0
+    return placement.entry.names(placement.layers or (), experts)
+
+
+def checkpoint_expert_layout(path: str | os.PathLike) -> ExpertLayout | None:
+    """The routed experts' layout of the checkpoint in model directory `path` (`hf_names.ExpertLayout`),
+    or None when it has no routed experts: what a trainer passes to `save_hf` to export what it loaded."""
+    path = check_model_dir(path)
+    return hf_names.expert_layout_of_names(SafetensorsDir(path).names, path)
 
 
 def check_model_dir(path: str | os.PathLike) -> str:
@@ -120,8 +115,10 @@ def load_hf(
     make = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,  # noqa: E731
                                lora=lora, remat=remat, query_block=query_block)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    rules_by_path = _rules(cfg)
-    _check_names(path, cfg, tensors, rules_by_path)
+    flat_abstract = nnx.to_flat_state(abstract)
+    layout = hf_names.expert_layout_of_names(tensors.names, path) or "per_expert"
+    placements = _placements(cfg, [k for k, v in flat_abstract if not isinstance(v, nnx.LoRAParam)], layout)
+    _check_names(path, cfg, tensors, placements)
 
     def sharding_of(var) -> jax.sharding.Sharding:
         if mesh is None:
@@ -130,13 +127,12 @@ def load_hf(
 
     flat = []
     lora_paths = []
-    for key, var in nnx.to_flat_state(abstract):
+    for key, var in flat_abstract:
         if isinstance(var, nnx.LoRAParam):
             lora_paths.append(key)
             flat.append((key, var))
             continue
-        rule = rules_by_path[key]
-        host = _read_stacked(path, tensors, rule, cfg.num_layers, var.shape, param_dtype)
+        host = _read_param(path, tensors, placements[key], var.shape, param_dtype)
         value = jax.make_array_from_callback(var.shape, sharding_of(var), lambda idx, h=host: h[idx])
         flat.append((key, var.replace(value)))
         del host
@@ -152,8 +148,9 @@ def load_hf(
     return nnx.merge(graphdef, state)
 
 
-def _check_names(path: str, cfg: ModelConfig, tensors: SafetensorsDir, rules) -> None:
-    expected = {n for r in rules.values() for n in _hf_names(r, cfg.num_layers)}
+def _check_names(path: str, cfg: ModelConfig, tensors: SafetensorsDir,
+                 placements: dict[tuple[str, ...], _Placement]) -> None:
+    expected = {n for p in placements.values() for n in _hf_names_of(p, cfg)}
     missing = sorted(expected - tensors.names)
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}")
@@ -166,45 +163,80 @@ def _check_names(path: str, cfg: ModelConfig, tensors: SafetensorsDir, rules) ->
         )
 
 
-def _read_stacked(path, tensors: SafetensorsDir, rule: _Rule, num_layers: int, shape, param_dtype) -> np.ndarray:
-    """One of our parameters as a host array in `param_dtype`, read (and stacked) from the checkpoint."""
-    names = _hf_names(rule, num_layers)
-    expected = shape[1:] if rule.stacked else shape
+def _read_param(path, tensors: SafetensorsDir, placement: _Placement, shape, param_dtype) -> np.ndarray:
+    """One of our parameters as a host array in `param_dtype`, read (and stacked over its layers, and
+    its experts for a per-expert tensor) from the checkpoint."""
+    entry = placement.entry
     out = np.empty(shape, dtype=np.dtype(param_dtype))
-    for i, name in enumerate(names):
-        raw = tensors.read(name)
-        try:
-            value = rule.to_ours(raw)
-        except ValueError:
-            value = None
-        if value is None or value.shape != tuple(expected):
-            want = rule.to_hf(np.empty(expected, np.float32)).shape
-            raise ValueError(f"{path}: tensor {name} has shape {tuple(raw.shape)}, expected {tuple(want)} "
-                             "from config.json")
-        if rule.stacked:
-            out[i] = value.astype(out.dtype)
-        else:
-            out[...] = value.astype(out.dtype)
+    layers = placement.layers if placement.layers is not None else (0,)
+    lead = 1 if placement.layers is not None else 0  # our layers axis
+    experts = shape[lead] if entry.per_expert else 1
+    for j, i in enumerate(layers):
+        for e in range(experts):
+            index = (j,) * lead + (e,) * entry.per_expert
+            expected = tuple(shape[len(index):])
+            name = entry.hf_name.format(i=i, e=e)
+            raw = tensors.read(name)
+            want = _hf_shape(entry, expected)
+            if tuple(raw.shape) != want:
+                raise ValueError(f"{path}: tensor {name} has shape {tuple(raw.shape)}, expected {want} "
+                                 "from config.json")
+            out[index] = entry.transform.to_ours(_piece(raw, entry.piece), expected).astype(out.dtype)
     return out
 
 
-def export_tensors(model: Transformer, dtype=np.float32) -> dict[str, np.ndarray]:
-    """HF-named host tensors of `model`, with LoRA adapters merged into their base weights."""
+def _hf_shape(entry: hf_names.TensorName, ours: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor's shape for ours of shape `ours` (the whole fused tensor for a piece)."""
+    shape = list(entry.transform.hf_shape(ours))
+    if entry.piece is not None:
+        axis, _, count = entry.piece
+        shape[axis] *= count
+    return tuple(shape)
+
+
+def _piece(raw: np.ndarray, piece: tuple[int, int, int] | None) -> np.ndarray:
+    """Piece `index` of `count` along `axis` of a fused tensor (a view), the whole tensor when `piece`
+    is None."""
+    if piece is None:
+        return raw
+    axis, index, count = piece
+    n = raw.shape[axis] // count
+    return raw[(slice(None),) * axis + (slice(index * n, (index + 1) * n),)]
+
+
+def export_tensors(model: Transformer, dtype=np.float32, *,
+                   expert_layout: ExpertLayout = "per_expert") -> dict[str, np.ndarray]:
+    """HF-named host tensors of `model`, with LoRA adapters merged into their base weights; a MoE
+    model's routed experts in `expert_layout` (`hf_names`: per-expert tensors, as `transformers` saves
+    and vLLM loads, or fused)."""
     cfg = model.cfg
     layers = model.layers
     merged = {}
     if layers.lora is not None:
-        for name in layers.lora.targets:
+        for name in layers.adapted:
             merged[("layers", name)] = lora_lib.merged_weight(
                 getattr(layers, name)[...], getattr(layers, f"{name}_lora_a")[...],
-                getattr(layers, f"{name}_lora_b")[...], layers.lora.scale)
-    rules = _rules(cfg)
-    out = {}
-    for key, var in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.LoRAParam))):
-        rule = rules[key]
+                getattr(layers, f"{name}_lora_b")[...], layers.lora.scale, name)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    placements = _placements(cfg, [k for k, _ in flat], expert_layout)
+    out: dict[str, np.ndarray] = {}
+    pieces: dict[str, tuple[tuple[int, int, int], dict[int, np.ndarray]]] = {}  # fused name -> its pieces
+    for key, var in flat:
+        entry, stacked = placements[key].entry, placements[key].layers
         host = to_host(merged.get(key, var[...])).astype(np.float32)
-        for i, name in enumerate(_hf_names(rule, cfg.num_layers)):
-            out[name] = np.ascontiguousarray(rule.to_hf(host[i] if rule.stacked else host)).astype(dtype)
+        for j, i in enumerate(stacked if stacked is not None else (0,)):
+            value = host[j] if stacked is not None else host
+            for e in range(value.shape[0] if entry.per_expert else 1):
+                name = entry.hf_name.format(i=i, e=e)
+                tensor = entry.transform.to_hf(value[e] if entry.per_expert else value)
+                if entry.piece is None:
+                    out[name] = np.ascontiguousarray(tensor).astype(dtype)
+                else:
+                    pieces.setdefault(name, (entry.piece, {}))[1][entry.piece[1]] = tensor
+    for name, ((axis, _, count), parts) in pieces.items():
+        if sorted(parts) != list(range(count)):
+            raise ValueError(f"export: {name} is fused from {count} pieces, the model has {sorted(parts)}")
+        out[name] = np.ascontiguousarray(np.concatenate([parts[k] for k in range(count)], axis=axis)).astype(dtype)
     return out
 
 
@@ -215,14 +247,16 @@ def save_hf(
     tokenizer_dir: str | os.PathLike | None = None,
     dtype=np.float32,
     max_shard_bytes: int = 4 << 30,
+    expert_layout: ExpertLayout = "per_expert",
 ) -> None:
     """Writes an HF directory (config.json, safetensors, tokenizer files) atomically, from process 0.
 
     A remote `out_dir` (`gs://`) is built in a local temporary directory and uploaded with config.json
     last: a remote export is complete when its config.json exists, and one without it (an interrupted
-    upload) is replaced.
+    upload) is replaced. A MoE model's routed experts are written in `expert_layout` (`export_tensors`;
+    `checkpoint_expert_layout(path)` tells the layout of a checkpoint directory).
     """
-    tensors = export_tensors(model, dtype)
+    tensors = export_tensors(model, dtype, expert_layout=expert_layout)
     if jax.process_index() != 0:
         return
     out_dir = os.fspath(out_dir)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sdft_jax.checkpoints.hf import export_tensors, load_hf, save_hf
+from sdft_jax.checkpoints.hf import checkpoint_expert_layout, export_tensors, load_hf, save_hf
 from sdft_jax.checkpoints.safetensors_io import SafetensorsDir
 from sdft_jax.models.lora import LoraConfig
 from sdft_jax.models.sharding import make_mesh
@@ -144,3 +144,129 @@ def test_export_tensors_names_match_transformers(tiny_model_dir, torch_model):
     ours = export_tensors(load_hf(path))
     ref = {k for k in torch_model(path).state_dict()}
     assert set(ours) == ref
+
+
+# Qwen3-MoE: directories written by transformers (4 experts, top-2, layer 1 dense).
+
+
+def _tensors(path):
+    tensors = SafetensorsDir(path)
+    return {n: np.asarray(tensors.read(n)) for n in tensors.names}
+
+
+def _assert_same_bytes(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_moe_round_trip_is_bit_identical_in_either_layout(layout, tiny_model_dir, tmp_path):
+    src = tiny_model_dir("qwen3_moe", expert_layout=layout)
+    assert checkpoint_expert_layout(src) == layout
+    save_hf(load_hf(src), tmp_path / "out", tokenizer_dir=src, expert_layout=checkpoint_expert_layout(src))
+    assert checkpoint_expert_layout(tmp_path / "out") == layout
+    _assert_same_bytes(_tensors(src), _tensors(tmp_path / "out"))
+    with open(tmp_path / "out" / "config.json") as f:
+        config = json.load(f)
+    assert config["model_type"] == "qwen3_moe" and config["mlp_only_layers"] == [1]
+
+
+def test_moe_layouts_hold_the_same_weights(tiny_model_dir):
+    """A per-expert checkpoint exported fused is transformers' own in-memory state dict, and back."""
+    per_expert = tiny_model_dir("qwen3_moe")
+    fused = tiny_model_dir("qwen3_moe", expert_layout="fused")  # same seed: the same weights
+    names = set(_tensors(per_expert))
+    assert "model.layers.2.mlp.experts.3.up_proj.weight" in names and "model.layers.1.mlp.gate_proj.weight" in names
+    assert not any(n.startswith("model.layers.1.mlp.experts") for n in names)
+    _assert_same_bytes(export_tensors(load_hf(per_expert), expert_layout="fused"), _tensors(fused))
+    _assert_same_bytes(export_tensors(load_hf(fused)), _tensors(per_expert))
+
+
+def test_sharded_moe_loading_gives_same_logits(tiny_model_dir):
+    path = tiny_model_dir("qwen3_moe")
+    sharded = load_hf(path, mesh=make_mesh(dict(data=2, fsdp=2, tensor=2)))
+    assert len({s.device for s in sharded.layers.experts_up_proj[...].addressable_shards}) == 8
+    np.testing.assert_allclose(our_logits(sharded), our_logits(load_hf(path)), atol=1e-5)
+
+
+def test_expert_layout_of_a_dense_model_is_none(tiny_model_dir):
+    assert checkpoint_expert_layout(tiny_model_dir("qwen3")) is None
+
+
+def test_transformers_loads_the_moe_export(tiny_model_dir, torch_model, tmp_path):
+    src = tiny_model_dir("qwen3_moe", norm_topk_prob=False)
+    model = load_hf(src)
+    save_hf(model, tmp_path / "out", tokenizer_dir=src)
+    ref = torch_logits(torch_model(str(tmp_path / "out")))
+    assert np.abs(our_logits(model) - ref)[MASK].max() < 1e-4
+    np.testing.assert_array_equal(ref, torch_logits(torch_model(src)))
+
+
+def test_moe_lora_export_is_the_merged_weights(tiny_model_dir, torch_model, tmp_path):
+    src = tiny_model_dir("qwen3_moe")
+    lora = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "gate_proj", "experts_gate_proj",
+                                                   "experts_up_proj", "experts_down_proj"))
+    model = load_hf(src, lora=lora)
+    key = jax.random.key(7)
+    for name in model.layers.adapted:
+        key, sub = jax.random.split(key)
+        var = getattr(model.layers, f"{name}_lora_b")
+        var[...] = 0.1 * jax.random.normal(sub, var.shape)
+    save_hf(model, tmp_path / "merged", tokenizer_dir=src)
+    exported = _tensors(tmp_path / "merged")
+    # By hand: W_e + scale * A_e @ B_e, in HF's [out, in], for expert 3 of sparse layer 2 (index 1 of the stack).
+    layers = model.layers
+    for ours, hf in (("experts_up_proj", "up_proj"), ("experts_down_proj", "down_proj")):
+        w, a, b = (np.asarray(getattr(layers, n)[...])[1, 3] for n in (ours, f"{ours}_lora_a", f"{ours}_lora_b"))
+        np.testing.assert_allclose(exported[f"model.layers.2.mlp.experts.3.{hf}.weight"], (w + 2.0 * a @ b).T,
+                                   rtol=1e-6, atol=1e-7)
+    assert not np.allclose(exported["model.layers.2.mlp.experts.3.up_proj.weight"],
+                           _tensors(src)["model.layers.2.mlp.experts.3.up_proj.weight"], atol=1e-3)
+    ours = our_logits(model)
+    assert np.abs(ours - torch_logits(torch_model(str(tmp_path / "merged"))))[MASK].max() < 1e-4
+    assert not np.allclose(ours, our_logits(load_hf(src)), atol=1e-3)  # the adapters changed the model
+
+
+@pytest.mark.parametrize("layout, name", [
+    ("per_expert", "model.layers.2.mlp.experts.3.up_proj.weight"),
+    ("fused", "model.layers.2.mlp.experts.gate_up_proj"),
+    ("per_expert", "model.layers.0.mlp.gate.weight"),
+])
+def test_moe_error_missing_expert_tensor_names_it(layout, name, tiny_model_dir, tmp_path):
+    from safetensors.numpy import save_file
+
+    d = _copy(tiny_model_dir("qwen3_moe", expert_layout=layout), tmp_path / "m")
+    tensors = _tensors(d)
+    del tensors[name]
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"1 tensors missing .*" + name.replace(".", r"\.")):
+        load_hf(d)
+
+
+@pytest.mark.parametrize("layout, name, shape", [
+    ("per_expert", "model.layers.2.mlp.experts.3.up_proj.weight", (33, 64)),
+    ("per_expert", "model.layers.0.mlp.experts.1.down_proj.weight", (32, 64)),  # transposed
+    ("fused", "model.layers.2.mlp.experts.gate_up_proj", (4, 62, 64)),
+    ("fused", "model.layers.0.mlp.experts.down_proj", (3, 64, 32)),
+])
+def test_moe_error_wrong_shape_names_the_tensor(layout, name, shape, tiny_model_dir, tmp_path):
+    from safetensors.numpy import save_file
+
+    d = _copy(tiny_model_dir("qwen3_moe", expert_layout=layout), tmp_path / "m")
+    tensors = _tensors(d)
+    tensors[name] = np.zeros(shape, np.float32)
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + r" has shape .* expected"):
+        load_hf(d)
+
+
+def test_moe_error_mixed_expert_layouts(tiny_model_dir, tmp_path):
+    from safetensors.numpy import save_file
+
+    d = _copy(tiny_model_dir("qwen3_moe"), tmp_path / "m")
+    tensors = _tensors(d)
+    tensors["model.layers.0.mlp.experts.down_proj"] = np.zeros((4, 64, 32), np.float32)
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match="both the fused and the per-expert layout"):
+        load_hf(d)

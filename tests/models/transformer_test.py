@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdft_jax.checkpoints.hf import load_hf
+from sdft_jax.checkpoints.hf import export_tensors, load_hf
 from sdft_jax.models.attention import KVCache
 from sdft_jax.models.lora import LoraConfig
 from sdft_jax.models.transformer import Transformer, positions_from_mask
@@ -33,13 +33,58 @@ def torch_logits(ref, tokens=TOKENS, mask=MASK):
         return ref(input_ids=torch.tensor(tokens), attention_mask=mask_t, position_ids=positions).logits.numpy()
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("query_block", [0, 3], ids=["one_block", "blocks_of_3"])
 def test_logits_match_transformers_on_padded_batch(architecture, query_block, tiny_model_dir, torch_model):
     path = tiny_model_dir(architecture)
     ours = our_logits(load_hf(path, query_block=query_block))  # 8 tokens: blocks of 3, 3, 2 queries
     ref = torch_logits(torch_model(path))
     assert np.abs(ours - ref)[MASK].max() < 1e-4
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_moe_logits_match_transformers(norm_topk_prob, tiny_model_dir, torch_model):
+    """Qwen3-MoE (4 experts, top-2, the middle layer dense) as transformers builds it, both routings."""
+    path = tiny_model_dir("qwen3_moe", norm_topk_prob=norm_topk_prob)
+    model = load_hf(path)
+    assert model.cfg.moe.norm_topk_prob is norm_topk_prob and model.cfg.dense_layers == (1,)
+    ours = our_logits(model)
+    ref = torch_logits(torch_model(path))
+    assert np.abs(ours - ref)[MASK].max() < 1e-4
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_moe_gradients_of_every_weight_match_transformers(norm_topk_prob, tiny_model_dir, torch_model):
+    """d(sum of logits * fixed random weights over real tokens) / d(every weight), ours mapped to HF
+    names by the export's mapping (fused experts: torch's in-memory layout), against torch autograd."""
+    import torch
+
+    path = tiny_model_dir("qwen3_moe", norm_topk_prob=norm_topk_prob)
+    weights = np.random.default_rng(0).normal(size=(*TOKENS.shape, 320)).astype(np.float32) * MASK[..., None]
+
+    def loss(model):
+        mask = jnp.asarray(MASK)
+        hidden, _ = model(jnp.asarray(TOKENS), positions_from_mask(mask), mask)
+        return jnp.sum(model.logits(hidden) * weights)
+
+    model = load_hf(path)
+    nnx.update(model, nnx.grad(loss)(model))  # the model now holds its gradients
+    ours = export_tensors(model, expert_layout="fused")
+
+    ref = torch_model(path)
+    ref.zero_grad()
+    positions = torch.tensor(np.asarray(positions_from_mask(jnp.asarray(MASK))))
+    logits = ref(input_ids=torch.tensor(TOKENS), attention_mask=torch.tensor(MASK.astype(np.int64)),
+                 position_ids=positions).logits
+    (logits * torch.tensor(weights)).sum().backward()
+    grads = {name: p.grad.numpy() for name, p in ref.named_parameters()}
+    ref.zero_grad()
+    assert set(ours) == set(grads)
+    for name, g in grads.items():
+        assert np.abs(g).max() > 0, name  # every weight takes part
+        if ".experts." in name:
+            assert (np.abs(g).max(axis=(1, 2)) > 0).all(), name  # each expert gets tokens
+        assert np.abs(ours[name] - g).max() / np.abs(g).max() < 1e-4, name
 
 
 def test_tied_embeddings_match_transformers(tiny_model_dir, torch_model):
@@ -57,7 +102,7 @@ def test_padding_does_not_change_real_tokens(tiny_model_dir):
     np.testing.assert_allclose(padded, alone, atol=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "qwen3_moe"])
 def test_cached_decoding_equals_full_forward_at_every_step(architecture, tiny_model_dir):
     model = load_hf(tiny_model_dir(architecture))
     full = our_logits(model)
@@ -99,7 +144,7 @@ def test_lora_starts_at_base_and_matches_merged_weights(tiny_model_dir):
     # Give B values, then compare with a plain model whose weights have the update folded in by hand.
     layers = adapted.layers
     key = jax.random.key(3)
-    for name in layers.lora.targets:
+    for name in layers.adapted:
         key, sub = jax.random.split(key)
         b = getattr(layers, f"{name}_lora_b")
         b[...] = 0.05 * jax.random.normal(sub, b.shape)

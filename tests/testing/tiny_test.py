@@ -15,3 +15,32 @@ def test_directory_is_complete_and_every_tensor_is_random(tiny_model_dir):
     tok = load_tokenizer(path)
     ids = encode_chat(tok, [{"role": "user", "content": "hi"}])
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and max(ids) < 320
+
+
+def test_moe_directory_is_transformers_own_and_every_tensor_is_random(tiny_model_dir):
+    import json
+
+    path = tiny_model_dir("qwen3_moe")
+    with open(f"{path}/config.json") as f:
+        config = json.load(f)
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["mlp_only_layers"] == [1]
+    assert config["num_experts_per_tok"] == 2 and config["norm_topk_prob"] is True
+    tensors = SafetensorsDir(path)
+    names = tensors.names
+    for i in (0, 2):  # sparse layers: router and 4 experts, per expert as save_pretrained writes them
+        assert f"model.layers.{i}.mlp.gate.weight" in names
+        experts = {f"model.layers.{i}.mlp.experts.{e}.{p}_proj.weight"
+                   for e in range(4) for p in ("gate", "up", "down")}
+        assert experts <= names
+    assert "model.layers.1.mlp.gate_proj.weight" in names and "model.layers.1.mlp.gate.weight" not in names
+    for name in names:
+        value = np.asarray(tensors.read(name))
+        assert value.std() > 0, name  # router, experts and norm gains too
+    assert max(encode_chat(load_tokenizer(path), [{"role": "user", "content": "hi"}])) < 320
+
+
+def test_moe_fused_directory_holds_the_in_memory_layout(tiny_model_dir):
+    tensors = SafetensorsDir(tiny_model_dir("qwen3_moe", expert_layout="fused"))
+    assert tensors.shape("model.layers.0.mlp.experts.gate_up_proj") == (4, 64, 64)  # [E, 2F, D]
+    assert tensors.shape("model.layers.2.mlp.experts.down_proj") == (4, 64, 32)  # [E, D, F]
+    assert not any(".experts.0." in n for n in tensors.names)
