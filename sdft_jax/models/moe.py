@@ -18,7 +18,8 @@ shared-expert hidden; every matrix is stored `[in, out]`, the transpose of HF's 
 | `shared_expert_down_proj` | [Fs, D] | `mlp.shared_expert.down_proj.weight` |
 | `shared_expert_gate` | [D, 1] | `mlp.shared_expert_gate.weight` [1, D] |
 
-(*) or, in older files, per-expert `mlp.experts.{e}.gate_proj.weight` / `up_proj.weight` [F, D].
+(*) `transformers`' in-memory layout; files (what `save_pretrained` writes and vLLM loads) usually hold
+per-expert `mlp.experts.{e}.gate_proj.weight` / `up_proj.weight` [F, D] (`checkpoints/hf_names.py`).
 
 Gate and up are kept apart (not fused `[E, D, 2F]`) so each has its own per-expert LoRA adapters,
 `{name}_lora_a` [E, in, r] and `{name}_lora_b` [E, r, out] for the three `experts_*` projections
@@ -30,6 +31,9 @@ Two paths compute the routed experts, with one signature (`ExpertsFn`):
   weighted and scatter-added back to their tokens. It spends the active FLOPs only.
 - `reference_experts`, the plain reference: every expert on every token (dense einsums over E),
   combined with the routing weights as a [T, E] mask; E/k times the active FLOPs.
+
+Under an `activation_sharding` mesh whose `expert` axis is > 1, the decoder runs the grouped path split
+over that axis instead (`expert_parallel.expert_parallel_experts`: each device `local_experts`, its own).
 
 The grouped matmul is the platform's (`grouped_matmul.py`: `jax.lax.ragged_dot` on TPU / GPU, a
 tiled loop on CPU, where `ragged_dot` would multiply every group).
@@ -48,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from sdft_jax.models import lora as lora_lib
 from sdft_jax.models.grouped_matmul import grouped_matmul
 from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.validation import check_bool, check_int, check_number
@@ -93,9 +98,9 @@ class MoeConfig:
 def param_shapes(hidden_size: int, cfg: MoeConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
     """One layer's MoE weight name -> (shape, logical axes), as the decoder lists its per-layer weights.
 
-    `expert` is the logical axis of the experts (no rule in `sharding.DEFAULT_RULES` maps it to a mesh
-    axis yet: expert parallelism is still to come, so these weights stay whole along it); the router and the shared expert's gate are small
-    and replicated along their output.
+    `expert` is the logical axis of the experts (`sharding.DEFAULT_RULES` maps it to the mesh axis
+    `expert`: expert parallelism, `expert_parallel.py`); the router and the shared expert's gate are
+    small and replicated along their output.
     """
     D, E, F, Fs = hidden_size, cfg.num_experts, cfg.expert_hidden, cfg.shared_expert_hidden
     shapes = {
@@ -250,12 +255,28 @@ def reference_experts(x: Float[Array, "T D"], routing: Routing, experts: Experts
 def grouped_experts(x: Float[Array, "T D"], routing: Routing, experts: Experts,
                     lora_scale: float = 1.0) -> Float[Array, "T D"]:
     """The routed experts' output from the T*k assignments sorted by expert (dropless, active FLOPs only)."""
-    T, k = routing.expert_ids.shape
-    num_experts = experts.gate.shape[0]
-    flat_ids = routing.expert_ids.reshape(T * k)
-    order = jnp.argsort(flat_ids, stable=True)  # assignment a = t * k + slot
+    return local_experts(x, routing.expert_ids, routing.weights, experts, jnp.zeros((), jnp.int32), lora_scale)
+
+
+def local_experts(x: Float[Array, "T D"], expert_ids: Int[Array, "T k"], weights: Float[Array, "T k"],
+                  experts: Experts, first_expert: Int[Array, ""], lora_scale: float = 1.0) -> Float[Array, "T D"]:
+    """The contribution of experts `first_expert .. first_expert + E_local - 1` (`experts` holds their
+    weights, E_local of them) to each token; all of them when `experts` holds every expert and
+    `first_expert` is 0 (`grouped_experts`). The shard of one device under expert parallelism.
+
+    The T*k assignments are sorted by expert, the tokens gathered in that order, one grouped matmul per
+    projection, the results weighted and scatter-added back to their tokens. Assignments to other
+    experts sort last and belong to no group (the grouped matmul leaves such rows zero); their weight
+    is zeroed as well.
+    """
+    T, k = expert_ids.shape
+    num_local = experts.gate.shape[0]
+    local_id = expert_ids.reshape(T * k) - first_expert
+    mine = (local_id >= 0) & (local_id < num_local)
+    key = jnp.where(mine, local_id, num_local)  # the other experts' assignments last
+    order = jnp.argsort(key, stable=True)  # assignment a = t * k + slot
     token = order // k
-    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(key, length=num_local + 1)[:num_local].astype(jnp.int32)
     xs = x[token]
 
     def project(h, w, lora):
@@ -268,14 +289,21 @@ def grouped_experts(x: Float[Array, "T D"], routing: Routing, experts: Experts,
 
     hidden = jax.nn.silu(project(xs, experts.gate, experts.gate_lora)) * project(xs, experts.up, experts.up_lora)
     out = project(hidden, experts.down, experts.down_lora)
-    out = out * routing.weights.reshape(T * k)[order][:, None].astype(out.dtype)
+    weight = jnp.where(mine, weights.reshape(T * k), 0)[order]
+    out = jnp.where(mine[order][:, None], out * weight[:, None].astype(out.dtype), 0)
     return jnp.zeros_like(x).at[token].add(out.astype(x.dtype))
 
 
-def shared_expert(x: Float[Array, "T D"], w: Mapping[str, Array]) -> Float[Array, "T D"]:
-    """The shared expert's SwiGLU MLP of `x`, scaled per token by sigmoid(x @ shared_expert_gate)."""
-    gate_w, up_w, down_w = (w[n].astype(x.dtype) for n in SHARED_PROJECTIONS)
-    mlp = jnp.dot(jax.nn.silu(jnp.dot(x, gate_w)) * jnp.dot(x, up_w), down_w)
+def shared_expert(x: Float[Array, "T D"], w: Mapping[str, Array], lora_scale: float = 1.0) -> Float[Array, "T D"]:
+    """The shared expert's SwiGLU MLP of `x` (with its adapters when `w` has them), scaled per token by
+    sigmoid(x @ shared_expert_gate)."""
+    def proj(h, name):
+        adapters = (w[f"{name}_lora_a"].astype(h.dtype), w[f"{name}_lora_b"].astype(h.dtype)) \
+            if f"{name}_lora_a" in w else None
+        return lora_lib.project(h[None], w[name].astype(h.dtype), 1, adapters, lora_scale)[0]
+
+    gate, up, down = SHARED_PROJECTIONS
+    mlp = proj(jax.nn.silu(proj(x, gate)) * proj(x, up), down)
     return jax.nn.sigmoid(jnp.dot(x, w["shared_expert_gate"].astype(x.dtype))) * mlp
 
 
@@ -286,20 +314,23 @@ def _moe(x: Float[Array, "*B D"], w: Mapping[str, Array], cfg: MoeConfig, token_
     routing = route(flat, w["router"], cfg)
     y = experts_fn(flat, routing, Experts.from_weights(w), lora_scale)
     if cfg.shared_expert_hidden:
-        y = y + shared_expert(flat, w)
+        y = y + shared_expert(flat, w, lora_scale)
     stats = router_stats(routing, None if token_mask is None else token_mask.reshape(-1))
     aux = cfg.load_balance_coef * balance_loss(stats) if cfg.load_balance_coef else jnp.zeros((), jnp.float32)
     return MoeOutput(hidden=y.reshape(x.shape), stats=stats, aux_loss=aux)
 
 
 def sparse_moe(x: Float[Array, "*B D"], w: Mapping[str, Array], cfg: MoeConfig, *,
-               token_mask: Bool[Array, "*B"] | None = None, lora_scale: float = 1.0) -> MoeOutput:
-    """The MoE channel mixer on (normed) activations `x` with one layer's weights `w`, grouped path.
+               token_mask: Bool[Array, "*B"] | None = None, lora_scale: float = 1.0,
+               experts_fn: ExpertsFn = grouped_experts) -> MoeOutput:
+    """The MoE channel mixer on (normed) activations `x` with one layer's weights `w`, grouped path
+    (`experts_fn`: the decoder passes `expert_parallel.expert_parallel_experts` when tracing under an
+    `activation_sharding` mesh whose `expert` axis splits the experts).
 
     `token_mask` marks the real tokens for the router statistics and the auxiliary loss (padding is
     computed but not counted); `lora_scale` multiplies the experts' low-rank updates when `w` has them.
     """
-    return _moe(x, w, cfg, token_mask, lora_scale, grouped_experts)
+    return _moe(x, w, cfg, token_mask, lora_scale, experts_fn)
 
 
 def reference_moe(x: Float[Array, "*B D"], w: Mapping[str, Array], cfg: MoeConfig, *,

@@ -3,8 +3,13 @@
 Every parameter carries logical axis names (`embed`, `vocab`, `q_heads`, ...) as Variable metadata
 `axes`. A rule table maps each logical name to mesh axes; changing the mesh sizes is all it takes to
 go from one CPU to a pod. The default rules are FSDP over `fsdp` (the `embed` dimension of every
-matrix) plus tensor parallelism over `tensor` (heads, MLP and vocab dimensions); the batch is split
-over `data` x `fsdp`.
+matrix), expert parallelism over `expert` (the experts of a MoE layer, and their per-expert LoRA
+adapters), and tensor parallelism over `tensor` (heads, MLP and vocab dimensions); the batch is split
+over `data` x `fsdp` x `expert` (outside the MoE layers the expert axis is one more data-parallel
+axis; `expert_parallel.py` moves the tokens to their experts' devices and back).
+
+The mesh axes are ordered from the outermost to the innermost (`MESH_AXES`), so `make_mesh` puts the
+axes that communicate most (`tensor`, then `expert`'s all-to-all-like traffic) on neighbouring devices.
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 DEFAULT_RULES: LogicalRules = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("layers", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -32,13 +37,15 @@ DEFAULT_RULES: LogicalRules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("expert", "expert"),
     ("lora_rank", None),
     ("length", None),
 )
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over axes `data`, `fsdp`, `tensor`; one size may be -1 (= all remaining devices)."""
+    """A mesh over axes `data`, `fsdp`, `expert`, `tensor` (absent = 1); one size may be -1 (= all remaining
+    devices)."""
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"mesh: unknown axes {sorted(unknown)} (axes are {MESH_AXES})")
@@ -107,6 +114,11 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_
 _ACTIVATION_CONTEXT: contextvars.ContextVar[tuple[Mesh, LogicalRules] | None] = contextvars.ContextVar(
     "sdft_jax_activation_sharding", default=None
 )
+
+
+def active_mesh() -> tuple[Mesh, LogicalRules] | None:
+    """The mesh and rules of the enclosing `activation_sharding` block, None outside one."""
+    return _ACTIVATION_CONTEXT.get()
 
 
 @contextlib.contextmanager

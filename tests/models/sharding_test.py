@@ -1,18 +1,24 @@
-"""Mesh construction and logical-axis rules."""
+"""Mesh construction and logical-axis rules; a MoE model on a mesh with an expert axis equals one device."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sdft_jax.models import sharding
-from sdft_jax.models.transformer import Transformer
+from sdft_jax.models import expert_parallel, sharding
+from sdft_jax.models.lora import LoraConfig
+from sdft_jax.models.moe import EXPERT_PROJECTIONS, MoeConfig
+from sdft_jax.models.transformer import Transformer, positions_from_mask
 from sdft_jax.testing.tiny import tiny_config
 
 
 def test_mesh_fills_the_minus_one_axis():
     mesh = sharding.make_mesh({"data": -1, "tensor": 2})
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+    mesh = sharding.make_mesh({"fsdp": 2, "expert": -1})
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
 
 
 @pytest.mark.parametrize("shape, message", [({"data": 3}, "needs 3 devices"), ({"data": -1, "fsdp": -1}, "at most one"),
@@ -33,6 +39,19 @@ def test_rules_map_logical_axes_and_skip_indivisible_dims():
     assert sharding.logical_to_spec(("batch", "embed"), (8, 64), mesh) == P(("data", "fsdp"), None)
 
 
+def test_expert_axis_rules():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+    # The batch is split over the expert axis too (data parallel outside the MoE layers).
+    assert sharding.logical_to_spec(("batch", "length"), (8, 5), mesh) == P(("data", "fsdp", "expert"), None)
+    # Experts [L, E, D, F] over `expert`, their `embed` over `fsdp`; per-expert adapters likewise.
+    assert sharding.logical_to_spec(("layers", "expert", "embed", "mlp"), (2, 8, 64, 32), mesh) == \
+        P(None, "expert", "fsdp", None)
+    assert sharding.logical_to_spec(("layers", "expert", "lora_rank", "embed"), (2, 8, 4, 64), mesh) == \
+        P(None, "expert", None, "fsdp")
+    # The router [L, D, E] and the shared expert's gate [L, D, 1]: replicated along their output.
+    assert sharding.logical_to_spec(("layers", "embed", None), (2, 64, 8), mesh) == P(None, "fsdp", None)
+
+
 def test_state_shardings_follow_param_axes():
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     model = nnx.eval_shape(lambda: Transformer(tiny_config("llama"), rngs=nnx.Rngs(0)))
@@ -45,3 +64,55 @@ def test_state_shardings_follow_param_axes():
 def test_constrain_is_a_noop_without_a_mesh():
     x = jax.numpy.ones((4, 2))
     assert sharding.constrain(x, ("batch", None)) is x
+
+
+MOE_MESHES = {"data2_expert4": {"data": 2, "expert": 4}, "fsdp2_expert2_data2": {"data": 2, "fsdp": 2, "expert": 2}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape", list(MOE_MESHES))
+def test_moe_model_on_an_expert_mesh_equals_one_device(mesh_shape, monkeypatch):
+    """A tiny qwen3_moe model (one dense layer, two sparse, LoRA on the experts, remat): logits and gradients of
+    every parameter on 8 fake devices with an expert axis equal one device's, the experts split as the
+    rules say."""
+    mesh = sharding.make_mesh(MOE_MESHES[mesh_shape])
+    cfg = tiny_config("qwen3_moe", num_layers=3, dense_layers=(1,),
+                      moe=MoeConfig(num_experts=8, top_k=2, expert_hidden=24, load_balance_coef=0.01))
+    lora = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "gate_proj", *EXPERT_PROJECTIONS))
+    model = Transformer(cfg, rngs=nnx.Rngs(0), lora=lora, remat="full")  # the training forward
+    graphdef, state = nnx.split(model)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
+    state = jax.tree.map(lambda a: 0.05 * jax.random.normal(next(keys), a.shape, a.dtype) + (a == 1), state)
+    tokens = jax.random.randint(jax.random.key(2), (8, 6), 0, cfg.vocab_size)
+    mask = jnp.ones((8, 6), bool).at[1, :2].set(False).at[6, :3].set(False)  # left padding in two rows
+    cotangent = jax.random.normal(jax.random.key(3), (8, 6, cfg.vocab_size))
+
+    def objective(state, tokens, mask):
+        model = nnx.merge(graphdef, state)
+        out = model.forward(tokens, positions_from_mask(mask), mask)
+        logits = model.logits(out.hidden)
+        return jnp.sum(logits * cotangent) + out.aux_loss, logits
+
+    step = jax.jit(jax.value_and_grad(objective, has_aux=True))
+    (_, expected), expected_grads = step(state, tokens, mask)
+
+    shardings = sharding.state_shardings(state, mesh)
+    placed = jax.device_put(state, shardings)
+    batch = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), tokens.shape, mesh))
+    calls, original = [], expert_parallel.sharded_experts
+    monkeypatch.setattr(expert_parallel, "sharded_experts", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    with sharding.activation_sharding(mesh):
+        (_, got), grads = step(placed, jax.device_put(tokens, batch), jax.device_put(mask, batch))
+    assert calls, "the sparse layers did not take the expert-parallel path"
+    n = mesh.shape["expert"]
+    for name in EXPERT_PROJECTIONS:
+        for array in (name, f"{name}_lora_a", f"{name}_lora_b"):
+            value = placed["layers"][array][...]
+            assert value.sharding.spec[1] == "expert", array
+            assert value.addressable_shards[0].data.shape[1] == cfg.moe.num_experts // n, array
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+    flat_expected = dict(nnx.to_flat_state(expected_grads))
+    for path, var in nnx.to_flat_state(grads):  # max error <= 1e-5 of the gradient's largest entry
+        want = flat_expected[path][...]
+        np.testing.assert_allclose(var[...], want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))),
+                                   err_msg="/".join(map(str, path)))
