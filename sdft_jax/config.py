@@ -72,10 +72,12 @@ class ModelSection:
     remat: Literal["none", "full", "dots"] = "full"
     query_block: int = DEFAULT_QUERY_BLOCK  # queries per attention block in training forwards (0 = one block)
     lora: LoraSection = LoraSection()  # lora.rank 0 = full fine-tuning
+    train_router: bool = False  # full fine-tuning of a MoE model: train the routers too (frozen by default)
 
     def __post_init__(self):
         check_literals(self)
         check_int("ModelSection.query_block", self.query_block, minimum=0, hint="0 = one block")
+        check_bool("ModelSection.train_router", self.train_router)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -165,6 +167,7 @@ class MeshSection:
 
     data: int = -1  # batch split (pure data parallel)
     fsdp: int = 1  # batch split + parameters / optimizer / teacher sharded over `embed`
+    expert: int = 1  # batch split + a MoE model's experts split (expert parallel); must divide num_experts
     tensor: int = 1  # heads, MLP and vocab dimensions split (tensor parallel)
 
     def __post_init__(self):
@@ -175,7 +178,7 @@ class MeshSection:
             raise ValueError(f"MeshSection: at most one size may be -1, got {self.shape()}")
 
     def shape(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "tensor": self.tensor}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -240,13 +243,14 @@ class TrainConfig:
                               f"{self.prompts.max_prompt_tokens} (the sampler refuses longer prompts)")
 
     def _check_batch_split(self) -> None:
-        shards = self.mesh.data * self.mesh.fsdp  # the batch axes; unknown while one of them is -1
+        # the batch axes (sharding.DEFAULT_RULES); unknown while one of them is -1
+        shards = self.mesh.data * self.mesh.fsdp * self.mesh.expert
         samples = self.rollout.samples_per_prompt if self.method == "sdft" else 1
         rows = self.train.prompts_per_step * samples
         if shards > 0 and rows % shards:
             raise _rule_error("train.prompts_per_step", self.train.prompts_per_step,
                               f"{rows} batch rows per step ({samples} per prompt) do not split over the "
-                              f"mesh.data x mesh.fsdp = {shards} batch shards")
+                              f"mesh.data x mesh.fsdp x mesh.expert = {shards} batch shards")
 
 
 def _rule_error(key: str, value: Any, why: str) -> ValueError:

@@ -168,12 +168,22 @@ def test_the_largest_prompt_bucket_holds_the_longest_prompt():
 
 def test_batch_rows_split_over_the_batch_axes():
     with pytest.raises(ConfigError, match=r"config\.train\.prompts_per_step: .*= 3: 3 batch rows per step \(1 per "
-                                          r"prompt\) do not split over the mesh\.data x mesh\.fsdp = 2 batch shards"):
+                                          r"prompt\) do not split over the mesh\.data x mesh\.fsdp x mesh\.expert = 2 "
+                                          r"batch shards"):
         load(**{"train.prompts_per_step": 3, "mesh.data": 2})
     assert load(**{"train.prompts_per_step": 3, "mesh.data": 2, "rollout.samples_per_prompt": 2})
     assert load(**{"train.prompts_per_step": 3, "mesh.data": 1, "mesh.fsdp": -1})  # known on the devices only
     with pytest.raises(ConfigError, match=r"config\.train\.prompts_per_step: .*6 batch rows"):
         load(**{"train.prompts_per_step": 3, "rollout.samples_per_prompt": 2, "mesh.data": 4})
+    # The expert axis splits the batch too (data parallel outside the MoE layers).
+    with pytest.raises(ConfigError, match=r"config\.train\.prompts_per_step: .*= 2: 4 batch rows per step \(2 per "
+                                          r"prompt\) do not split over the mesh\.data x mesh\.fsdp x "
+                                          r"mesh\.expert = 8"):
+        load(**{"train.prompts_per_step": 2, "rollout.samples_per_prompt": 2, "mesh.data": 2, "mesh.fsdp": 2,
+                "mesh.expert": 2})
+    assert load(**{"train.prompts_per_step": 4, "rollout.samples_per_prompt": 2, "mesh.data": 2, "mesh.fsdp": 2,
+                   "mesh.expert": 2})
+    assert load(**{"train.prompts_per_step": 3, "mesh.data": 1, "mesh.expert": -1})  # known on the devices only
 
 
 def test_mesh_sizes():
@@ -181,6 +191,11 @@ def test_mesh_sizes():
         load(**{"mesh.fsdp": -1})
     with pytest.raises(ValueError, match=r"MeshSection\.tensor must be an integer >= 1 \(or -1 = all remaining"):
         MeshSection(tensor=-2)
+    with pytest.raises(ConfigError, match=r"config\.mesh\.expert: MeshSection\.expert must be an integer >= 1"):
+        load(**{"mesh.expert": 0})
+    with pytest.raises(ConfigError, match=r"config\.mesh: MeshSection: at most one size may be -1"):
+        load(**{"mesh.expert": -1})  # data is -1 by default
+    assert MeshSection(data=2, fsdp=2, expert=2).shape() == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
 
 
 def test_direct_construction_checks_the_rules_too():

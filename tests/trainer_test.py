@@ -133,3 +133,26 @@ def test_config_fingerprint_ignores_the_process_id_only(tmp_path):
     assert fingerprint(**{"distributed.process_id": 1, "distributed.num_processes": 2}) == base
     assert fingerprint(**{"distributed.process_id": 1, "distributed.num_processes": 2,
                           "optim.learning_rate": 2e-3}) != base
+
+
+def test_moe_lora_run_on_an_expert_mesh_exports_the_layout_it_loaded(tiny_model_dir, tmp_path, torch_model):
+    """Qwen3-MoE with fused experts, LoRA on attention and every expert, 8 devices as data 2 x expert 4:
+    the run trains (router metrics logged), and its export keeps the fused layout, with the adapters
+    folded in, and loads in transformers."""
+    from sdft_jax.trainer import train
+
+    model_dir = tiny_model_dir("qwen3_moe", expert_layout="fused")
+    overrides = {"mesh.tensor": 1, "mesh.expert": 4, "train.prompts_per_step": 8, "train.steps": 2,
+                 "model.lora.rank": 4, "model.lora.targets": "q_proj,v_proj,experts_gate_proj,experts_up_proj,"
+                                                           "experts_down_proj",
+                 "checkpoint.every": 2}
+    train(load_train_config(tiny_config(model_dir, tmp_path / "run", **overrides)))
+    rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(1.0 <= r["router/max_over_mean_load"] <= 4 / 2 for r in rows)  # at most E / k
+    export = SafetensorsDir(tmp_path / "run" / "export")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert name in export.names and not any(".experts.0." in n for n in export.names)
+    before = np.asarray(SafetensorsDir(model_dir).read(name))
+    assert np.abs(np.asarray(export.read(name)) - before).max() > 0  # the experts' adapters folded in
+    assert torch_model(str(tmp_path / "run" / "export")).config.model_type == "qwen3_moe"

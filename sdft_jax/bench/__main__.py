@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "sdft_jax.bench.generate",
     "step": "sdft_jax.bench.step",
     "moe": "sdft_jax.bench.moe",
+    "compile": "sdft_jax.bench.compile",
 }
 
 

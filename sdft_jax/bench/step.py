@@ -13,8 +13,9 @@ Reported per engine: `tokens_per_s` (completion tokens per second of whole steps
 after a first call), `step_s`, `peak_rss_mb`; ours also `compile_s`, `step_flops` and `mfu` =
 step_flops / step_s / a matmul peak measured in the same process (a jitted 2048^3 fp32 matmul, median
 of 5), reported as `matmul_peak_gflops`. `step_flops` is counted from the shapes (`step_flops()`:
-every projection and attention matmul as computed: attention over the keys up to the end of each
-query block (`attention.query_blocks`), the masked scores inside a block counted; the student's
+every projection and attention matmul as computed (of a MoE layer, the router and the routed experts a
+token runs: its active FLOPs); attention over the keys up to the end of each query block
+(`attention.query_blocks`), the masked scores inside a block counted; the student's
 forward counted once and its backward twice; the LM head over completion positions, including the
 loss's recomputation of the student logits in its backward pass). XLA's own cost analysis is not
 used: it counts the body of the scan over layers once.
@@ -88,7 +89,7 @@ def step_flops(cfg, batch: int, prompt_len: int, teacher_prompt_len: int, comple
     from sdft_jax.models.attention import query_blocks
 
     D, F, H, K, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    per_token = 2 * cfg.num_layers * (D * H * E + 2 * D * K * E + H * E * D + 3 * D * F)
+    per_token = 2 * (cfg.num_layers * (D * H * E + 2 * D * K * E + H * E * D) + _channel_macs(cfg))
 
     def forward(length: int) -> float:
         pairs = sum((end - start) * end for start, end in query_blocks(length, query_block))  # (query, key) scores
@@ -99,6 +100,20 @@ def step_flops(cfg, batch: int, prompt_len: int, teacher_prompt_len: int, comple
     teacher = forward(teacher_prompt_len + completion_len) + head
     student = 3 * forward(prompt_len + completion_len) + head * 4  # forward, recompute, d_hidden, d_head
     return float(teacher + student)
+
+
+def _channel_macs(cfg) -> int:
+    """Multiply-adds per token of every layer's channel mixer: the dense MLP, or a MoE layer's router and
+    the `top_k` routed experts a token runs (its active FLOPs), plus its shared expert and that one's gate."""
+    total = 0
+    for kind in cfg.layer_kinds:
+        if kind.channel_mixer == "moe":
+            moe, D = cfg.moe, cfg.hidden_size
+            total += D * moe.num_experts + 3 * D * moe.expert_hidden * moe.top_k
+            total += (3 * D * moe.shared_expert_hidden + D) if moe.shared_expert_hidden else 0
+        else:
+            total += 3 * cfg.hidden_size * cfg.intermediate_size
+    return total
 
 
 def run_jax(a: dict) -> dict:
@@ -160,11 +175,19 @@ def run_torch(a: dict) -> dict:
         rng = np.random.default_rng(0)
         D, F, r = cfg.hidden_size, cfg.intermediate_size, a["lora_rank"]
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        dims = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D), "gate_proj": (D, F),
-                "up_proj": (D, F), "down_proj": (F, D)}
-        lora = {"scale": 32.0 / r, "adapters": {
-            (i, n): (rng.uniform(-i_ ** -0.5, i_ ** -0.5, (i_, r)).astype(np.float32), np.zeros((r, o), np.float32))
-            for i in range(cfg.num_layers) for n, (i_, o) in dims.items()}}
+        attention = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D)}
+        mlp = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+        experts = {}
+        if cfg.moe is not None:  # per-expert adapters: A [E, in, r], B [E, r, out]
+            Fe = cfg.moe.expert_hidden
+            experts = {"experts_gate_proj": (D, Fe), "experts_up_proj": (D, Fe), "experts_down_proj": (Fe, D)}
+        adapters = {}
+        for i, kind in enumerate(cfg.layer_kinds):
+            for name, (i_, o) in {**attention, **(experts if kind.channel_mixer == "moe" else mlp)}.items():
+                lead = (cfg.moe.num_experts,) if name in experts else ()
+                adapters[(i, name)] = (rng.uniform(-i_ ** -0.5, i_ ** -0.5, (*lead, i_, r)).astype(np.float32),
+                                       np.zeros((*lead, r, o), np.float32))
+        lora = {"scale": 32.0 / r, "adapters": adapters}
     ref = TorchSDFTStep(a["path"], TorchStepConfig(loss=a["loss"], top_k=20, learning_rate=1e-5, teacher="ema"),
                         lora=lora)
     batch = _batch(cfg.vocab_size, a)

@@ -1,7 +1,8 @@
 """The train state: everything a checkpoint needs, as one pytree.
 
-- `params`: what trains, as an fp32 master copy (all weights, or only the LoRA adapters);
-- `frozen`: what does not (the LoRA base, possibly bf16; empty for full fine-tuning);
+- `params`: what trains, as an fp32 master copy (all weights but a MoE model's routers, or only the
+  LoRA adapters);
+- `frozen`: what does not (the LoRA base, possibly bf16; for full fine-tuning the routers, or nothing);
 - `opt_state`: optax AdamW state (fp32 moments, since the master params are fp32);
 - `teacher`: the teacher's copy of the trainable part (fp32), updated per the teacher mode. With LoRA
   the teacher is the shared frozen base plus these adapters: no second copy of the base.
@@ -94,15 +95,32 @@ class TrainState:
     rng: UInt32[Array, "..."]  # key data of the run's PRNG key
 
 
-def trainable_filter(model: Transformer) -> type[nnx.Variable]:
-    """LoRA adapters when the model has them, else every parameter."""
-    return nnx.LoRAParam if model.layers.lora is not None else nnx.Param
+ROUTER = "router"  # a MoE layer's router weight (`models.moe.param_shapes`)
 
 
-def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def trainable_filter(model: Transformer, *, train_router: bool = False) -> nnx.filterlib.Filter:
+    """LoRA adapters when the model has them (a router has none: it stays frozen), else every parameter
+    but a MoE model's routers unless `train_router`.
+
+    Routers are frozen by default: fine-tuning on a narrow distribution easily unbalances the experts'
+    loads, and the experts can adapt to a fixed routing.
+    """
+    if model.layers.lora is not None:
+        return nnx.LoRAParam
+    if train_router:
+        return nnx.Param
+    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains(ROUTER)))
+
+
+def split_model(model: Transformer, *, train_router: bool = False) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trainable, frozen) of a model; `nnx.merge(graphdef, trainable, frozen)` rebuilds it."""
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(model), ...)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(model, train_router=train_router), ...)
     return graphdef, trainable, frozen
+
+
+def trains_router(state: TrainState) -> bool:
+    """Whether `state` trains a MoE model's routers (full fine-tuning with `train_router`)."""
+    return any(ROUTER in path for path, _ in nnx.to_flat_state(state.params))
 
 
 def _to_f32(tree: PyTree) -> PyTree:
@@ -121,10 +139,13 @@ def _init_optimizer(tx: optax.GradientTransformation, params: nnx.State) -> opta
 
 
 def init_train_state(
-    model: Transformer, optim: OptimConfig, *, seed: int = 0
+    model: Transformer, optim: OptimConfig, *, seed: int = 0, train_router: bool = False
 ) -> tuple[nnx.GraphDef, TrainState]:
-    """Builds the train state of a (possibly sharded) model; shardings follow the model's arrays."""
-    graphdef, trainable, frozen = split_model(model)
+    """Builds the train state of a (possibly sharded) model; shardings follow the model's arrays.
+
+    `train_router`: in full fine-tuning, train a MoE model's routers too (`trainable_filter`).
+    """
+    graphdef, trainable, frozen = split_model(model, train_router=train_router)
     params = jax.jit(_to_f32)(trainable)
     # Adam's state (its moments and a step count) does not depend on the schedule's length.
     opt_state = _init_optimizer(optim.optimizer(total_steps=1), params)
@@ -146,16 +167,39 @@ def init_train_state(
     return graphdef, state
 
 
+def abstract_train_state(
+    model: Transformer, optim: OptimConfig, *, train_router: bool = False
+) -> tuple[nnx.GraphDef, TrainState]:
+    """The train state `init_train_state` builds, as shapes and dtypes on one device (a TrainState of
+    `jax.ShapeDtypeStruct`s), computing nothing: to lower and compile a step ahead of time (e.g.
+    `make_train_step(graphdef, state, cfg).lower(state, batch).compile()`). `model` may be abstract
+    itself (`nnx.eval_shape(lambda: Transformer(...))`), so no weight is ever materialised.
+    """
+    graphdef, trainable, frozen = split_model(model, train_router=train_router)
+
+    def build(trainable: nnx.State, frozen: nnx.State) -> TrainState:
+        params = _to_f32(trainable)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                          opt_state=optim.optimizer(total_steps=1).init(params),
+                          teacher=teacher_lib.init_teacher(params), rng=jax.random.key_data(jax.random.key(0)))
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(build, trainable, frozen)
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
 def with_teacher(state: TrainState, model: Transformer) -> TrainState:
     """`state` with its teacher replaced by `model`'s weights (fp32, on the teacher's shardings).
 
     For a teacher that starts elsewhere than the student (e.g. the original base model in a continual
     experiment's second stage). `model` must have the student's architecture and no LoRA adapters, and
     the state must be a full fine-tuning one (with LoRA the teacher shares the student's frozen base).
+    A MoE teacher shares the student's frozen routers too (unless the state trains them), so `model`'s
+    routers must equal them.
     """
     if model.layers.lora is not None:
         raise ValueError("with_teacher: the teacher model must not have LoRA adapters")
-    _, trainable, _ = split_model(model)
+    _, trainable, frozen = split_model(model, train_router=trains_router(state))
     if jax.tree.structure(trainable) != jax.tree.structure(state.teacher):
         raise ValueError("with_teacher: the state's teacher holds other parameters than the model (a LoRA state "
                          "shares its frozen base with the teacher and cannot take a separate one)")
@@ -163,6 +207,13 @@ def with_teacher(state: TrainState, model: Transformer) -> TrainState:
         if t.shape != new.shape:
             raise ValueError(f"with_teacher: {jax.tree_util.keystr(path)} has shape {new.shape} in the teacher "
                              f"model but {t.shape} in the student")
+    same = jax.jit(lambda a, b: jax.tree.map(
+        lambda x, y: jnp.array_equal(x.astype(jnp.float32), y.astype(jnp.float32)), a, b))(state.frozen, frozen)
+    for path, equal in jax.tree_util.tree_leaves_with_path(same):
+        if not bool(equal):
+            raise ValueError(f"with_teacher: {jax.tree_util.keystr(path)} is frozen, shared by student and teacher, "
+                             "and differs in the teacher model (a teacher with other routers needs a state that "
+                             "trains them: `train_router`)")
     teacher = jax.jit(_to_f32, out_shardings=jax.tree.map(lambda x: x.sharding, state.teacher))(trainable)
     return dataclasses.replace(state, teacher=teacher)
 

@@ -2,7 +2,8 @@
 
     teacher forward on teacher_prompt ++ completion (no gradient)
  -> student forward + backward on student_prompt ++ completion
- -> chunked loss from aligned final hidden states (LM head applied inside token chunks)
+ -> chunked loss from aligned final hidden states (LM head applied inside token chunks), plus a MoE
+    model's load-balancing loss when its coefficient is set
  -> AdamW update (skipped, and counted, if the loss or gradient is not finite)
  -> teacher update (static / EMA / sync)
  -> metrics
@@ -26,8 +27,9 @@ from sdft_jax.distill import teacher as teacher_lib
 from sdft_jax.distill.batch import StepBatch
 from sdft_jax.distill.losses import LossConfig, chunked_loss
 from sdft_jax.distill.train_state import OptimConfig, TrainState
+from sdft_jax.models import moe as moe_lib
 from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, activation_sharding
-from sdft_jax.models.transformer import Transformer, positions_from_mask
+from sdft_jax.models.transformer import ModelOutput, Transformer, positions_from_mask
 from sdft_jax.validation import check_bool, check_int
 
 
@@ -44,12 +46,24 @@ class StepConfig:
         check_bool("StepConfig.skip_nonfinite", self.skip_nonfinite)
 
 
-def _completion_hidden(
-    model: Transformer, tokens: Int[Array, "B L"], mask: Bool[Array, "B L"], prompt_len: int, completion_len: int
-) -> Float[Array, "B C D"]:
+def _forward(model: Transformer, tokens: Int[Array, "B L"], mask: Bool[Array, "B L"]) -> ModelOutput:
+    return model.forward(tokens, positions_from_mask(mask), mask)
+
+
+def _completion_hidden(hidden: Float[Array, "B L D"], prompt_len: int, completion_len: int) -> Float[Array, "B C D"]:
     """Final hidden states at the positions that predict the completion tokens: [B, C, D]."""
-    hidden, _ = model(tokens, positions_from_mask(mask), mask)
     return hidden[:, prompt_len - 1: prompt_len - 1 + completion_len]
+
+
+def router_metrics(stats: moe_lib.RouterStats) -> dict[str, Float[Array, ""]]:
+    """Scalar metrics of a MoE model's routing, its router statistics summed over the sparse layers and
+    the real tokens of the student's forward: the busiest and the idlest expert's share of the
+    assignments over the mean share 1/E (1 and 1 when balanced), and the unweighted load-balancing loss
+    (`top_k` when balanced; what `load_balance_coef` would weight)."""
+    relative = stats.load() * stats.assignments.shape[0]
+    return {"router/max_over_mean_load": stats.max_over_mean_load(),
+            "router/min_over_mean_load": jnp.min(relative),
+            "router/balance_loss": moe_lib.balance_loss(stats)}
 
 
 def train_step(
@@ -63,17 +77,24 @@ def train_step(
     teacher_hidden = teacher_head = None
     if not sft:
         teacher = nnx.merge(graphdef, state.teacher, state.frozen)
-        teacher_hidden = jax.lax.stop_gradient(_completion_hidden(
-            teacher, batch.teacher_tokens, batch.teacher_mask, batch.teacher_prompt_len, C))
+        teacher_out = _forward(teacher, batch.teacher_tokens, batch.teacher_mask)
+        teacher_hidden = jax.lax.stop_gradient(_completion_hidden(teacher_out.hidden, batch.teacher_prompt_len, C))
         teacher_head = jax.lax.stop_gradient(teacher.head_weight())
 
-    # 2-3. Student forward and backward through the chunked loss.
+    # 2-3. Student forward and backward through the chunked loss (+ a MoE model's balance loss).
     def loss_fn(params: nnx.State) -> tuple[Float[Array, ""], dict[str, Array]]:
         student = nnx.merge(graphdef, params, state.frozen)
-        hidden = _completion_hidden(student, batch.student_tokens, batch.student_mask, batch.student_prompt_len, C)
-        return chunked_loss(hidden, student.head_weight(), batch.completion_mask, cfg.loss,
-                            teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                            targets=batch.completion_tokens, sampler_logprobs=batch.sampler_logprobs)
+        out = _forward(student, batch.student_tokens, batch.student_mask)
+        loss, metrics = chunked_loss(
+            _completion_hidden(out.hidden, batch.student_prompt_len, C), student.head_weight(),
+            batch.completion_mask, cfg.loss, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+            targets=batch.completion_tokens, sampler_logprobs=batch.sampler_logprobs)
+        if out.router_stats is not None:
+            metrics = {**metrics, **router_metrics(out.router_stats)}
+            if student.cfg.moe.load_balance_coef:
+                loss = loss + out.aux_loss
+                metrics["aux_loss"] = out.aux_loss
+        return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 

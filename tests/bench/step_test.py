@@ -16,3 +16,18 @@ def test_step_flops_count_the_attention_as_computed():
     # The student's attention is counted three times (forward, and twice in the backward pass).
     assert one_block - blocked == per_pair * (3 * skipped_student + skipped_teacher)
     assert step_flops(cfg, **shapes, query_block=16) == one_block  # one block when it covers the row
+
+
+def test_step_flops_count_a_moe_layers_active_experts():
+    from sdft_jax.models.moe import MoeConfig
+
+    moe = MoeConfig(num_experts=8, top_k=2, expert_hidden=24)
+    dense = tiny_config("qwen3", num_layers=3)
+    sparse = tiny_config("qwen3_moe", num_layers=3, moe=moe, dense_layers=(1,))
+    shapes = dict(batch=2, prompt_len=5, teacher_prompt_len=7, completion_len=3, query_block=0)
+    # Layers 0 and 2 swap the dense MLP (3 D F multiply-adds per token) for the router (D E) and two experts.
+    D, F = dense.hidden_size, dense.intermediate_size
+    per_token = 2 * 2 * (D * 8 + 3 * D * 24 * 2 - 3 * D * F)
+    # Tokens: the teacher's forward once, the student's three times (forward and backward).
+    tokens = 2 * ((7 + 3) + 3 * (5 + 3))
+    assert step_flops(sparse, **shapes) - step_flops(dense, **shapes) == per_token * tokens

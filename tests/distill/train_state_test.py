@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 
 from sdft_jax.checkpoints.hf import load_hf
-from sdft_jax.distill.train_state import OptimConfig, init_train_state, with_teacher
+from flax import nnx
+
+from sdft_jax.distill.train_state import (
+    OptimConfig,
+    abstract_train_state,
+    init_train_state,
+    trains_router,
+    with_teacher,
+)
 from sdft_jax.models.lora import LoraConfig
+from sdft_jax.models.transformer import Transformer
 from sdft_jax.models.sharding import make_mesh
 
 
@@ -54,6 +63,63 @@ def test_with_teacher_refuses_a_lora_state_or_other_shapes(tiny_model_dir):
     wider = load_hf(tiny_model_dir("llama", intermediate_size=48))
     with pytest.raises(ValueError, match="has shape"):
         with_teacher(state, wider)
+
+
+def _names(state):
+    return {path[-1] for path, _ in nnx.to_flat_state(state)}
+
+
+def test_moe_routers_are_frozen_unless_asked(tiny_model_dir):
+    model = load_hf(tiny_model_dir("qwen3_moe"))
+    _, state = init_train_state(model, OptimConfig(learning_rate=1e-3))
+    # Full fine-tuning: everything but the routers trains; the routers are shared, frozen, by the teacher.
+    assert "router" not in _names(state.params) and "router" not in _names(state.teacher)
+    assert _names(state.frozen) == {"router"} and not trains_router(state)
+    assert {"experts_gate_proj", "q_proj", "gate_proj", "embed"} <= _names(state.params)
+    _, trained = init_train_state(model, OptimConfig(learning_rate=1e-3), train_router=True)
+    assert "router" in _names(trained.params) and "router" in _names(trained.teacher)
+    assert not _names(trained.frozen) and trains_router(trained)
+    # LoRA trains the adapters only, whatever train_router says: the router has none.
+    lora = load_hf(tiny_model_dir("qwen3_moe"), lora=LoraConfig(rank=2))
+    _, lora_state = init_train_state(lora, OptimConfig(learning_rate=1e-3), train_router=True)
+    assert all(name.endswith(("_lora_a", "_lora_b")) for name in _names(lora_state.params))
+    assert "experts_down_proj_lora_b" in _names(lora_state.params) and "router" in _names(lora_state.frozen)
+    # A dense model has no router: its frozen part stays empty.
+    _, dense = init_train_state(load_hf(tiny_model_dir("qwen3")), OptimConfig(learning_rate=1e-3))
+    assert not _names(dense.frozen)
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "llama"])
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_abstract_state_has_the_shapes_of_the_real_one(architecture, use_lora, tiny_model_dir):
+    path = tiny_model_dir(architecture)
+    lora = LoraConfig(rank=2) if use_lora else None
+    real_model = load_hf(path, lora=lora)
+    real_graphdef, real = init_train_state(real_model, OptimConfig(learning_rate=1e-3))
+    graphdef, abstract = abstract_train_state(
+        nnx.eval_shape(lambda: Transformer(real_model.cfg, rngs=nnx.Rngs(0), lora=lora)), OptimConfig())
+    assert jax.tree.structure(abstract) == jax.tree.structure(real)
+    for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
+        assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == (r.shape, r.dtype)
+    assert graphdef == real_graphdef
+
+
+def test_with_teacher_of_a_moe_model_shares_or_takes_the_routers(tiny_model_dir):
+    path = tiny_model_dir("qwen3_moe")
+    student = load_hf(path)
+    other = load_hf(path)
+    other.layers.experts_up_proj[...] = other.layers.experts_up_proj[...] + 1.0
+    _, state = init_train_state(student, OptimConfig(learning_rate=1e-3))
+    new = with_teacher(state, other)  # same routers: accepted, the experts taken
+    np.testing.assert_array_equal(np.asarray(new.teacher["layers"]["experts_up_proj"][...]),
+                                  np.asarray(state.teacher["layers"]["experts_up_proj"][...]) + 1.0)
+    other.layers.router[...] = other.layers.router[...] + 1.0
+    with pytest.raises(ValueError, match=r"'router'.* is frozen, shared by student and teacher"):
+        with_teacher(state, other)
+    _, trained = init_train_state(student, OptimConfig(learning_rate=1e-3), train_router=True)
+    new = with_teacher(trained, other)  # trained routers: the teacher has its own
+    np.testing.assert_array_equal(np.asarray(new.teacher["layers"]["router"][...]),
+                                  np.asarray(trained.teacher["layers"]["router"][...]) + 1.0)
 
 
 def test_schedules_run_over_the_given_number_of_steps():

@@ -11,7 +11,8 @@ from sdft_jax.distill.batch import make_step_batch
 from sdft_jax.distill.losses import LossConfig
 from sdft_jax.distill.train_state import OptimConfig, init_train_state, student_model
 from sdft_jax.distill.train_step import StepConfig, make_train_step, shard_batch
-from sdft_jax.models.lora import LoraConfig
+from sdft_jax.models import decoder
+from sdft_jax.models.lora import EXPERT_PROJECTIONS, LoraConfig
 from sdft_jax.models.sharding import make_mesh
 
 LR = 1e-3
@@ -43,15 +44,31 @@ def step_config(loss, teacher_mode="ema", **loss_kwargs):
 
 
 def lora_adapters_for_torch(model):
-    """Our initial adapters in the torch reference's layout: {(layer, name): (A [in, r], B [r, out])}."""
+    """Our adapters in the torch reference's layout: {(global layer, name): (A [in, r], B [r, out])}, a
+    routed experts' projection's per expert (A [E, in, r], B [E, r, out])."""
     layers = model.layers
+    stacked_over = {name: decoder.part_layers(model.cfg)[part]
+                    for part, shapes in decoder.part_shapes(model.cfg).items() for name in shapes}
     out = {}
-    for name in layers.lora.targets:
+    for name in layers.adapted:
         a = np.asarray(getattr(layers, f"{name}_lora_a")[...])
         b = np.asarray(getattr(layers, f"{name}_lora_b")[...])
-        for i in range(a.shape[0]):
-            out[(i, name)] = (a[i].reshape(-1, a.shape[-1]), b[i].reshape(b.shape[1], -1))
+        for j, i in enumerate(stacked_over[name]):
+            if name in EXPERT_PROJECTIONS:
+                out[(i, name)] = (a[j], b[j])
+            else:
+                out[(i, name)] = (a[j].reshape(-1, a.shape[-1]), b[j].reshape(b.shape[1], -1))
     return {"scale": layers.lora.scale, "adapters": out}
+
+
+def torch_adapters(ref, layer, name):
+    """The torch reference's current (A, B) of projection `name` in global layer `layer`."""
+    block = ref.model.model.layers[layer]
+    if name in EXPERT_PROJECTIONS:
+        experts = block.mlp.experts
+        return experts.lora_a[name].detach().numpy(), experts.lora_b[name].detach().numpy()
+    mod = getattr(block.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp, name)
+    return mod.lora_a.detach().numpy(), mod.lora_b.detach().numpy()
 
 
 @pytest.mark.parametrize("loss", ["topk", "full_kl"])
@@ -80,9 +97,9 @@ def test_two_steps_match_torch(loss, use_lora, tiny_model_dir):
     if use_lora:
         ours = lora_adapters_for_torch(student_model(graphdef, state))["adapters"]
         for (layer, name), (a, b) in ours.items():
-            mod = getattr(getattr(ref.model.model.layers[layer], "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"), name)
-            np.testing.assert_allclose(a, mod.lora_a.detach().numpy(), atol=1e-2 * LR, err_msg=f"{layer} {name} A")
-            np.testing.assert_allclose(b, mod.lora_b.detach().numpy(), atol=1e-2 * LR, err_msg=f"{layer} {name} B")
+            ta, tb = torch_adapters(ref, layer, name)
+            np.testing.assert_allclose(a, ta, atol=1e-2 * LR, err_msg=f"{layer} {name} A")
+            np.testing.assert_allclose(b, tb, atol=1e-2 * LR, err_msg=f"{layer} {name} B")
     else:
         ours = export_tensors(student_model(graphdef, state))
         theirs = {k: v.detach().numpy() for k, v in ref.model.state_dict().items()}
@@ -91,6 +108,110 @@ def test_two_steps_match_torch(loss, use_lora, tiny_model_dir):
         moved = np.abs(ours["model.layers.0.mlp.up_proj.weight"] - np.asarray(
             load_hf(path).layers.up_proj[...][0]).T).max()
         assert moved > 0.5 * LR  # the weights really moved
+
+
+# Qwen3-MoE (`write_tiny_moe_model`: 3 layers, layer 1 dense, 4 experts, top-2): adapters on attention,
+# the dense layer's MLP and every expert.
+MOE_LORA_TARGETS = ("q_proj", "o_proj", "gate_proj", "down_proj", *sorted(EXPERT_PROJECTIONS))
+
+
+def hand_router_metrics(router_logits, mask, top_k):
+    """The router metrics from `transformers`' router logits ([B*L, E] per sparse layer) over the real
+    tokens of `mask`, in float64: softmax, the top-k experts, loads and the balance loss by hand."""
+    import torch
+
+    counted = np.asarray(mask).reshape(-1).astype(np.float64)
+    assignments = prob_sum = tokens = 0.0
+    for logits in router_logits:
+        probs = torch.softmax(logits.double(), -1)
+        hits = np.zeros(probs.shape)
+        np.put_along_axis(hits, probs.topk(top_k, -1).indices.numpy(), 1.0, axis=-1)
+        assignments = assignments + (hits * counted[:, None]).sum(0)
+        prob_sum = prob_sum + (probs.numpy() * counted[:, None]).sum(0)
+        tokens += counted.sum()
+    E = len(assignments)
+    load = assignments / assignments.sum()
+    return {"router/max_over_mean_load": load.max() * E, "router/min_over_mean_load": load.min() * E,
+            "router/balance_loss": E * np.sum(assignments / tokens * prob_sum / tokens)}
+
+
+MOE_CASES = {  # id -> (loss, LoRA, norm_topk_prob, train_router, load_balance_coef)
+    "topk-full": ("topk", False, True, False, 0.0),
+    "topk-lora": ("topk", True, True, False, 0.0),
+    "full_kl-full-unnormed": ("full_kl", False, False, False, 0.0),
+    "full_kl-lora-unnormed": ("full_kl", True, False, False, 0.0),
+    "topk-full-train_router": ("topk", False, False, True, 0.0),
+    "topk-full-train_router-balance": ("topk", False, True, True, 0.05),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_two_steps_match_torch(case, tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from sdft_jax.bench.torch_step import TorchSDFTStep, TorchStepConfig
+
+    loss, use_lora, norm_topk_prob, train_router, coef = MOE_CASES[case]
+    path = tiny_model_dir("qwen3_moe", norm_topk_prob=norm_topk_prob)
+    if coef:  # the load-balancing loss, as HF configs turn it on
+        path = shutil.copytree(path, tmp_path / "model")
+        config = json.loads((path / "config.json").read_text())
+        config.update(output_router_logits=True, router_aux_loss_coef=coef)
+        (path / "config.json").write_text(json.dumps(config))
+        path = str(path)
+    lora = LoraConfig(rank=4, alpha=8.0, targets=MOE_LORA_TARGETS) if use_lora else None
+    model = load_hf(path, lora=lora, query_block=4)
+    assert model.cfg.dense_layers == (1,) and model.cfg.moe.load_balance_coef == coef
+    cfg = step_config(loss)
+    ref = TorchSDFTStep(path, TorchStepConfig(loss=loss, top_k=8, learning_rate=LR, eps=EPS, teacher="ema",
+                                              ema_alpha=0.1, train_router=train_router),
+                        lora=lora_adapters_for_torch(model) if use_lora else None)
+    graphdef, state = init_train_state(model, cfg.optim, train_router=train_router)
+    assert ("router" in state.params["layers"]) == train_router
+    step = make_train_step(graphdef, state, cfg)
+    for i in range(2):
+        batch = random_batch(seed=i)
+        expected = hand_router_metrics(ref.router_logits(batch.student_tokens, batch.student_mask),
+                                       batch.student_mask, model.cfg.moe.top_k)
+        state, metrics = step(state, shard_batch(batch, None))
+        ref_loss = ref.step(batch)
+        np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=2e-5, atol=1e-6, err_msg=f"step {i}")
+        for name, value in expected.items():  # of the weights before the step
+            np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, err_msg=f"step {i} {name}")
+        if coef:
+            np.testing.assert_allclose(float(metrics["aux_loss"]), ref.last_aux_loss, rtol=1e-5)
+            np.testing.assert_allclose(float(metrics["aux_loss"]), coef * expected["router/balance_loss"], rtol=1e-5)
+        else:
+            assert "aux_loss" not in metrics
+    assert int(state.step) == 2 and int(metrics["skipped_nonfinite"]) == 0
+    assert metrics["router/max_over_mean_load"] > 1.0 > metrics["router/min_over_mean_load"]
+    # The same tolerance as the dense models' (see test_two_steps_match_torch).
+    student = student_model(graphdef, state)
+    if use_lora:
+        for (layer, name), (a, b) in lora_adapters_for_torch(student)["adapters"].items():
+            ta, tb = torch_adapters(ref, layer, name)
+            np.testing.assert_allclose(a, ta, atol=1e-2 * LR, err_msg=f"{layer} {name} A")
+            np.testing.assert_allclose(b, tb, atol=1e-2 * LR, err_msg=f"{layer} {name} B")
+        moved = np.abs(np.asarray(student.layers.experts_down_proj_lora_b[...])).max()
+        assert moved > 0.5 * LR  # the experts' adapters really trained
+    else:
+        ours = export_tensors(student, expert_layout="fused")
+        theirs = {k: v.detach().numpy() for k, v in ref.model.state_dict().items()}
+        assert set(ours) == set(theirs)
+        for name, value in ours.items():
+            np.testing.assert_allclose(value, theirs[name], atol=1e-2 * LR, err_msg=name)
+        initial = export_tensors(load_hf(path), expert_layout="fused")
+        experts = "model.layers.2.mlp.experts.gate_up_proj"
+        assert np.abs(ours[experts] - initial[experts]).max() > 0.5 * LR  # the experts really trained
+    # The routers (sparse layers 0 and 2) train only when asked; frozen, they are exactly the initial ones.
+    initial_router = np.asarray(load_hf(path).layers.router[...])
+    router = np.asarray(student.layers.router[...])
+    if train_router:
+        assert np.abs(router - initial_router).max() > 0.5 * LR
+    else:
+        np.testing.assert_array_equal(router, initial_router)
 
 
 def test_sft_step_matches_torch(tiny_model_dir):
@@ -158,3 +279,20 @@ def test_sharded_steps_equal_one_device(mesh_shape, one_device_run):
     # Adam's moments and the teacher copy of q_proj are sharded like q_proj itself.
     copies = [x for x in jax.tree.leaves((sharded.opt_state, sharded.teacher)) if x.shape == q.shape]
     assert len(copies) == 3 and all(x.sharding.is_equivalent_to(q.sharding, q.ndim) for x in copies)
+
+
+def test_moe_steps_on_an_expert_mesh_equal_one_device(tiny_model_dir):
+    """Qwen3-MoE on data 2 x expert 4 (8 fake devices): the experts split over `expert`, the tokens sent
+    to their devices and back (expert parallelism); two steps equal one device's."""
+    path = tiny_model_dir("qwen3_moe")
+    cfg, batch = step_config("topk"), random_batch(rows=8)
+    single, m1 = _run_steps(path, cfg, batch, None)
+    mesh = make_mesh({"data": 2, "expert": 4})
+    sharded, m2 = _run_steps(path, cfg, batch, mesh)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m2["router/max_over_mean_load"]), float(m1["router/max_over_mean_load"]),
+                               rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-2 * LR)
+    experts = jax.tree.leaves(sharded.params["layers"]["experts_up_proj"])[0]  # [layers, expert, embed, mlp]
+    assert tuple(experts.sharding.spec)[:2] == (None, "expert")
