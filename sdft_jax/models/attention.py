@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from sdft_jax.models.config import ModelConfig, RopeScaling
+from sdft_jax.models.gated_deltanet import DeltaNetState
 from sdft_jax.pytrees import pytree_dataclass
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -34,8 +35,9 @@ CacheAttention = Callable[[Queries, NewKeys, NewKeys, Visibility], tuple[Queries
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Float[Array, "half"]:
-    """Inverse frequencies of RoPE, with Llama-3 or linear scaling where the config has it."""
-    dim = cfg.head_dim
+    """Inverse frequencies of RoPE over the rotated dims (`cfg.rotary_dim`), with Llama-3 or linear
+    scaling where the config has it."""
+    dim = cfg.rotary_dim
     inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     scaling = cfg.rope_scaling
     if scaling is None:
@@ -67,11 +69,14 @@ def rope_tables(positions: Int[Array, "B T"], inv_freq: Float[Array, "half"]) ->
 
 
 def apply_rope(x: Float[Array, "B T H hd"], tables: RopeTables) -> Float[Array, "B T H hd"]:
-    """Rotates pairs (i, i + hd/2) by `rope_tables`' angles: the HF "rotate_half" convention that HF
-    checkpoints are stored in."""
+    """Rotates pairs (i, i + r/2) of the first r dims by `rope_tables`' angles (r = 2 x the tables' last
+    dim: all of hd, or fewer with partial rotary, the rest passed through): the HF "rotate_half"
+    convention that HF checkpoints are stored in."""
     cos, sin = (t[:, :, None, :].astype(x.dtype) for t in tables)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    rotary = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass], axis=-1)
 
 
 CacheT = TypeVar("CacheT", bound="CacheSlots")
@@ -100,15 +105,18 @@ class CacheSlots:
         visible = causal_visibility(self.index + jnp.arange(input_mask.shape[1]), valid)
         return dataclasses.replace(self, valid=valid), visible
 
-    def commit(self: CacheT, k: Array | tuple[Array, ...], v: Array | tuple[Array, ...], count: int) -> CacheT:
-        """The cache holding the layers' new buffers `k` and `v`, its index moved past the `count` new tokens."""
-        return dataclasses.replace(self, k=k, v=v, index=self.index + count)
+    def commit(self: CacheT, k: Array | tuple[Array, ...], v: Array | tuple[Array, ...], count: int,
+               linear=None) -> CacheT:
+        """The cache holding the layers' new buffers `k` and `v` (and the Gated DeltaNet layers' new
+        states `linear`), its index moved past the `count` new tokens."""
+        return dataclasses.replace(self, k=k, v=v, linear=linear, index=self.index + count)
 
 
 @pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache(CacheSlots):
-    """Keys and values of every attention layer for a batch, stacked over a leading layers axis.
+    """Keys and values of every attention layer for a batch, stacked over a leading layers axis, and a
+    hybrid model's Gated DeltaNet states (`linear`, stacked over those layers; None without them).
 
     Row b's token in slot s is visible iff `valid[b, s]`; positions (for RoPE) are per row and
     independent of slots, so left-padded prompts of different lengths share one write index.
@@ -118,15 +126,21 @@ class KVCache(CacheSlots):
     v: Float[Array, "L B S Hkv hd"]
     valid: Bool[Array, "B S"]
     index: Int[Array, ""]  # next slot to write
+    linear: DeltaNetState | None = None
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         shape = (cfg.attention_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        linear = None
+        if cfg.deltanet is not None:
+            one = DeltaNetState.zeros(batch, cfg.deltanet, dtype)
+            linear = jax.tree.map(lambda a: jnp.zeros((len(cfg.linear_layers), *a.shape), a.dtype), one)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
             valid=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((), jnp.int32),
+            linear=linear,
         )
 
 
@@ -215,13 +229,18 @@ class LayerKVCache(CacheSlots):
     v: tuple[Float[Array, "BHkv S hd"], ...]
     valid: Bool[Array, "B S"]
     index: Int[Array, ""]
+    linear: tuple[DeltaNetState, ...] | None = None  # each Gated DeltaNet layer's state
 
     @classmethod
     def from_stacked(cls, cache: KVCache) -> LayerKVCache:
         L, B, S, Hkv, hd = cache.k.shape
+        linear = None
+        if cache.linear is not None:
+            count = cache.linear.recurrent.shape[0]
+            linear = tuple(jax.tree.map(lambda a, i=i: a[i], cache.linear) for i in range(count))
         return cls(k=tuple(cache.k[i].transpose(0, 2, 3, 1).reshape(B * Hkv, hd, S) for i in range(L)),
                    v=tuple(cache.v[i].transpose(0, 2, 1, 3).reshape(B * Hkv, S, hd) for i in range(L)),
-                   valid=cache.valid, index=cache.index)
+                   valid=cache.valid, index=cache.index, linear=linear)
 
 
 def attend_layer(

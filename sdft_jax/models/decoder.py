@@ -30,6 +30,7 @@ from jaxtyping import Array, Bool, Float
 
 from sdft_jax.models import attention as attn
 from sdft_jax.models import expert_parallel
+from sdft_jax.models import gated_deltanet as deltanet_lib
 from sdft_jax.models import lora as lora_lib
 from sdft_jax.models import mlp as mlp_lib
 from sdft_jax.models import moe as moe_lib
@@ -37,16 +38,19 @@ from sdft_jax.models import self_attention
 from sdft_jax.models.config import LayerKind, ModelConfig
 from sdft_jax.models.norm import rms_norm
 from sdft_jax.models.sharding import constrain
+from sdft_jax.pytrees import pytree_dataclass
 
 RematPolicy = Literal["none", "full", "dots"]
 Shapes = dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]
 NORMS = "norms"  # the part every layer has: its two pre-norms
+_PLAIN_GAINS = frozenset({"linear_norm"})  # Gated DeltaNet's gated norm: its weight is the gain, always
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenMixer:
-    """A token mixer: its per-layer weights, and `apply(x, w, rope, visible, kv, *, cfg, lora,
-    query_block) -> (out, new cache buffers or None)` (see `self_attention.self_attention`)."""
+    """A token mixer: its per-layer weights, and `apply(x, w, rope, visible, cache, *, cfg, lora,
+    query_block, token_mask) -> (out, new cache contents or None)` (see `self_attention.self_attention`,
+    `gated_deltanet.gated_deltanet`)."""
 
     param_shapes: Callable[[ModelConfig], Shapes]
     apply: Callable[..., tuple[Array, tuple[Array, Array] | None]]
@@ -59,6 +63,16 @@ class ChannelMixer:
 
     param_shapes: Callable[[ModelConfig], Shapes]
     apply: Callable[..., tuple[Array, moe_lib.RouterStats | None]]
+
+
+def _attention(x, w, rope, visible, kv, *, cfg, lora, query_block, token_mask):
+    del token_mask  # `visible` already hides padding
+    return self_attention.self_attention(x, w, rope, visible, kv, cfg=cfg, lora=lora, query_block=query_block)
+
+
+def _deltanet(x, w, rope, visible, state, *, cfg, lora, query_block, token_mask):
+    del rope, visible, query_block  # no positions: the recurrence orders the tokens; padding by `token_mask`
+    return deltanet_lib.gated_deltanet(x, w, cfg.deltanet, mask=token_mask, state=state, lora=lora)
 
 
 def _dense_mlp(x, w, *, cfg, lora, token_mask):
@@ -75,7 +89,8 @@ def _sparse_moe(x, w, *, cfg, lora, token_mask):
 
 
 TOKEN_MIXERS: dict[str, TokenMixer] = {
-    "attention": TokenMixer(self_attention.param_shapes, self_attention.self_attention),
+    "attention": TokenMixer(self_attention.param_shapes, _attention),
+    "deltanet": TokenMixer(lambda cfg: deltanet_lib.param_shapes(cfg.hidden_size, cfg.deltanet), _deltanet),
 }
 CHANNEL_MIXERS: dict[str, ChannelMixer] = {
     "mlp": ChannelMixer(mlp_lib.param_shapes, _dense_mlp),
@@ -191,8 +206,9 @@ class DecoderStack(nnx.Module):
             L = counts[part]
             names[part] = []
             for name, (shape, axes) in shapes.items():
-                if name.endswith("norm"):
-                    value = jnp.ones((L, *shape), param_dtype)
+                if name.endswith("norm"):  # gain 1: weight 1, or 0 for zero-centered norms (1 + w)
+                    zero = cfg.zero_centered_norms and name not in _PLAIN_GAINS
+                    value = jnp.full((L, *shape), 0.0 if zero else 1.0, param_dtype)
                 elif name.endswith("_bias"):
                     value = jnp.zeros((L, *shape), param_dtype)
                 else:
@@ -246,11 +262,11 @@ class DecoderStack(nnx.Module):
         dtype,
         remat: RematPolicy,
         query_block: int,
-    ) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None, moe_lib.RouterStats | None]:
+    ) -> tuple[Float[Array, "B T D"], CacheBuffers | None, moe_lib.RouterStats | None]:
         """`decoder_layer` over every layer, one scan per segment (`plan_segments`). In cache mode
-        (`cache` holds this call's slots, see `KVCache.reserve`) also returns the cache's new `(k, v)`
-        buffers; with MoE layers, their router statistics summed over layers (`token_mask` marks the
-        tokens they count).
+        (`cache` holds this call's slots, see `KVCache.reserve`) also returns the cache's new buffers
+        (`CacheBuffers`: the attention layers' keys and values, the Gated DeltaNet layers' states); with
+        MoE layers, their router statistics summed over layers (`token_mask` marks the tokens they count).
 
         `remat` rematerialises each layer in the backward of the uncached forward (training); a cached
         forward is inference and is never rematerialised.
@@ -263,7 +279,7 @@ class DecoderStack(nnx.Module):
             E = cfg.moe.num_experts
             stats = moe_lib.RouterStats(assignments=jnp.zeros((E,), jnp.float32),
                                         prob_sum=jnp.zeros((E,), jnp.float32), tokens=jnp.zeros((), jnp.float32))
-        kv_buffers = None if cache is None else (cache.k, cache.v)
+        buffers = None if cache is None else CacheBuffers(k=cache.k, v=cache.v, linear=cache.linear)
         for segment in plan_segments(cfg.layer_kinds):
             xs, where = {}, []
             for r, kind in enumerate(segment.period):
@@ -281,38 +297,73 @@ class DecoderStack(nnx.Module):
                     w = stacked[name]
                     w = w if count == w.shape[0] else jax.lax.slice_in_dim(w, first, first + count)
                     xs[name] = w.reshape(segment.repeats, in_period, *w.shape[1:])
-            if "attention" in layers:
-                first = sum(i < segment.start for i in layers["attention"])
-                xs["__kv_layer__"] = first + jnp.arange(segment.repeats * max(1, sum(
-                    k.token_mixer == "attention" for k in segment.period))).reshape(segment.repeats, -1)
+                if part in CACHED_MIXERS:
+                    # Each of the period's `part` layers' index in the cache's stack of such layers.
+                    xs[_cache_index(part)] = first + jnp.arange(
+                        count).reshape(segment.repeats, in_period)
             body = functools.partial(self._period, segment.period, where, rope, visible, token_mask,
                                      cache, dtype, remat, query_block)
-            (x, kv_buffers, stats), _ = jax.lax.scan(body, (x, kv_buffers, stats), xs)
-        return x, kv_buffers, stats
+            (x, buffers, stats), _ = jax.lax.scan(body, (x, buffers, stats), xs)
+        return x, buffers, stats
 
     def _period(self, period, where, rope, visible, token_mask, cache, dtype, remat, query_block, carry, xs):
-        """One scan step: the period's layers, each on its weights from `xs`."""
-        h, kv_buffers, stats = carry
+        """One scan step: the period's layers, each on its weights from `xs` (and its cache buffers)."""
+        h, buffers, stats = carry
         layer = functools.partial(decoder_layer, cfg=self.cfg, lora=self.lora, dtype=dtype, query_block=query_block,
                                   token_mask=token_mask)
-        attention_index = 0
         for r, kind in enumerate(period):
             w = {name: xs[name][where[r][part]] for part in parts_of(kind) for name in self.names_by_part[part]}
-            kv = None
-            if cache is not None and kind.token_mixer == "attention":
-                kv = functools.partial(attn.attend_stacked, k_all=kv_buffers[0], v_all=kv_buffers[1],
-                                       layer=xs["__kv_layer__"][attention_index], slot=cache.index)
-                attention_index += 1
+            mixer_cache = None
+            if cache is not None:
+                index = xs[_cache_index(kind.token_mixer)][where[r][kind.token_mixer]]
+                mixer_cache = _mixer_cache(kind.token_mixer, buffers, index, cache.index)
             step = functools.partial(layer, kind=kind)
             if remat != "none" and cache is None:
                 policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
                 step = jax.checkpoint(step, policy=policy)
-            h, new_kv, layer_stats = step(h, w, rope, visible, kv)
-            if new_kv is not None:
-                kv_buffers = new_kv
+            h, new_cache, layer_stats = step(h, w, rope, visible, mixer_cache)
+            if cache is not None:
+                buffers = _stored(kind.token_mixer, buffers, new_cache, index)
             if layer_stats is not None:
                 stats = jax.tree.map(jnp.add, stats, layer_stats)
-        return (h, kv_buffers, stats), None
+        return (h, buffers, stats), None
+
+
+@pytree_dataclass
+@dataclasses.dataclass(frozen=True)
+class CacheBuffers:
+    """A cache's per-layer buffers, as the decoder carries them through its layers: the attention
+    layers' keys and values (stacked over those layers), and the Gated DeltaNet layers' states
+    (`DeltaNetState` with a leading axis over those layers; None without such layers)."""
+
+    k: Float[Array, "La B S Hkv hd"]
+    v: Float[Array, "La B S Hkv hd"]
+    linear: deltanet_lib.DeltaNetState | None
+
+
+CACHED_MIXERS = ("attention", "deltanet")  # the token mixers that keep per-layer state in a cache
+
+
+def _cache_index(mixer: str) -> str:
+    return f"__{mixer}_cache_index__"
+
+
+def _mixer_cache(mixer: str, buffers: CacheBuffers, index, slot):
+    """What a token mixer of one layer gets in cache mode: attention a `CacheAttention` over its slice
+    of the stacked keys and values; Gated DeltaNet its layer's state."""
+    if mixer == "attention":
+        return functools.partial(attn.attend_stacked, k_all=buffers.k, v_all=buffers.v, layer=index, slot=slot)
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), buffers.linear)
+
+
+def _stored(mixer: str, buffers: CacheBuffers, new, index) -> CacheBuffers:
+    """`buffers` with one layer's new cache contents (what its token mixer returned)."""
+    if mixer == "attention":
+        k, v = new
+        return dataclasses.replace(buffers, k=k, v=v)
+    linear = jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), index, 0),
+                          buffers.linear, new)
+    return dataclasses.replace(buffers, linear=linear)
 
 
 def _all(shapes_by_part: Mapping[str, Shapes]) -> set[str]:
@@ -324,7 +375,7 @@ def decoder_layer(
     weights: Mapping[str, Array],
     rope: attn.RopeTables,
     visible: attn.Visibility,
-    kv: attn.CacheAttention | None,
+    kv: attn.CacheAttention | deltanet_lib.DeltaNetState | None,
     *,
     cfg: ModelConfig,
     kind: LayerKind,
@@ -332,22 +383,26 @@ def decoder_layer(
     dtype,
     query_block: int = 0,
     token_mask: Bool[Array, "B T"] | None = None,
-) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None, moe_lib.RouterStats | None]:
+) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | deltanet_lib.DeltaNetState | None,
+           moe_lib.RouterStats | None]:
     """One pre-norm decoder layer of `kind` on one layer's `weights` (`DecoderStack.layer_copies`' dict):
     the token mixer, then the channel mixer, each added to the residual stream `h`. `rope` is the
     forward's `Transformer.rope_tables`, `visible` which keys each query sees.
 
-    `kv` is None (no cache: attend among this call's tokens, in blocks of `query_block` queries) or a
-    cache's `attention.CacheAttention`; its new buffers are returned beside `h`, with the channel
+    `kv` is None (no cache: attend among this call's tokens, in blocks of `query_block` queries) or the
+    layer's part of a cache (attention: an `attention.CacheAttention`; Gated DeltaNet: its
+    `DeltaNetState`); its new contents are returned beside `h` (for Gated DeltaNet also without a
+    cache: the state after these tokens), with the channel
     mixer's router statistics (a MoE layer's; None for a dense one), counting the tokens of `token_mask`.
     """
     w = {n: a.astype(dtype) if not n.endswith("norm") else a for n, a in weights.items()}
+    norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps, zero_centered=cfg.zero_centered_norms)
     mixed, new_kv = TOKEN_MIXERS[kind.token_mixer].apply(
-        rms_norm(h, w["input_layernorm"], cfg.rms_norm_eps), w, rope, visible, kv, cfg=cfg, lora=lora,
-        query_block=query_block)
+        norm(h, w["input_layernorm"]), w, rope, visible, kv, cfg=cfg, lora=lora, query_block=query_block,
+        token_mask=token_mask)
     h = h + mixed
     channel, stats = CHANNEL_MIXERS[kind.channel_mixer].apply(
-        rms_norm(h, w["post_attention_layernorm"], cfg.rms_norm_eps), w, cfg=cfg, lora=lora, token_mask=token_mask)
+        norm(h, w["post_attention_layernorm"]), w, cfg=cfg, lora=lora, token_mask=token_mask)
     h = constrain(h + channel, ("batch", "length", "embed"))
     return h, new_kv, stats
 

@@ -20,11 +20,13 @@ from sdft_jax.validation import check_choice, check_int, check_number
 # Projection name -> number of input dimensions of its weight, per layer (after the expert axis of
 # the routed experts' weights, `EXPERT_PROJECTIONS`, whose adapters are per expert: A [E, *in, r],
 # B [E, r, *out]). A model adapts the targets it has: the dense MLP's in a dense layer, the experts'
-# and the shared expert's in a MoE layer.
+# and the shared expert's in a MoE layer, Gated DeltaNet's (`linear_*`) in a linear-attention layer.
 PROJECTIONS: dict[str, int] = {
     "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1,
-    "experts_gate_proj": 1, "experts_up_proj": 1, "experts_down_proj": 1,
+    "q_gate_proj": 1, "experts_gate_proj": 1, "experts_up_proj": 1, "experts_down_proj": 1,
     "shared_expert_gate_proj": 1, "shared_expert_up_proj": 1, "shared_expert_down_proj": 1,
+    "linear_q_proj": 1, "linear_k_proj": 1, "linear_v_proj": 1, "linear_z_proj": 1, "linear_b_proj": 1,
+    "linear_a_proj": 1, "linear_out_proj": 2,
 }
 EXPERT_PROJECTIONS = frozenset({"experts_gate_proj", "experts_up_proj", "experts_down_proj"})
 

@@ -1,10 +1,16 @@
 """The attention token mixer: grouped-query self-attention with RoPE, the family's q/k/v/o biases and
-q/k RMSNorm (Qwen3), over this call's tokens or a KV cache (the kernels are in `attention.py`)."""
+q/k RMSNorm (Qwen3), over this call's tokens or a KV cache (the kernels are in `attention.py`).
+
+Qwen3.5's gated full attention is this mixer with `ModelConfig.attention_output_gate` (a second
+projection `q_gate_proj`, HF's q_proj rows interleaved per head with the queries, whose sigmoid
+scales each head's output before `o_proj`), partial rotary and zero-centered q/k norms.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
 from jaxtyping import Array, Float
 
 from sdft_jax.models import attention as attn
@@ -33,6 +39,8 @@ def param_shapes(cfg: ModelConfig) -> Shapes:
     if cfg.qk_norm:
         shapes["q_norm"] = ((E,), ("head_dim",))
         shapes["k_norm"] = ((E,), ("head_dim",))
+    if cfg.attention_output_gate:
+        shapes["q_gate_proj"] = ((D, H, E), ("embed", "q_heads", "head_dim"))
     return shapes
 
 
@@ -50,8 +58,8 @@ def self_attention(x: Float[Array, "B T D"], w: Mapping[str, Array], rope: attn.
     if cfg.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if cfg.qk_norm:
-        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps, zero_centered=cfg.zero_centered_norms)
+        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps, zero_centered=cfg.zero_centered_norms)
     q = attn.apply_rope(q, rope)
     k = attn.apply_rope(k, rope)
     q = q.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
@@ -59,7 +67,10 @@ def self_attention(x: Float[Array, "B T D"], w: Mapping[str, Array], rope: attn.
         out, new_kv = attn.causal_attention(q, k, v, visible, query_block=query_block), None
     else:
         out, new_kv = kv(q, k, v, visible)
-    out = lora_lib.project_named(out.reshape(B, T, cfg.num_heads, cfg.head_dim), w, "o_proj", lora)
+    out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)
+    if cfg.attention_output_gate:
+        out = out * jax.nn.sigmoid(lora_lib.project_named(x, w, "q_gate_proj", lora))
+    out = lora_lib.project_named(out, w, "o_proj", lora)
     if cfg.o_bias:
         out = out + w["o_bias"]
     return out, new_kv

@@ -77,7 +77,8 @@ class Transformer(nnx.Module):
             axes=("vocab", "embed"),
         )
         self.layers = DecoderStack(cfg, rngs=rngs, param_dtype=param_dtype, lora=lora)
-        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype), axes=("embed",))
+        self.final_norm = nnx.Param(jnp.full((cfg.hidden_size,), 0.0 if cfg.zero_centered_norms else 1.0, param_dtype),
+                                    axes=("embed",))
         self.lm_head = nnx.data(None)
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(
@@ -116,7 +117,7 @@ class Transformer(nnx.Module):
         x, new_kv, stats = self.layers(x, self.rope_tables(positions), visible, cache, token_mask=input_mask,
                                        dtype=self.dtype, remat=self.remat, query_block=self.query_block)
         if cache is not None:
-            cache = cache.commit(*new_kv, count=T)
+            cache = cache.commit(new_kv.k, new_kv.v, count=T, linear=new_kv.linear)
         aux = jnp.zeros((), jnp.float32)
         if stats is not None and self.cfg.moe.load_balance_coef:
             aux = self.cfg.moe.load_balance_coef * moe_lib.balance_loss(stats)
@@ -133,7 +134,7 @@ class Transformer(nnx.Module):
 
     def normalize(self, x: Float[Array, "*B D"]) -> Float[Array, "*B D"]:
         """The final norm: the last layer's output to the hidden states the LM head reads."""
-        return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps, zero_centered=self.cfg.zero_centered_norms)
 
     def head_weight(self) -> Float[Array, "D V"]:
         """The LM head as `[hidden, vocab]` (the transposed embedding when tied)."""

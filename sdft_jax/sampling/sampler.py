@@ -200,7 +200,9 @@ def sample(
         raise ValueError(f"cache of batch {cache.valid.shape[0]} x {cache.max_len} slots is too small for "
                          f"batch {batch}, prompt {prompt_len} + {n_new} new tokens (needs {needed} slots)")
     # Stale keys and values stay in the buffers; clearing `valid` hides them.
-    cache = dataclasses.replace(cache, valid=jnp.zeros_like(cache.valid), index=jnp.zeros((), jnp.int32))
+    # A hybrid model's Gated DeltaNet states are summaries, not slots: they start from zero.
+    cache = dataclasses.replace(cache, valid=jnp.zeros_like(cache.valid), index=jnp.zeros((), jnp.int32),
+                                linear=jax.tree.map(jnp.zeros_like, cache.linear))
     step_fn = decode_step(model, unroll_layers=unroll_layers, layer_weights=layer_weights, max_len=cache.max_len)
     if row_ids is None:
         row_ids = jnp.arange(batch, dtype=jnp.int32)
@@ -291,8 +293,7 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False, layer_weight
     if max_len is None:
         raise ValueError("decode_step with unroll_layers needs max_len, the cache's slot count")
     per_layer = layer_copies(model) if layer_weights is None else layer_weights
-    layer = functools.partial(decoder_layer, cfg=model.cfg, lora=model.layers.lora, dtype=model.dtype,
-                              token_mask=None)
+    layer = functools.partial(decoder_layer, cfg=model.cfg, lora=model.layers.lora, dtype=model.dtype)
     kinds = model.cfg.layer_kinds
     cos, sin = model.rope_tables(jnp.arange(max_len)[None])  # [1, max_len, hd/2]
 
@@ -302,18 +303,24 @@ def decode_step(model: Transformer, *, unroll_layers: bool = False, layer_weight
         x = model.embed_tokens(tokens)
         cache, visible = cache.reserve(mask)
         ks, vs = list(cache.k), list(cache.v)
+        linear = list(cache.linear or ())
         rope = (cos[0][positions], sin[0][positions])  # [B, T, hd/2] each
-        slot = 0  # the attention layers' buffers, in order
+        seen = {"attention": 0, "deltanet": 0}  # each token mixer's layers so far: their buffers' index
         for weights, kind in zip(per_layer, kinds, strict=True):
-            kv = None
+            i = seen[kind.token_mixer]
+            seen[kind.token_mixer] += 1
             if kind.token_mixer == "attention":
-                kv = functools.partial(attention.attend_layer, k_cache=ks[slot], v_cache=vs[slot], slot=cache.index)
-            x, new_kv, _ = layer(x, weights, rope, visible, kv, kind=kind)
-            if kv is not None:
-                ks[slot], vs[slot] = new_kv
-                slot += 1
+                mixer_cache = functools.partial(attention.attend_layer, k_cache=ks[i], v_cache=vs[i], slot=cache.index)
+            else:
+                mixer_cache = linear[i]
+            x, new, _ = layer(x, weights, rope, visible, mixer_cache, kind=kind, token_mask=mask)
+            if kind.token_mixer == "attention":
+                ks[i], vs[i] = new
+            else:
+                linear[i] = jax.tree.map(lambda n, old: n.astype(old.dtype), new, linear[i])
         hidden = model.normalize(x)
-        return hidden, cache.commit(tuple(ks), tuple(vs), count=tokens.shape[1])
+        return hidden, cache.commit(tuple(ks), tuple(vs), count=tokens.shape[1],
+                                    linear=tuple(linear) if cache.linear is not None else None)
 
     return step
 
@@ -330,9 +337,11 @@ def _laid_out(cache: KVCache | LayerKVCache) -> KVCache | LayerKVCache:
     valid, index = constrain(cache.valid, ("batch", "length")), constrain(cache.index, ())
     if isinstance(cache, KVCache):
         axes = ("layers", "batch", "length", "kv_heads", "head_dim")
-        return KVCache(k=constrain(cache.k, axes), v=constrain(cache.v, axes), valid=valid, index=index)
+        return KVCache(k=constrain(cache.k, axes), v=constrain(cache.v, axes), valid=valid, index=index,
+                       linear=cache.linear)
     return LayerKVCache(k=tuple(constrain(k, _LAYER_K_AXES) for k in cache.k),
-                        v=tuple(constrain(v, _LAYER_V_AXES) for v in cache.v), valid=valid, index=index)
+                        v=tuple(constrain(v, _LAYER_V_AXES) for v in cache.v), valid=valid, index=index,
+                        linear=cache.linear)
 
 
 def default_unroll_layers() -> bool:

@@ -165,3 +165,51 @@ def test_cached_moe_decoding_equals_the_full_forward():
         outs.append(hidden)
     cached = jnp.concatenate(outs, axis=1)
     np.testing.assert_allclose(np.asarray(cached)[np.asarray(mask)], np.asarray(full)[np.asarray(mask)], atol=1e-5)
+
+
+def _hybrid_config(moe: bool = False):
+    """A tiny Qwen3.5-style model: Gated DeltaNet in layers 0, 1, 2 and 4, gated attention in 3 and 5."""
+    from sdft_jax.models.gated_deltanet import DeltaNetConfig
+
+    base = tiny_config("qwen3", num_layers=6)
+    return dataclasses.replace(
+        base, architecture="qwen3_5_moe" if moe else "qwen3_5", attention_output_gate=True,
+        partial_rotary_factor=0.5, zero_centered_norms=True, linear_layers=(0, 1, 2, 4),
+        deltanet=DeltaNetConfig(num_key_heads=2, num_value_heads=4, key_head_dim=8, value_head_dim=8),
+        moe=MoeConfig(num_experts=4, top_k=2, expert_hidden=24, shared_expert_hidden=16) if moe else None)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_hybrid_stack_scans_its_period_and_equals_a_loop(moe):
+    cfg = _hybrid_config(moe)
+    model = random_model(cfg, seed=6)
+    assert model.layers.linear_q_proj.shape[0] == 4 and model.layers.q_gate_proj.shape[0] == 2
+    tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, cfg.vocab_size)
+    mask = jnp.array([[True] * 9, [False] * 4 + [True] * 5])
+    scanned, _ = model(tokens, positions_from_mask(mask), mask)
+    looped = _loop_forward(model, tokens, mask)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(scanned)[real], np.asarray(looped)[real], atol=1e-5)
+    # A left-padded row's real tokens come out as the row alone.
+    alone, _ = model(tokens[1:, 4:], positions_from_mask(mask[1:, 4:]), mask[1:, 4:])
+    np.testing.assert_allclose(np.asarray(scanned)[1, 4:], np.asarray(alone)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_cached_hybrid_decoding_equals_the_full_forward(moe):
+    cfg = _hybrid_config(moe)
+    model = random_model(cfg, seed=7)
+    tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, cfg.vocab_size)
+    mask = jnp.array([[True] * 8, [False, False, True, True, True, True, True, True]])
+    positions = positions_from_mask(mask)
+    full, _ = model(tokens, positions, mask)
+    cache = attn.KVCache.zeros(cfg, batch=2, max_len=10)
+    assert cache.k.shape[0] == 2 and cache.linear.recurrent.shape[:2] == (4, 2)
+    hidden, cache = model(tokens[:, :5], positions[:, :5], mask[:, :5], cache)
+    outs = [hidden]
+    for t in range(5, 8):
+        hidden, cache = model(tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+        outs.append(hidden)
+    cached = jnp.concatenate(outs, axis=1)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5)

@@ -70,15 +70,23 @@ MOE_MESHES = {"data2_expert4": {"data": 2, "expert": 4}, "fsdp2_expert2_data2": 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh_shape", list(MOE_MESHES))
-def test_moe_model_on_an_expert_mesh_equals_one_device(mesh_shape, monkeypatch):
-    """A tiny qwen3_moe model (one dense layer, two sparse, LoRA on the experts, remat): logits and gradients of
-    every parameter on 8 fake devices with an expert axis equal one device's, the experts split as the
-    rules say."""
+@pytest.mark.parametrize("architecture, mesh_shape", [("qwen3_moe", "data2_expert4"),
+                                                      ("qwen3_moe", "fsdp2_expert2_data2"),
+                                                      ("qwen3_5_moe", "data2_expert4")])
+def test_moe_model_on_an_expert_mesh_equals_one_device(architecture, mesh_shape, monkeypatch):
+    """A tiny qwen3_moe model (one dense layer, two sparse) or qwen3_5_moe (Gated DeltaNet and gated
+    attention layers, a shared expert), LoRA on the experts, remat: logits and gradients of every parameter
+    on 8 fake devices with an expert axis equal one device's, the experts split as the rules say."""
     mesh = sharding.make_mesh(MOE_MESHES[mesh_shape])
-    cfg = tiny_config("qwen3_moe", num_layers=3, dense_layers=(1,),
-                      moe=MoeConfig(num_experts=8, top_k=2, expert_hidden=24, load_balance_coef=0.01))
-    lora = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "gate_proj", *EXPERT_PROJECTIONS))
+    if architecture == "qwen3_moe":
+        cfg = tiny_config("qwen3_moe", num_layers=3, dense_layers=(1,),
+                          moe=MoeConfig(num_experts=8, top_k=2, expert_hidden=24, load_balance_coef=0.01))
+        targets = ("q_proj", "gate_proj", *EXPERT_PROJECTIONS)
+    else:
+        cfg = tiny_config("qwen3_5_moe", moe=MoeConfig(num_experts=8, top_k=2, expert_hidden=24,
+                                                       shared_expert_hidden=16, load_balance_coef=0.01))
+        targets = ("q_gate_proj", "linear_v_proj", "linear_out_proj", "shared_expert_up_proj", *EXPERT_PROJECTIONS)
+    lora = LoraConfig(rank=2, alpha=4.0, targets=targets)
     model = Transformer(cfg, rngs=nnx.Rngs(0), lora=lora, remat="full")  # the training forward
     graphdef, state = nnx.split(model)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
