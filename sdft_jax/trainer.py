@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sdft_jax import distributed, storage
 from sdft_jax.checkpointing import Checkpointer
-from sdft_jax.checkpoints.hf import checkpoint_expert_layout, load_hf, save_hf
+from sdft_jax.checkpoints.hf import load_hf, save_hf
 from sdft_jax.checkpoints.registry import resolve_model
 from sdft_jax.config import TrainConfig, to_dict
 from sdft_jax.data import offline_tasks, tasks
@@ -234,10 +234,10 @@ class Trainer:
         # config.json is the export's last file: a remote export without it is incomplete and redone.
         exported = distributed.agree_max([int(storage.exists(os.path.join(export_dir, "config.json")))])[0]
         if cfg.export and not exported:
-            student = student_model(self.graphdef, self.state)
-            # A MoE model's experts go out in the layout they came in (per expert or fused).
-            layout = checkpoint_expert_layout(self.model_path) if student.cfg.moe is not None else None
-            save_hf(student, export_dir, tokenizer_dir=self.model_path, expert_layout=layout or "per_expert")
+            # A drop-in replacement of the source: its config.json, layout (causal LM or multimodal), the
+            # experts' layout, and the tensors training does not use (a vision tower) copied through.
+            save_hf(student_model(self.graphdef, self.state), export_dir, tokenizer_dir=self.model_path,
+                    source_dir=self.model_path)
         summary = {"method": cfg.method, "loss": cfg.loss.name, "steps": cfg.train.steps, "eval": evals,
                    "export": export_dir if cfg.export else None, "dropped_items": self.dropped,
                    "train_items": len(self.items)}

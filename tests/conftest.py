@@ -47,15 +47,22 @@ def smollm2_dir():
 
 @pytest.fixture(scope="session")
 def torch_model():
-    """Factory: the `transformers` torch reference model of an HF directory, fp32, eval mode."""
+    """Factory: the `transformers` torch reference model of an HF directory, fp32, eval mode: the
+    class its config.json names (e.g. Qwen3.5's `...ForConditionalGeneration`), else the auto causal LM."""
     torch = pytest.importorskip("torch")
+    import json
+
     import transformers
 
     made = {}
 
     def load(path: str):
         if path not in made:
-            made[path] = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            with open(os.path.join(path, "config.json")) as f:
+                names = json.load(f).get("architectures") or []
+            model_class = getattr(transformers, names[0], None) if names else None
+            model_class = model_class or transformers.AutoModelForCausalLM
+            made[path] = model_class.from_pretrained(path, dtype=torch.float32).eval()
         return made[path]
 
     return load

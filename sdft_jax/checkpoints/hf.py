@@ -8,15 +8,22 @@ Loading builds the model abstractly (no memory), then creates each parameter dir
 sharding with `jax.make_array_from_callback`, one parameter at a time from memory-mapped safetensors:
 the host holds at most one stacked weight (one projection over all its layers, e.g. every expert's
 gate over the sparse layers) at once, never the model. The routed experts' layout (per-expert tensors
-or fused) is read from the checkpoint's names (`checkpoint_expert_layout`).
+or fused) and the text model's (`causal_lm`, or Qwen3.5's multimodal `conditional_generation`) are
+read from the checkpoint's names (`checkpoint_expert_layout`, `hf_names.model_layout_of_names`);
+tensors the text model does not use (`hf_names.unused_prefixes`: Qwen3.5's vision tower and MTP
+head) are counted in one log line and left on disk.
+
 Export writes safetensors + config.json that `transformers` loads, with LoRA adapters folded in (the
-routed experts' per expert), the experts per expert unless asked for the fused layout.
+routed experts' per expert). Given the model's source directory (`save_hf(source_dir=...)`), the
+export is a drop-in replacement of it: the source's config.json, its layouts, and its unused tensors
+copied through unchanged; without one, a causal LM with the experts per expert.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,7 +40,7 @@ from sdft_jax import storage
 from sdft_jax.cache import atomic_directory, cache_root
 from sdft_jax.distributed import to_host
 from sdft_jax.checkpoints import hf_names
-from sdft_jax.checkpoints.hf_names import ExpertLayout
+from sdft_jax.checkpoints.hf_names import ExpertLayout, ModelLayout
 from sdft_jax.checkpoints.safetensors_io import INDEX_FILE, SafetensorsDir
 from sdft_jax.models import decoder
 from sdft_jax.models import lora as lora_lib
@@ -45,24 +52,41 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja")
 # Tensors some checkpoints carry that the model recomputes; safe to ignore.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_DTYPE_KEYS = ("dtype", "torch_dtype")  # config.json's dtype, as transformers 5 / 4 spell it
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Placement:
-    """One of our parameters in an HF checkpoint: its table row, and the layers it is stacked over
-    (None for a parameter outside the decoder stack)."""
+    """One of our parameters in an HF checkpoint: its name, its table row, and the layers it is
+    stacked over (None for a parameter outside the decoder stack)."""
 
+    name: str
     entry: hf_names.TensorName
     layers: tuple[int, ...] | None
 
 
-def _placements(cfg: ModelConfig, keys, expert_layout: ExpertLayout) -> dict[tuple[str, ...], _Placement]:
-    """Each of our parameter paths (`keys`, LoRA adapters excluded) -> where it lives in HF."""
-    table = hf_names.family_table(cfg.architecture, expert_layout)
-    shapes = decoder.part_shapes(cfg)
-    layers_of = {name: layers for part, layers in decoder.part_layers(cfg).items() for name in shapes[part]}
-    out = {}
-    for key in keys:
+@dataclasses.dataclass(frozen=True)
+class _Mapping:
+    """Our parameters' places in one HF layout: by parameter path, the family's table, and each
+    parameter's shape per HF tensor (`hf_names.Shapes`, which sizes the pieces of fused tensors)."""
+
+    placements: dict[tuple[str, ...], _Placement]
+    table: dict[str, hf_names.TensorName]
+    shapes: dict[str, tuple[int, ...]]
+
+    def hf_shape(self, name: str) -> tuple[int, ...]:
+        return hf_names.hf_shape(name, self.table, self.shapes)
+
+
+def _mapping(cfg: ModelConfig, params, expert_layout: ExpertLayout, layout: ModelLayout = "causal_lm") -> _Mapping:
+    """Where each of our parameters (`params`: (path, shape) pairs, LoRA adapters excluded) lives in HF."""
+    table = hf_names.family_table(cfg.architecture, expert_layout, layout)
+    layers_of = {name: layers for part, layers in decoder.part_layers(cfg).items()
+                 for name in decoder.part_shapes(cfg)[part]}
+    out, shapes = {}, {}
+    for key, shape in params:
         name = key[-1]
         if name not in table:
             raise ValueError(f"no HF tensor for parameter {'.'.join(key)} of a {cfg.architecture} model")
@@ -70,8 +94,9 @@ def _placements(cfg: ModelConfig, keys, expert_layout: ExpertLayout) -> dict[tup
         stacked = key[0] == "layers"
         if stacked != entry.per_layer:
             raise ValueError(f"the {cfg.architecture} table places {'.'.join(key)} at {entry.hf_name!r}")
-        out[key] = _Placement(entry, layers_of[name] if stacked else None)
-    return out
+        out[key] = _Placement(name, entry, layers_of[name] if stacked else None)
+        shapes[name] = tuple(shape)[int(stacked) + int(entry.per_expert):]
+    return _Mapping(out, table, shapes)
 
 
 def _hf_names_of(placement: _Placement, cfg: ModelConfig) -> list[str]:
@@ -116,9 +141,11 @@ def load_hf(
                                lora=lora, remat=remat, query_block=query_block)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     flat_abstract = nnx.to_flat_state(abstract)
-    layout = hf_names.expert_layout_of_names(tensors.names, path) or "per_expert"
-    placements = _placements(cfg, [k for k, v in flat_abstract if not isinstance(v, nnx.LoRAParam)], layout)
-    _check_names(path, cfg, tensors, placements)
+    expert_layout = hf_names.expert_layout_of_names(tensors.names, path) or "per_expert"
+    layout = hf_names.model_layout_of_names(tensors.names, path)
+    mapping = _mapping(cfg, [(k, v.shape) for k, v in flat_abstract if not isinstance(v, nnx.LoRAParam)],
+                       expert_layout, layout)
+    _check_names(path, cfg, tensors, mapping)
 
     def sharding_of(var) -> jax.sharding.Sharding:
         if mesh is None:
@@ -132,7 +159,7 @@ def load_hf(
             lora_paths.append(key)
             flat.append((key, var))
             continue
-        host = _read_param(path, tensors, placements[key], var.shape, param_dtype)
+        host = _read_param(path, tensors, mapping, key, var.shape, param_dtype)
         value = jax.make_array_from_callback(var.shape, sharding_of(var), lambda idx, h=host: h[idx])
         flat.append((key, var.replace(value)))
         del host
@@ -148,67 +175,57 @@ def load_hf(
     return nnx.merge(graphdef, state)
 
 
-def _check_names(path: str, cfg: ModelConfig, tensors: SafetensorsDir,
-                 placements: dict[tuple[str, ...], _Placement]) -> None:
-    expected = {n for p in placements.values() for n in _hf_names_of(p, cfg)}
+def _check_names(path: str, cfg: ModelConfig, tensors: SafetensorsDir, mapping: _Mapping) -> None:
+    expected = {n for p in mapping.placements.values() for n in _hf_names_of(p, cfg)}
     missing = sorted(expected - tensors.names)
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}")
+    unused = hf_names.unused_prefixes(cfg.architecture)
     extra = sorted(n for n in tensors.names - expected
-                   if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+                   if not n.endswith(_IGNORED_SUFFIXES) and not n.startswith(unused)
+                   and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
     if extra:
         raise ValueError(
             f"{path}: {len(extra)} checkpoint tensors are not used by the {cfg.architecture} architecture, "
             f"e.g. {extra[:5]} (wrong model_type in config.json?)"
         )
+    counts = {prefix: sum(n.startswith(prefix) for n in tensors.names) for prefix in unused}
+    if any(counts.values()):
+        logger.info("%s: %d tensors the text model does not use (%s), left on disk; an export with "
+                    "source_dir copies them through", path, sum(counts.values()),
+                    ", ".join(f"{prefix}*: {n}" for prefix, n in counts.items()))
 
 
-def _read_param(path, tensors: SafetensorsDir, placement: _Placement, shape, param_dtype) -> np.ndarray:
+def _read_param(path, tensors: SafetensorsDir, mapping: _Mapping, key: tuple[str, ...], shape,
+                param_dtype) -> np.ndarray:
     """One of our parameters as a host array in `param_dtype`, read (and stacked over its layers, and
-    its experts for a per-expert tensor) from the checkpoint."""
+    its experts for a per-expert tensor; its piece of a fused tensor) from the checkpoint."""
+    placement = mapping.placements[key]
     entry = placement.entry
     out = np.empty(shape, dtype=np.dtype(param_dtype))
     layers = placement.layers if placement.layers is not None else (0,)
     lead = 1 if placement.layers is not None else 0  # our layers axis
     experts = shape[lead] if entry.per_expert else 1
+    want = mapping.hf_shape(placement.name)
     for j, i in enumerate(layers):
         for e in range(experts):
             index = (j,) * lead + (e,) * entry.per_expert
             expected = tuple(shape[len(index):])
             name = entry.hf_name.format(i=i, e=e)
             raw = tensors.read(name)
-            want = _hf_shape(entry, expected)
             if tuple(raw.shape) != want:
                 raise ValueError(f"{path}: tensor {name} has shape {tuple(raw.shape)}, expected {want} "
                                  "from config.json")
-            out[index] = entry.transform.to_ours(_piece(raw, entry.piece), expected).astype(out.dtype)
+            piece = hf_names.take_piece(raw, placement.name, mapping.table, mapping.shapes)
+            out[index] = entry.transform.to_ours(piece, expected).astype(out.dtype)
     return out
 
 
-def _hf_shape(entry: hf_names.TensorName, ours: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor's shape for ours of shape `ours` (the whole fused tensor for a piece)."""
-    shape = list(entry.transform.hf_shape(ours))
-    if entry.piece is not None:
-        axis, _, count = entry.piece
-        shape[axis] *= count
-    return tuple(shape)
-
-
-def _piece(raw: np.ndarray, piece: tuple[int, int, int] | None) -> np.ndarray:
-    """Piece `index` of `count` along `axis` of a fused tensor (a view), the whole tensor when `piece`
-    is None."""
-    if piece is None:
-        return raw
-    axis, index, count = piece
-    n = raw.shape[axis] // count
-    return raw[(slice(None),) * axis + (slice(index * n, (index + 1) * n),)]
-
-
-def export_tensors(model: Transformer, dtype=np.float32, *,
-                   expert_layout: ExpertLayout = "per_expert") -> dict[str, np.ndarray]:
+def export_tensors(model: Transformer, dtype=np.float32, *, expert_layout: ExpertLayout = "per_expert",
+                   layout: ModelLayout = "causal_lm") -> dict[str, np.ndarray]:
     """HF-named host tensors of `model`, with LoRA adapters merged into their base weights; a MoE
     model's routed experts in `expert_layout` (`hf_names`: per-expert tensors, as `transformers` saves
-    and vLLM loads, or fused)."""
+    and vLLM loads, or fused), the text model named as in `layout` (`hf_names.ModelLayout`)."""
     cfg = model.cfg
     layers = model.layers
     merged = {}
@@ -218,11 +235,12 @@ def export_tensors(model: Transformer, dtype=np.float32, *,
                 getattr(layers, name)[...], getattr(layers, f"{name}_lora_a")[...],
                 getattr(layers, f"{name}_lora_b")[...], layers.lora.scale, name)
     flat = nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.LoRAParam)))
-    placements = _placements(cfg, [k for k, _ in flat], expert_layout)
+    mapping = _mapping(cfg, [(k, v.shape) for k, v in flat], expert_layout, layout)
     out: dict[str, np.ndarray] = {}
-    pieces: dict[str, tuple[tuple[int, int, int], dict[int, np.ndarray]]] = {}  # fused name -> its pieces
+    pieces: dict[str, tuple[hf_names.Piece, dict[str, np.ndarray]]] = {}  # fused name -> its pieces
     for key, var in flat:
-        entry, stacked = placements[key].entry, placements[key].layers
+        placement = mapping.placements[key]
+        entry, stacked = placement.entry, placement.layers
         host = to_host(merged.get(key, var[...])).astype(np.float32)
         for j, i in enumerate(stacked if stacked is not None else (0,)):
             value = host[j] if stacked is not None else host
@@ -232,11 +250,13 @@ def export_tensors(model: Transformer, dtype=np.float32, *,
                 if entry.piece is None:
                     out[name] = np.ascontiguousarray(tensor).astype(dtype)
                 else:
-                    pieces.setdefault(name, (entry.piece, {}))[1][entry.piece[1]] = tensor
-    for name, ((axis, _, count), parts) in pieces.items():
-        if sorted(parts) != list(range(count)):
-            raise ValueError(f"export: {name} is fused from {count} pieces, the model has {sorted(parts)}")
-        out[name] = np.ascontiguousarray(np.concatenate([parts[k] for k in range(count)], axis=axis)).astype(dtype)
+                    pieces.setdefault(name, (entry.piece, {}))[1][placement.name] = tensor
+    for name, (piece, parts) in pieces.items():
+        try:
+            joined = hf_names.join_pieces(parts, piece, mapping.shapes)
+        except ValueError as e:
+            raise ValueError(f"export: {name}: {e}") from e
+        out[name] = np.ascontiguousarray(joined).astype(dtype)
     return out
 
 
@@ -245,18 +265,38 @@ def save_hf(
     out_dir: str | os.PathLike,
     *,
     tokenizer_dir: str | os.PathLike | None = None,
+    source_dir: str | os.PathLike | None = None,
     dtype=np.float32,
     max_shard_bytes: int = 4 << 30,
-    expert_layout: ExpertLayout = "per_expert",
+    expert_layout: ExpertLayout | None = None,
 ) -> None:
     """Writes an HF directory (config.json, safetensors, tokenizer files) atomically, from process 0.
 
+    With `source_dir` (the HF directory the model was loaded from) the export replaces it: its
+    config.json (the dtype entry set to `dtype`), its text layout, its routed experts' layout, and
+    its tensors the model does not use (Qwen3.5's vision tower and MTP head) copied unchanged. Without
+    one: the model's own config.json (`ModelConfig.to_hf_dict`, a causal LM). `expert_layout` overrides
+    the experts' layout (default: the source's, else per expert; `export_tensors`).
+
     A remote `out_dir` (`gs://`) is built in a local temporary directory and uploaded with config.json
     last: a remote export is complete when its config.json exists, and one without it (an interrupted
-    upload) is replaced. A MoE model's routed experts are written in `expert_layout` (`export_tensors`;
-    `checkpoint_expert_layout(path)` tells the layout of a checkpoint directory).
+    upload) is replaced.
     """
-    tensors = export_tensors(model, dtype, expert_layout=expert_layout)
+    layout: ModelLayout = "causal_lm"
+    carried: dict[str, np.ndarray] = {}
+    if source_dir is None:
+        config = model.cfg.to_hf_dict()
+        config["torch_dtype"] = _dtype_name(dtype)
+    else:
+        source_dir = check_model_dir(source_dir)
+        config = _source_config(model.cfg, source_dir, dtype)
+        source = SafetensorsDir(source_dir)
+        layout = hf_names.model_layout_of_names(source.names, source_dir)
+        expert_layout = expert_layout or hf_names.expert_layout_of_names(source.names, source_dir)
+        unused = hf_names.unused_prefixes(model.cfg.architecture)
+        carried = {n: source.read(n) for n in sorted(source.names) if n.startswith(unused)}
+    tensors = export_tensors(model, dtype, expert_layout=expert_layout or "per_expert", layout=layout)
+    tensors.update(carried)
     if jax.process_index() != 0:
         return
     out_dir = os.fspath(out_dir)
@@ -264,21 +304,38 @@ def save_hf(
     if storage.exists(os.path.join(out_dir, "config.json") if remote else out_dir):
         raise FileExistsError(f"{out_dir}: already exists; refusing to overwrite an export")
     if not remote:
-        _write_export(model, tensors, out_dir, tokenizer_dir, dtype, max_shard_bytes)
+        _write_export(config, tensors, out_dir, tokenizer_dir, max_shard_bytes)
         return
     os.makedirs(cache_root(), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="export-", dir=cache_root()) as scratch:
         local = os.path.join(scratch, "export")
-        _write_export(model, tensors, local, tokenizer_dir, dtype, max_shard_bytes)
+        _write_export(config, tensors, local, tokenizer_dir, max_shard_bytes)
         storage.rmtree(out_dir)  # what an interrupted upload left
         storage.copy_tree(local, out_dir, last=["config.json"])
 
 
-def _write_export(model: Transformer, tensors: dict[str, np.ndarray], out_dir: str, tokenizer_dir, dtype,
+def _dtype_name(dtype) -> str:
+    return "bfloat16" if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else "float32"
+
+
+def _source_config(cfg: ModelConfig, source_dir: str, dtype) -> dict:
+    """The source directory's config.json for an export of a model of `cfg`, its dtype entry set to
+    `dtype`; refuses a source that describes another model."""
+    source_cfg = ModelConfig.from_hf(source_dir)
+    if source_cfg != cfg:
+        differ = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(source_cfg, f.name)]
+        raise ValueError(f"{source_dir}: config.json describes another model than the one exported "
+                         f"(fields {differ} differ)")
+    with open(os.path.join(source_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    for key in [k for k in _DTYPE_KEYS if k in config] or ["torch_dtype"]:
+        config[key] = _dtype_name(dtype)
+    return config
+
+
+def _write_export(config: dict, tensors: dict[str, np.ndarray], out_dir: str, tokenizer_dir,
                   max_shard_bytes: int) -> None:
     with atomic_directory(out_dir) as tmp:
-        config = model.cfg.to_hf_dict()
-        config["torch_dtype"] = "bfloat16" if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else "float32"
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
         write_safetensors(tensors, tmp, max_shard_bytes)

@@ -270,3 +270,131 @@ def test_moe_error_mixed_expert_layouts(tiny_model_dir, tmp_path):
     save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(ValueError, match="both the fused and the per-expert layout"):
         load_hf(d)
+
+
+# Qwen3.5 / Qwen3.5-MoE: directories written by transformers, as a causal LM or in the released
+# checkpoints' multimodal layout (text under model.language_model., a vision tower, an MTP head).
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("architecture, layout, expert_layout", [
+    ("qwen3_5", "causal_lm", "per_expert"), ("qwen3_5", "conditional_generation", "per_expert"),
+    ("qwen3_5_moe", "causal_lm", "fused"), ("qwen3_5_moe", "conditional_generation", "per_expert"),
+    ("qwen3_5_moe", "conditional_generation", "fused"),
+])
+def test_qwen3_5_round_trip_is_bit_identical_with_the_unused_tensors(architecture, layout, expert_layout,
+                                                                      tiny_model_dir, tmp_path):
+    src = tiny_model_dir(architecture, layout=layout, expert_layout=expert_layout)
+    save_hf(load_hf(src), tmp_path / "out", tokenizer_dir=src, source_dir=src)
+    ours, theirs = _tensors(tmp_path / "out"), _tensors(src)
+    _assert_same_bytes(ours, theirs)
+    if layout == "conditional_generation":
+        assert any(n.startswith("model.visual.") for n in ours) and any(n.startswith("mtp.") for n in ours)
+    assert _json(tmp_path / "out" / "config.json") == _json(os.path.join(src, "config.json"))
+
+
+def test_qwen3_5_load_logs_the_unused_tensors_once(tiny_model_dir, caplog):
+    src = tiny_model_dir("qwen3_5", layout="conditional_generation")
+    visual = sum(n.startswith("model.visual.") for n in SafetensorsDir(src).names)
+    with caplog.at_level("INFO", logger="sdft_jax.checkpoints.hf"):
+        load_hf(src)
+    lines = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert len(lines) == 1 and f"{visual + 6} tensors" in lines[0]
+    assert f"model.visual.*: {visual}, mtp.*: 6" in lines[0]
+
+
+def test_qwen3_5_export_without_source_is_a_causal_lm(tiny_model_dir, torch_model, tmp_path):
+    """A multimodal checkpoint exported without its source: the text model as `Qwen3_5ForCausalLM`."""
+    src = tiny_model_dir("qwen3_5", layout="conditional_generation")
+    model = load_hf(src)
+    save_hf(model, tmp_path / "out", tokenizer_dir=src)
+    config = _json(tmp_path / "out" / "config.json")
+    assert config["model_type"] == "qwen3_5_text" and config["architectures"] == ["Qwen3_5ForCausalLM"]
+    text = {n.replace("model.language_model.", "model."): v for n, v in _tensors(src).items()
+            if not n.startswith(("model.visual.", "mtp."))}
+    _assert_same_bytes(_tensors(tmp_path / "out"), text)
+    ref = torch_logits(torch_model(str(tmp_path / "out")))
+    assert type(torch_model(str(tmp_path / "out"))).__name__ == "Qwen3_5ForCausalLM"
+    np.testing.assert_array_equal(ref, torch_logits(torch_model(src)))
+
+
+@pytest.mark.parametrize("architecture, layout", [("qwen3_5", "conditional_generation"), ("qwen3_5_moe", "causal_lm")])
+def test_transformers_loads_the_qwen3_5_lora_export(architecture, layout, tiny_model_dir, torch_model, tmp_path):
+    src = tiny_model_dir(architecture, layout=layout)
+    targets = ("q_proj", "q_gate_proj", "o_proj", "linear_q_proj", "linear_v_proj", "linear_z_proj",
+               "linear_a_proj", "linear_out_proj", "down_proj", "experts_up_proj", "shared_expert_down_proj")
+    model = load_hf(src, lora=LoraConfig(rank=2, alpha=4.0, targets=targets))
+    key = jax.random.key(7)
+    for name in model.layers.adapted:
+        key, sub = jax.random.split(key)
+        var = getattr(model.layers, f"{name}_lora_b")
+        var[...] = 0.3 * jax.random.normal(sub, var.shape)
+    save_hf(model, tmp_path / "merged", tokenizer_dir=src, source_dir=src)
+    ref = torch_model(str(tmp_path / "merged"))
+    assert type(ref).__name__.endswith("ForCausalLM" if layout == "causal_lm" else "ForConditionalGeneration")
+    ours = our_logits(model)
+    assert np.abs(ours - torch_logits(ref))[MASK].max() < 1e-4
+    assert not np.allclose(ours, our_logits(load_hf(src)), atol=1e-3)  # the adapters changed the model
+    merged, source = _tensors(tmp_path / "merged"), _tensors(src)
+    for name in source:  # what the adapters do not touch is copied exactly
+        if name.startswith(("model.visual.", "mtp.")) or name.endswith(("A_log", "conv1d.weight", "norm.weight")):
+            assert merged[name].tobytes() == source[name].tobytes(), name
+
+
+def test_qwen3_5_export_refuses_a_source_of_another_model(tiny_model_dir, tmp_path):
+    model = load_hf(tiny_model_dir("qwen3_5"))
+    with pytest.raises(ValueError, match=r"describes another model .*'moe'"):
+        save_hf(model, tmp_path / "out", source_dir=tiny_model_dir("qwen3_5_moe"))
+
+
+def _rewrite(d, change):
+    from safetensors.numpy import save_file
+
+    tensors = _tensors(d)
+    change(tensors)
+    save_file(tensors, str(d / "model.safetensors"))
+
+
+@pytest.mark.parametrize("layout, name", [
+    ("causal_lm", "model.layers.1.linear_attn.in_proj_qkv.weight"),
+    ("conditional_generation", "model.language_model.layers.4.linear_attn.A_log"),
+    ("conditional_generation", "model.language_model.layers.3.self_attn.q_proj.weight"),
+])
+def test_qwen3_5_error_missing_tensor_names_it(layout, name, tiny_model_dir, tmp_path):
+    d = _copy(tiny_model_dir("qwen3_5", layout=layout), tmp_path / "m")
+    _rewrite(d, lambda t: t.pop(name))
+    with pytest.raises(ValueError, match=r"1 tensors missing .*" + name.replace(".", r"\.")):
+        load_hf(d)
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("model.language_model.layers.3.self_attn.q_proj.weight", (64, 64)),  # without the gate rows
+    ("model.language_model.layers.0.linear_attn.in_proj_qkv.weight", (48, 64)),  # v rows missing
+    ("model.language_model.layers.2.linear_attn.conv1d.weight", (64, 1, 3)),  # another kernel width
+    ("model.language_model.layers.4.linear_attn.dt_bias", (2,)),
+])
+def test_qwen3_5_error_wrong_shape_names_the_tensor(name, shape, tiny_model_dir, tmp_path):
+    d = _copy(tiny_model_dir("qwen3_5", layout="conditional_generation"), tmp_path / "m")
+    _rewrite(d, lambda t: t.update({name: np.zeros(shape, np.float32)}))
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + r" has shape .* expected"):
+        load_hf(d)
+
+
+def test_qwen3_5_error_unknown_layer_type_names_the_field(tiny_model_dir, tmp_path):
+    d = _copy(tiny_model_dir("qwen3_5", layout="conditional_generation"), tmp_path / "m")
+    config = _json(d / "config.json")
+    config["text_config"]["layer_types"][1] = "sliding_attention"
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"layer_types .*sliding_attention"):
+        load_hf(d)
+
+
+def test_qwen3_5_error_text_tensors_in_both_layouts(tiny_model_dir, tmp_path):
+    d = _copy(tiny_model_dir("qwen3_5", layout="conditional_generation"), tmp_path / "m")
+    _rewrite(d, lambda t: t.update({"model.norm.weight": t["model.language_model.norm.weight"]}))
+    with pytest.raises(ValueError, match="both under model.language_model. and model."):
+        load_hf(d)

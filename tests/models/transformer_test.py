@@ -55,11 +55,15 @@ def test_moe_logits_match_transformers(norm_topk_prob, tiny_model_dir, torch_mod
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 def test_moe_gradients_of_every_weight_match_transformers(norm_topk_prob, tiny_model_dir, torch_model):
+    path = tiny_model_dir("qwen3_moe", norm_topk_prob=norm_topk_prob)
+    _gradients_match_transformers(path, torch_model)
+
+
+def _gradients_match_transformers(path, torch_model, layout="causal_lm"):
     """d(sum of logits * fixed random weights over real tokens) / d(every weight), ours mapped to HF
     names by the export's mapping (fused experts: torch's in-memory layout), against torch autograd."""
     import torch
 
-    path = tiny_model_dir("qwen3_moe", norm_topk_prob=norm_topk_prob)
     weights = np.random.default_rng(0).normal(size=(*TOKENS.shape, 320)).astype(np.float32) * MASK[..., None]
 
     def loss(model):
@@ -69,7 +73,7 @@ def test_moe_gradients_of_every_weight_match_transformers(norm_topk_prob, tiny_m
 
     model = load_hf(path)
     nnx.update(model, nnx.grad(loss)(model))  # the model now holds its gradients
-    ours = export_tensors(model, expert_layout="fused")
+    ours = export_tensors(model, expert_layout="fused", layout=layout)
 
     ref = torch_model(path)
     ref.zero_grad()
@@ -77,14 +81,38 @@ def test_moe_gradients_of_every_weight_match_transformers(norm_topk_prob, tiny_m
     logits = ref(input_ids=torch.tensor(TOKENS), attention_mask=torch.tensor(MASK.astype(np.int64)),
                  position_ids=positions).logits
     (logits * torch.tensor(weights)).sum().backward()
-    grads = {name: p.grad.numpy() for name, p in ref.named_parameters()}
+    grads = {name: p.grad.numpy() for name, p in ref.named_parameters() if p.grad is not None}
+    untouched = [name for name, p in ref.named_parameters() if p.grad is None]
     ref.zero_grad()
+    assert all(name.startswith("model.visual.") for name in untouched), untouched  # text only
     assert set(ours) == set(grads)
     for name, g in grads.items():
         assert np.abs(g).max() > 0, name  # every weight takes part
         if ".experts." in name:
             assert (np.abs(g).max(axis=(1, 2)) > 0).all(), name  # each expert gets tokens
         assert np.abs(ours[name] - g).max() / np.abs(g).max() < 1e-4, name
+
+
+# Qwen3.5: Gated DeltaNet in layers 0, 1, 2 and 4, gated attention (partial rotary) in layer 3, written
+# by transformers' causal LM or its multimodal class (text under model.language_model., a vision tower).
+QWEN3_5_CASES = [("qwen3_5", "causal_lm"), ("qwen3_5", "conditional_generation"),
+                 ("qwen3_5_moe", "causal_lm"), ("qwen3_5_moe", "conditional_generation")]
+
+
+@pytest.mark.parametrize("architecture, layout", QWEN3_5_CASES)
+def test_qwen3_5_logits_match_transformers_on_padded_batch(architecture, layout, tiny_model_dir, torch_model):
+    path = tiny_model_dir(architecture, layout=layout)
+    model = load_hf(path)
+    assert model.cfg.linear_layers == (0, 1, 2, 4) and model.cfg.partial_rotary_factor == 0.25
+    assert (model.cfg.moe is not None) == (architecture == "qwen3_5_moe")
+    ref = torch_model(path)
+    assert type(ref).__name__.endswith("ForCausalLM" if layout == "causal_lm" else "ForConditionalGeneration")
+    assert np.abs(our_logits(model) - torch_logits(ref))[MASK].max() < 1e-4
+
+
+@pytest.mark.parametrize("architecture, layout", [("qwen3_5", "causal_lm"), ("qwen3_5_moe", "conditional_generation")])
+def test_qwen3_5_gradients_of_every_weight_match_transformers(architecture, layout, tiny_model_dir, torch_model):
+    _gradients_match_transformers(tiny_model_dir(architecture, layout=layout), torch_model, layout)
 
 
 def test_tied_embeddings_match_transformers(tiny_model_dir, torch_model):
@@ -102,7 +130,7 @@ def test_padding_does_not_change_real_tokens(tiny_model_dir):
     np.testing.assert_allclose(padded, alone, atol=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe"])
 def test_cached_decoding_equals_full_forward_at_every_step(architecture, tiny_model_dir):
     model = load_hf(tiny_model_dir(architecture))
     full = our_logits(model)

@@ -334,12 +334,15 @@ def test_sharded_greedy_equals_single_device(lora, unroll, tiny_model_dir, free_
 
 
 @pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
-def test_greedy_moe_equals_transformers_generate(unroll, tiny_model_dir, torch_model):
-    """A tiny Qwen3-MoE made by `transformers` (a dense layer among sparse ones): our batched greedy
-    decoding (left-padded, cached) equals `generate` of each prompt alone."""
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "qwen3_5", "qwen3_5_moe"])
+def test_greedy_equals_transformers_generate_for_moe_and_hybrid_models(architecture, unroll, tiny_model_dir,
+                                                                        torch_model):
+    """Tiny models made by `transformers`: Qwen3-MoE (a dense layer among sparse ones), Qwen3.5 and
+    Qwen3.5-MoE (Gated DeltaNet and gated attention layers): our batched greedy decoding (left-padded,
+    cached: KV for attention, recurrent and conv state for DeltaNet) equals `generate` of each prompt alone."""
     import torch
 
-    path = tiny_model_dir("qwen3_moe")
+    path = tiny_model_dir(architecture)
     ref = torch_model(path)
     expected = []
     for p in PROMPTS:
@@ -349,7 +352,7 @@ def test_greedy_moe_equals_transformers_generate(unroll, tiny_model_dir, torch_m
                                eos_token_id=None)
         expected.append(out[0, len(p):].tolist())
     model = tiny_model(path)
-    assert model.cfg.moe is not None and model.cfg.dense_layers
+    assert model.cfg.moe is not None or model.cfg.linear_layers
     got = Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll).generate(model, PROMPTS, GREEDY, jax.random.key(0))
     assert got.completions() == expected
 
@@ -369,6 +372,28 @@ def test_moe_sampling_with_lora_equals_a_full_forward_unrolled_or_scanned(tiny_m
     outs = [Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll).generate(model, PROMPTS, cfg, jax.random.key(1),
                                                                           keep_logits=True)
             for unroll in (True, False)]
+    check_against_full_forward(model, outs[0], dict(temperature=1.0))
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    assert np.abs(outs[0].logits - outs[1].logits).max() < 1e-5
+
+
+def test_hybrid_deltanet_sampling_equals_a_full_forward_and_reuses_its_cache():
+    """A tiny Qwen3.5-style hybrid (Gated DeltaNet and gated attention layers, MoE with a shared expert):
+    every step's logits equal an uncached forward, unrolled or scanned; a second call of the same shape,
+    on the donated cache whose DeltaNet states hold the first call's summaries, samples the same."""
+    from sdft_jax.testing.tiny import random_model, tiny_config
+
+    model = random_model(tiny_config("qwen3_5_moe"), seed=8)
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=8, **SMALL)
+    outs = []
+    for unroll in (True, False):
+        sampler = Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll)
+        first = sampler.generate(model, PROMPTS, cfg, jax.random.key(2), keep_logits=True)
+        assert sampler.kept_cache is not None and sampler.kept_cache.linear is not None
+        again = sampler.generate(model, PROMPTS, cfg, jax.random.key(2), keep_logits=True)
+        np.testing.assert_array_equal(again.tokens, first.tokens)
+        np.testing.assert_array_equal(again.logits, first.logits)
+        outs.append(first)
     check_against_full_forward(model, outs[0], dict(temperature=1.0))
     np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
     assert np.abs(outs[0].logits - outs[1].logits).max() < 1e-5

@@ -44,3 +44,43 @@ def test_moe_fused_directory_holds_the_in_memory_layout(tiny_model_dir):
     assert tensors.shape("model.layers.0.mlp.experts.gate_up_proj") == (4, 64, 64)  # [E, 2F, D]
     assert tensors.shape("model.layers.2.mlp.experts.down_proj") == (4, 64, 32)  # [E, D, F]
     assert not any(".experts.0." in n for n in tensors.names)
+
+
+def test_qwen3_5_directories_are_transformers_own_and_every_tensor_is_random(tiny_model_dir):
+    import json
+
+    causal = tiny_model_dir("qwen3_5")
+    with open(f"{causal}/config.json") as f:
+        config = json.load(f)
+    assert config["architectures"] == ["Qwen3_5ForCausalLM"] and config["model_type"] == "qwen3_5_text"
+    assert config["layer_types"] == ["linear_attention"] * 3 + ["full_attention", "linear_attention"]
+    names = SafetensorsDir(causal).names
+    assert "model.layers.0.linear_attn.in_proj_qkv.weight" in names
+    assert "model.layers.3.self_attn.q_proj.weight" in names
+    assert not any(n.startswith(("model.visual.", "mtp.", "model.language_model.")) for n in names)
+
+    nested = tiny_model_dir("qwen3_5_moe", layout="conditional_generation")
+    with open(f"{nested}/config.json") as f:
+        config = json.load(f)
+    assert config["architectures"] == ["Qwen3_5MoeForConditionalGeneration"] and config["model_type"] == "qwen3_5_moe"
+    text = config["text_config"]
+    assert (text["num_experts"], text["num_experts_per_tok"], text["shared_expert_intermediate_size"]) == (4, 2, 24)
+    tensors = SafetensorsDir(nested)
+    names = tensors.names
+    assert "lm_head.weight" in names and "model.language_model.embed_tokens.weight" in names
+    experts = {f"model.language_model.layers.{i}.mlp.experts.{e}.up_proj.weight" for i in range(5) for e in range(4)}
+    assert experts <= names
+    assert "model.language_model.layers.4.mlp.shared_expert_gate.weight" in names
+    assert any(n.startswith("model.visual.") for n in names) and "mtp.fc.weight" in names
+    for name in names:
+        value = np.asarray(tensors.read(name))
+        assert value.std() > 0, name  # norms, A_log, dt_bias, conv, router and experts too
+    for path in (causal, nested):
+        assert max(encode_chat(load_tokenizer(path), [{"role": "user", "content": "hi"}])) < 320
+
+
+def test_qwen3_5_fused_directory_holds_the_in_memory_layout(tiny_model_dir):
+    tensors = SafetensorsDir(tiny_model_dir("qwen3_5_moe", layout="conditional_generation", expert_layout="fused"))
+    assert tensors.shape("model.language_model.layers.0.mlp.experts.gate_up_proj") == (4, 64, 64)  # [E, 2F, D]
+    assert tensors.shape("model.language_model.layers.3.mlp.experts.down_proj") == (4, 64, 32)  # [E, D, F]
+    assert not any(".experts.0." in n for n in tensors.names) and "mtp.fc.weight" in tensors.names
