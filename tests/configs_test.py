@@ -10,7 +10,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CASES = [("demo.py", ""), ("sdft_tooluse.py", ""), ("sdft_tooluse.py", "full_kl"), ("sdft_tooluse.py", "lora"),
          ("sdft_science.py", ""), ("sdft_science.py", "thinking"), ("sft.py", ""), ("sft.py", "tooluse"), ("sft.py", "science"),
          ("qwen3_8b_tpu.py", ""), ("qwen3_8b_tpu.py", "lora"), ("qwen3_30b_a3b.py", ""),
-         ("qwen3_30b_a3b.py", "attention")]
+         ("qwen3_30b_a3b.py", "attention"), ("qwen3_5_35b_a3b.py", ""), ("qwen3_5_35b_a3b.py", "dense_only")]
 # Experiment configs (not one trainer config each); their plans are validated in tests/continual/plan_test.py.
 EXPERIMENTS = [("continual.py", ""), ("continual.py", "upstream")]
 
