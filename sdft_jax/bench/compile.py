@@ -6,7 +6,8 @@ The step (`distill.train_step.make_train_step`) is lowered and compiled ahead of
 train state (`distill.train_state.abstract_train_state` of an `nnx.eval_shape` model: no weight is
 materialised), for each depth and each kind of model: `moe` (Qwen3-MoE, every layer sparse unless
 `--dense-layers`) and `dense` (Qwen3 with the dense MLP). Layers are scanned (`decoder.DecoderStack`),
-so compile time should barely grow with depth. Each measurement runs in a fresh process (nothing
+so compile time should barely grow with depth. `hybrid` is Qwen3.5-MoE-like (Gated DeltaNet x 3,
+gated attention, repeated: one scan over periods of 4 layers; depths multiples of 4). Each measurement runs in a fresh process (nothing
 cached from an earlier compile), the runs alternating over kinds and depths; `lower_s` is tracing and
 lowering, `compile_s` XLA's compilation, `total_s` both, each the median of `--runs`; `hlo_lines` the
 size of the compiled program (lines of its optimised HLO text), which does not depend on the machine's
@@ -24,13 +25,13 @@ import time
 
 from sdft_jax.bench.harness import finish_row, in_fresh_process
 
-KINDS = ("moe", "dense")
+KINDS = ("moe", "dense", "hybrid")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sdft_jax.bench compile", description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, nargs="+", default=[4, 48], help="depths to compile (>= 1 each)")
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {KINDS}")
+    p.add_argument("--kinds", default="moe,dense", help=f"comma-separated, of {KINDS}")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--intermediate", type=int, default=128, help="the dense MLP's hidden size")
     p.add_argument("--experts", type=int, default=8)
@@ -57,17 +58,26 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def model_config(kind: str, layers: int, a: dict):
-    """The ModelConfig compiled for `kind` at depth `layers`: Qwen3-MoE or dense Qwen3 of the same widths."""
+    """The ModelConfig compiled for `kind` at depth `layers`: Qwen3-MoE, dense Qwen3, or a Qwen3.5-MoE
+    hybrid (3 Gated DeltaNet layers then 1 gated attention layer, repeated; MoE with a shared expert) of
+    the same widths."""
     from sdft_jax.models.config import ModelConfig
+    from sdft_jax.models.gated_deltanet import DeltaNetConfig
     from sdft_jax.models.moe import MoeConfig
 
     moe = None
-    if kind == "moe":
-        moe = MoeConfig(num_experts=a["experts"], top_k=a["top_k"], expert_hidden=a["expert_hidden"])
-    return ModelConfig(
-        architecture="qwen3_moe" if kind == "moe" else "qwen3", vocab_size=a["vocab"], hidden_size=a["hidden"],
-        intermediate_size=a["intermediate"], num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16,
-        qk_norm=True, moe=moe, dense_layers=tuple(i for i in a["dense_layers"] if i < layers) if moe else ())
+    if kind in ("moe", "hybrid"):
+        moe = MoeConfig(num_experts=a["experts"], top_k=a["top_k"], expert_hidden=a["expert_hidden"],
+                        shared_expert_hidden=a["expert_hidden"] if kind == "hybrid" else 0)
+    common = dict(vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["intermediate"],
+                  num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, moe=moe)
+    if kind == "hybrid":
+        return ModelConfig(architecture="qwen3_5_moe", attention_output_gate=True, partial_rotary_factor=0.25,
+                           zero_centered_norms=True, linear_layers=tuple(i for i in range(layers) if (i + 1) % 4),
+                           deltanet=DeltaNetConfig(num_key_heads=2, num_value_heads=4, key_head_dim=16,
+                                                   value_head_dim=16), **common)
+    return ModelConfig(architecture="qwen3_moe" if kind == "moe" else "qwen3",
+                       dense_layers=tuple(i for i in a["dense_layers"] if i < layers) if moe else (), **common)
 
 
 def measure(a: dict) -> dict:

@@ -14,6 +14,9 @@ def test_model_configs_differ_in_depth_and_channel_mixer_only():
     assert moe.num_layers == dense.num_layers == 3 and moe.hidden_size == dense.hidden_size == 32
     assert moe.moe.num_experts == 4 and moe.dense_layers == (0,)  # layer 5 is beyond this depth
     assert dense.moe is None and dense.architecture == "qwen3"
+    hybrid = model_config("hybrid", 8, a)
+    assert hybrid.linear_layers == (0, 1, 2, 4, 5, 6) and hybrid.moe.shared_expert_hidden == 16
+    assert hybrid.hidden_size == 32
 
 
 @pytest.mark.slow
