@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, str] = {
     "step": "sdft_jax.bench.step",
     "moe": "sdft_jax.bench.moe",
     "compile": "sdft_jax.bench.compile",
+    "deltanet": "sdft_jax.bench.deltanet",
 }
 
 
