@@ -61,6 +61,22 @@ def test_state_shardings_follow_param_axes():
     assert leaf(shardings["layers"]["down_proj"]).spec == P(None, "tensor", "fsdp")
 
 
+def test_every_qwen3_5_moe_weight_has_a_rule():
+    """Both token mixers' heads over `tensor`, the experts over `expert`, `embed` over `fsdp`."""
+    mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+    model = nnx.eval_shape(lambda: Transformer(tiny_config("qwen3_5_moe"), rngs=nnx.Rngs(0)))
+    shardings = sharding.state_shardings(nnx.state(model), mesh)
+    spec = lambda name: jax.tree.leaves(shardings["layers"][name])[0].spec  # noqa: E731
+    assert spec("q_gate_proj") == P(None, "fsdp", "tensor", None)  # [L, D, H, hd]: like q_proj
+    assert spec("linear_q_proj") == P(None, "fsdp", "tensor", None)  # key heads
+    assert spec("linear_v_proj") == P(None, "fsdp", "tensor", None)  # value heads
+    assert spec("linear_v_conv") == P(None, None, "tensor", None)  # [L, K, Hv, Dv]
+    assert spec("linear_a_log") == P(None, "tensor")
+    assert spec("linear_out_proj") == P(None, "tensor", None, "fsdp")
+    assert spec("experts_up_proj") == P(None, "expert", "fsdp", "tensor")
+    assert spec("shared_expert_up_proj") == P(None, "fsdp", "tensor")
+
+
 def test_constrain_is_a_noop_without_a_mesh():
     x = jax.numpy.ones((4, 2))
     assert sharding.constrain(x, ("batch", None)) is x
