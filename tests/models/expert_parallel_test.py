@@ -14,27 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from sdft_jax.models import expert_parallel, grouped_matmul, moe, sharding
 
-D = 16
-
-
-def assert_close(actual, expected, rel=1e-5, what=""):
-    """max |actual - expected| <= rel * max |expected|."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, what
-    err, scale = np.max(np.abs(actual - expected)), np.max(np.abs(expected))
-    assert err <= rel * scale, f"{what}: max abs error {err:.3g} > {rel} * {scale:.3g}"
-
-
-def make_weights(key, cfg: moe.MoeConfig, lora_rank: int = 0) -> dict[str, jax.Array]:
-    """Random weights of one layer; adapters' B nonzero so the low-rank update counts."""
-    shapes = {name: shape for name, (shape, _) in moe.param_shapes(D, cfg).items()}
-    if lora_rank:
-        for name in moe.EXPERT_PROJECTIONS:
-            e, n_in, n_out = shapes[name]
-            shapes[f"{name}_lora_a"] = (e, n_in, lora_rank)
-            shapes[f"{name}_lora_b"] = (e, lora_rank, n_out)
-    keys = jax.random.split(key, len(shapes))
-    return {name: 0.3 * jax.random.normal(k, shape) for k, (name, shape) in zip(keys, shapes.items())}
+# One layer's random weights and the relative bound, as the grouped path's own tests use them.
+from tests.models.moe_test import D, assert_close, make_weights  # noqa: E402
 
 
 def weight_axes(cfg: moe.MoeConfig, w) -> dict[str, tuple]:
