@@ -27,6 +27,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 from sdft_jax.bench.harness import engine_prefix, finish_row, in_fresh_process, peak_rss_mb, timed
@@ -36,7 +37,15 @@ def _parse(argv):
     from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
 
     p = argparse.ArgumentParser(prog="python -m sdft_jax.bench step", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="a registered name or an HF directory")
+    p.add_argument("--random-model", choices=["qwen3_5", "qwen3_5_moe"], default=None,
+                   help="instead of --model: a random Qwen3.5 model built by transformers at the size below, "
+                        "its heads, experts and layer pattern those of Qwen3.5-35B-A3B scaled to --hidden")
+    p.add_argument("--layers", type=int, default=8, help="--random-model: layers (3 linear : 1 full attention)")
+    p.add_argument("--hidden", type=int, default=1024, help="--random-model: hidden size (a multiple of 128)")
+    p.add_argument("--experts", type=int, default=32, help="--random-model: routed experts per layer")
+    p.add_argument("--top-k", type=int, default=4, help="--random-model: experts per token")
+    p.add_argument("--vocab", type=int, default=32768, help="--random-model: vocabulary size")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--teacher-prompt-len", type=int, default=384)
@@ -88,32 +97,49 @@ def step_flops(cfg, batch: int, prompt_len: int, teacher_prompt_len: int, comple
     """Matmul FLOPs of one SDFT step (see the module docstring for what is counted)."""
     from sdft_jax.models.attention import query_blocks
 
-    D, F, H, K, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    per_token = 2 * (cfg.num_layers * (D * H * E + 2 * D * K * E + H * E * D) + _channel_macs(cfg))
+    H, E = cfg.num_heads, cfg.head_dim
+    per_token = 2 * sum(_token_mixer_macs(cfg, kind.token_mixer) + _channel_macs(cfg, kind.channel_mixer)
+                        for kind in cfg.layer_kinds)
 
     def forward(length: int) -> float:
         pairs = sum((end - start) * end for start, end in query_blocks(length, query_block))  # (query, key) scores
-        attention = 2 * 2 * cfg.num_layers * batch * pairs * H * E  # q.k and p.v
+        attention = 2 * 2 * cfg.attention_layers * batch * pairs * H * E  # q.k and p.v
         return per_token * batch * length + attention
 
-    head = 2 * D * cfg.vocab_size * batch * completion_len
+    head = 2 * cfg.hidden_size * cfg.vocab_size * batch * completion_len
     teacher = forward(teacher_prompt_len + completion_len) + head
     student = 3 * forward(prompt_len + completion_len) + head * 4  # forward, recompute, d_hidden, d_head
     return float(teacher + student)
 
 
-def _channel_macs(cfg) -> int:
-    """Multiply-adds per token of every layer's channel mixer: the dense MLP, or a MoE layer's router and
-    the `top_k` routed experts a token runs (its active FLOPs), plus its shared expert and that one's gate."""
-    total = 0
-    for kind in cfg.layer_kinds:
-        if kind.channel_mixer == "moe":
-            moe, D = cfg.moe, cfg.hidden_size
-            total += D * moe.num_experts + 3 * D * moe.expert_hidden * moe.top_k
-            total += (3 * D * moe.shared_expert_hidden + D) if moe.shared_expert_hidden else 0
-        else:
-            total += 3 * cfg.hidden_size * cfg.intermediate_size
-    return total
+def _token_mixer_macs(cfg, mixer: str) -> int:
+    """Multiply-adds per token of a token mixer, but attention's (query, key) products (counted per
+    pair in `step_flops`): attention's projections (with Qwen3.5's output gate, q_proj's rows double),
+    or Gated DeltaNet's projections and its chunked delta rule per value head (`DEFAULT_CHUNK` tokens a chunk:
+    the chunk's k.k, q.k and its solve's products with v and k, its reads and write of the state; the
+    unit-lower-triangular inverse itself, O(C^2) per token and head at most, is not counted)."""
+    from sdft_jax.models.gated_deltanet import DEFAULT_CHUNK
+
+    D = cfg.hidden_size
+    if mixer == "attention":
+        H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        return D * H * E * (2 if cfg.attention_output_gate else 1) + 2 * D * K * E + H * E * D
+    net = cfg.deltanet
+    Hk, Hv, Dk, Dv = net.num_key_heads, net.num_value_heads, net.key_head_dim, net.value_head_dim
+    projections = D * (2 * Hk * Dk + 2 * Hv * Dv + 2 * Hv) + Hv * Dv * D
+    rule = Hv * (DEFAULT_CHUNK * (3 * Dk + 2 * Dv) + 3 * Dk * Dv)
+    return projections + rule
+
+
+def _channel_macs(cfg, mixer: str) -> int:
+    """Multiply-adds per token of a channel mixer: the dense MLP, or a MoE layer's router and the
+    `top_k` routed experts a token runs (its active FLOPs), plus its shared expert and that one's gate."""
+    D = cfg.hidden_size
+    if mixer == "moe":
+        moe = cfg.moe
+        shared = (3 * D * moe.shared_expert_hidden + D) if moe.shared_expert_hidden else 0
+        return D * moe.num_experts + 3 * D * moe.expert_hidden * moe.top_k + shared
+    return 3 * D * cfg.intermediate_size
 
 
 def run_jax(a: dict) -> dict:
@@ -162,32 +188,15 @@ def _model_config(path: str):
 
 def run_torch(a: dict) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import numpy as np
     import torch
 
-    from sdft_jax.bench.torch_step import TorchSDFTStep, TorchStepConfig
+    from sdft_jax.bench.torch_step import TorchSDFTStep, TorchStepConfig, random_adapters
     from sdft_jax.models.config import ModelConfig
+    from sdft_jax.models.lora import LoraConfig
 
     torch.set_num_threads(a["threads"])
     cfg = ModelConfig.from_hf(a["path"])
-    lora = None
-    if a["lora_rank"]:
-        rng = np.random.default_rng(0)
-        D, F, r = cfg.hidden_size, cfg.intermediate_size, a["lora_rank"]
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        attention = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D)}
-        mlp = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
-        experts = {}
-        if cfg.moe is not None:  # per-expert adapters: A [E, in, r], B [E, r, out]
-            Fe = cfg.moe.expert_hidden
-            experts = {"experts_gate_proj": (D, Fe), "experts_up_proj": (D, Fe), "experts_down_proj": (Fe, D)}
-        adapters = {}
-        for i, kind in enumerate(cfg.layer_kinds):
-            for name, (i_, o) in {**attention, **(experts if kind.channel_mixer == "moe" else mlp)}.items():
-                lead = (cfg.moe.num_experts,) if name in experts else ()
-                adapters[(i, name)] = (rng.uniform(-i_ ** -0.5, i_ ** -0.5, (*lead, i_, r)).astype(np.float32),
-                                       np.zeros((*lead, r, o), np.float32))
-        lora = {"scale": 32.0 / r, "adapters": adapters}
+    lora = random_adapters(cfg, LoraConfig(rank=a["lora_rank"])) if a["lora_rank"] else None
     ref = TorchSDFTStep(a["path"], TorchStepConfig(loss=a["loss"], top_k=20, learning_rate=1e-5, teacher="ema"),
                         lora=lora)
     batch = _batch(cfg.vocab_size, a)
@@ -196,18 +205,61 @@ def run_torch(a: dict) -> dict:
                 threads=torch.get_num_threads())
 
 
+def write_random_qwen3_5(out_dir: str, architecture: str, layers: int, hidden: int, experts: int, top_k: int,
+                         vocab: int) -> str:
+    """A random Qwen3.5 directory (built and saved by `transformers`) shaped like Qwen3.5-35B-A3B at
+    hidden size `hidden` (2048 there): layers 3 Gated DeltaNet : 1 gated attention; attention
+    hidden/128 query heads and 2 KV heads of 256, partial RoPE 0.25; DeltaNet hidden/128 key and
+    hidden/64 value heads of 128; `experts` routed experts of hidden/4, `top_k` per token, and a
+    shared expert of hidden/4."""
+    from sdft_jax.testing.tiny import write_tiny_qwen3_5_model
+
+    if hidden % 128:
+        raise ValueError(f"--hidden must be a multiple of 128, got {hidden}")
+    sizes = dict(hidden_size=hidden, num_attention_heads=hidden // 128, num_key_value_heads=2, head_dim=256,
+                 linear_num_key_heads=hidden // 128, linear_num_value_heads=hidden // 64, linear_key_head_dim=128,
+                 linear_value_head_dim=128, vocab_size=vocab, max_position_embeddings=4096)
+    if architecture == "qwen3_5_moe":
+        sizes.update(moe_intermediate_size=hidden // 4, shared_expert_intermediate_size=hidden // 4)
+    else:
+        sizes.update(intermediate_size=3 * hidden)
+    layer_types = [("full_attention" if i % 4 == 3 else "linear_attention") for i in range(layers)]
+    return write_tiny_qwen3_5_model(out_dir, architecture, layer_types=layer_types, num_experts=experts,
+                                    top_k=top_k, sizes=sizes)
+
+
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.random_model is None:
+        return _bench(args, args.model, _resolve(args.model))
+    with tempfile.TemporaryDirectory(prefix="sdft-bench-model-") as tmp:
+        path = in_fresh_process(_write_random, dict(
+            out_dir=tmp, architecture=args.random_model, layers=args.layers, hidden=args.hidden,
+            experts=args.experts, top_k=args.top_k, vocab=args.vocab))["path"]
+        name = (f"random {args.random_model} {args.layers}x{args.hidden}"
+                + (f" {args.experts} experts top-{args.top_k}" if args.random_model == "qwen3_5_moe" else ""))
+        return _bench(args, name, path)
+
+
+def _write_random(a: dict) -> dict:
+    return {"path": write_random_qwen3_5(**a)}
+
+
+def _resolve(model: str) -> str:
     from sdft_jax.checkpoints.registry import resolve_model
+
+    return resolve_model(model)
+
+
+def _bench(args, model_name: str, path: str) -> int:
     from sdft_jax.models.config import ModelConfig
 
-    path = resolve_model(args.model)
     shared = dict(path=path, batch=args.batch, prompt_len=args.prompt_len, teacher_prompt_len=args.teacher_prompt_len,
                   completion_len=args.completion_len, loss=args.loss, lora_rank=args.lora_rank, remat=args.remat,
                   query_block=args.query_block, vocab_chunk_size=args.vocab_chunk_size,
                   runs=args.runs, threads=args.threads, vocab=ModelConfig.from_hf(path).vocab_size)
     tokens = args.batch * args.completion_len
-    row: dict = {"bench": "step", **{k: v for k, v in shared.items() if k != "path"}, "model": args.model,
+    row: dict = {"bench": "step", **{k: v for k, v in shared.items() if k != "path"}, "model": model_name,
                  "loadavg_start": round(os.getloadavg()[0], 2)}
     engines = args.engines.split(",")
     for engine in engines:

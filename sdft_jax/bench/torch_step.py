@@ -19,6 +19,8 @@ import torch
 import transformers
 
 from sdft_jax.distill.batch import StepBatch
+from sdft_jax.models import decoder, lora as lora_lib
+from sdft_jax.models.config import ModelConfig
 
 # Our projection -> the HF linear (path under the decoder layer) whose output holds it.
 _LORA_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
@@ -38,6 +40,28 @@ EXPERT_PROJECTIONS = ("experts_gate_proj", "experts_up_proj", "experts_down_proj
 # Qwen3-MoE's and Qwen3.5-MoE's router (`Qwen3[_5]MoeTopKRouter.weight`, [E, D]); not Qwen3.5's
 # `mlp.shared_expert_gate.weight`, which trains.
 ROUTER_SUFFIX = "mlp.gate.weight"
+
+
+def random_adapters(cfg: ModelConfig, lora: lora_lib.LoraConfig, seed: int = 0) -> dict:
+    """Adapters of the projections our model adapts under `lora`, at our initialisation (A uniform in
+    +-1/sqrt(fan-in), B zero), in the layout `TorchSDFTStep` takes: the same LoRA as ours without
+    building our model (a benchmark's torch process)."""
+    rng = np.random.default_rng(seed)
+    layers = decoder.part_layers(cfg)
+    adapters = {}
+    for part, shapes in decoder.part_shapes(cfg).items():
+        for name in [t for t in lora.targets if t in shapes]:
+            a_shape, b_shape = lora_lib.adapter_shapes(name, shapes[name][0], lora.rank)
+            n_in = lora_lib.PROJECTIONS[name]
+            lead = 1 if name in lora_lib.EXPERT_PROJECTIONS else 0
+            fan_in = int(np.prod(a_shape[lead:lead + n_in]))
+            for layer in layers[part]:
+                a = rng.uniform(-fan_in**-0.5, fan_in**-0.5, a_shape).astype(np.float32)
+                b = np.zeros(b_shape, np.float32)
+                if not lead:  # flattened: A [in, r], B [r, out]
+                    a, b = a.reshape(-1, lora.rank), b.reshape(lora.rank, -1)
+                adapters[(layer, name)] = (a, b)
+    return {"scale": lora.scale, "adapters": adapters}
 
 
 class LoraLinear(torch.nn.Module):

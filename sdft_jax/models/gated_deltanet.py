@@ -189,6 +189,7 @@ def recurrent_gated_delta_rule(
     return jnp.moveaxis(out, 0, 1).astype(q.dtype), state
 
 
+DEFAULT_CHUNK = 64  # tokens per chunk of `chunked_gated_delta_rule`
 SUBSTITUTION_BLOCK = 16  # `unit_lower_inverse` inverts diagonal blocks of this size row by row
 
 
@@ -230,7 +231,7 @@ def unit_lower_inverse(strict: Float[Array, "*B C C"]) -> Float[Array, "*B C C"]
 
 def chunked_gated_delta_rule(
     q: Float[Array, "B T Hk Dk"], k: Float[Array, "B T Hk Dk"], v: Float[Array, "B T Hv Dv"],
-    g: Float[Array, "B T Hv"], beta: Float[Array, "B T Hv"], *, chunk_size: int = 64,
+    g: Float[Array, "B T Hv"], beta: Float[Array, "B T Hv"], *, chunk_size: int = DEFAULT_CHUNK,
     initial_state: Float[Array, "B Hv Dk Dv"] | None = None,
 ) -> tuple[Float[Array, "B T Hv Dv"], Float[Array, "B Hv Dk Dv"]]:
     """The gated delta rule in chunks of `chunk_size` tokens: (outputs in q's dtype, final state fp32).
@@ -348,7 +349,7 @@ def _mixer(x, w, cfg: DeltaNetConfig, mask, state, lora, rule: DeltaRuleFn):
 def gated_deltanet(
     x: Float[Array, "B T D"], w: Mapping[str, Array], cfg: DeltaNetConfig, *,
     mask: Bool[Array, "B T"] | None = None, state: DeltaNetState | None = None,
-    lora: lora_lib.LoraConfig | None = None, chunk_size: int = 64,
+    lora: lora_lib.LoraConfig | None = None, chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Float[Array, "B T D"], DeltaNetState]:
     """The Gated DeltaNet mixer of (normed) activations `x` by one layer's weights `w`: (output, the
     state after these tokens).

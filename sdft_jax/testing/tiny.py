@@ -12,7 +12,8 @@ so their files are what `transformers` writes, independent of our mapping.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +177,7 @@ def write_tiny_qwen3_5_model(
     num_experts: int = 4,
     top_k: int = 2,
     expert_layout: ExpertLayout = "per_expert",
+    sizes: Mapping[str, Any] | None = None,
 ) -> str:
     """Writes a tiny random Qwen3.5 (`qwen3_5`) or Qwen3.5-MoE (`qwen3_5_moe`) directory built and
     saved by `transformers` (with the byte tokenizer); returns its path.
@@ -190,7 +192,8 @@ def write_tiny_qwen3_5_model(
     `num_experts` experts, `top_k` of them per token, and a shared expert. Every weight is random at
     a scale that makes each part of the model matter (norm gains around their unit, A_log, dt_bias
     and the convolution too). `per_expert` is what `save_pretrained` writes; `fused` writes the
-    in-memory state dict instead.
+    in-memory state dict instead. `sizes` overrides text-config entries (`hidden_size`, head counts,
+    `moe_intermediate_size`, `vocab_size`, ...): the same family at a benchmark's size.
     """
     import torch
     import transformers
@@ -213,6 +216,7 @@ def write_tiny_qwen3_5_model(
                     shared_expert_intermediate_size=24)
     else:
         text.update(intermediate_size=96)
+    text.update(sizes or {})
     family = "Qwen3_5Moe" if moe else "Qwen3_5"
     if layout == "causal_lm":
         config = getattr(transformers, f"{family}TextConfig")(**text)

@@ -31,3 +31,54 @@ def test_step_flops_count_a_moe_layers_active_experts():
     # Tokens: the teacher's forward once, the student's three times (forward and backward).
     tokens = 2 * ((7 + 3) + 3 * (5 + 3))
     assert step_flops(sparse, **shapes) - step_flops(dense, **shapes) == per_token * tokens
+
+
+def test_step_flops_count_gated_deltanet_and_gated_attention_layers():
+    # tiny Qwen3.5: layers 0, 1, 2, 4 Gated DeltaNet (2 key heads, 4 value heads of 8), layer 3 gated
+    # attention (4 query heads of 16 over 2 KV heads); D 64, F 96, vocabulary 320.
+    cfg = tiny_config("qwen3_5")
+    shapes = dict(batch=2, prompt_len=5, teacher_prompt_len=7, completion_len=3, query_block=0)
+    D, F, V = 64, 96, 320
+    attention = D * 4 * 16 * 2 + 2 * D * 2 * 16 + 4 * 16 * D  # q_proj rows doubled by the output gate
+    projections = D * (2 * 2 * 8 + 2 * 4 * 8 + 2 * 4) + 4 * 8 * D  # q, k, v, z, b, a; out
+    rule = 4 * (64 * (3 * 8 + 2 * 8) + 3 * 8 * 8)  # per value head: chunk of 64 products, state reads/write
+    per_token = 2 * (attention + 4 * (projections + rule) + 5 * 3 * D * F)
+
+    def forward(length):  # one attention layer scores all (query, key) pairs of a row: length^2
+        return per_token * 2 * length + 2 * 2 * 1 * 2 * length * length * 4 * 16
+
+    head = 2 * D * V * 2 * 3
+    expected = forward(7 + 3) + head + 3 * forward(5 + 3) + 4 * head
+    assert step_flops(cfg, **shapes) == expected
+
+
+def test_random_adapters_are_our_models_adapters():
+    """The torch process's adapters (built from shapes) have our model's names, layers and shapes; A in
+    the fan-in bound, B zero, as ours start."""
+    import numpy as np
+    from flax import nnx
+
+    from sdft_jax.bench.torch_step import random_adapters
+    from sdft_jax.models import decoder
+    from sdft_jax.models.lora import EXPERT_PROJECTIONS, LoraConfig
+    from sdft_jax.models.transformer import Transformer
+
+    cfg = tiny_config("qwen3_5_moe")
+    lora = LoraConfig(rank=4, alpha=8.0)
+    layers = Transformer(cfg, rngs=nnx.Rngs(0), lora=lora).layers
+    stacked_over = {name: decoder.part_layers(cfg)[part]
+                    for part, shapes in decoder.part_shapes(cfg).items() for name in shapes}
+    ours = {}
+    for name in layers.adapted:
+        a, b = getattr(layers, f"{name}_lora_a")[...], getattr(layers, f"{name}_lora_b")[...]
+        for j, layer in enumerate(stacked_over[name]):
+            if name in EXPERT_PROJECTIONS:
+                ours[(layer, name)] = (a[j].shape, b[j].shape)
+            else:  # flattened, as the torch reference takes them
+                ours[(layer, name)] = ((int(np.prod(a.shape[1:-1])), a.shape[-1]), (b.shape[1], int(np.prod(b.shape[2:]))))
+    assert len(ours) == 4 * 7 + 1 * 5 + 5 * 6  # DeltaNet's 7 in 4 layers, attention's 5 in 1, MoE's 6 in 5
+    theirs = random_adapters(cfg, lora)
+    assert theirs["scale"] == lora.scale == 2.0
+    assert {k: (a.shape, b.shape) for k, (a, b) in theirs["adapters"].items()} == ours
+    a, b = theirs["adapters"][(0, "linear_out_proj")]  # fan-in Hv * Dv = 32
+    assert 0 < np.abs(a).max() <= 32**-0.5 and not b.any()

@@ -30,7 +30,7 @@ def torch_logits(ref, tokens=TOKENS, mask=MASK):
     # Positions as ours (0 at each row's first real token); HF would otherwise count padding.
     positions = torch.tensor(np.asarray(positions_from_mask(jnp.asarray(mask))))
     with torch.no_grad():
-        return ref(input_ids=torch.tensor(tokens), attention_mask=mask_t, position_ids=positions).logits.numpy()
+        return ref(input_ids=torch.tensor(tokens), attention_mask=mask_t, position_ids=positions).logits.float().numpy()
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "qwen3_moe"])
@@ -192,8 +192,26 @@ def test_bf16_compute_stays_close_to_fp32(tiny_model_dir):
     assert np.abs(bf16 - fp32)[MASK].max() > 0  # really computed in bf16
 
 
-def test_remat_gives_same_values_and_gradients(tiny_model_dir):
-    path = tiny_model_dir("llama")
+@pytest.mark.slow
+def test_qwen3_5_bf16_error_is_no_larger_than_transformers_bf16_error(tiny_model_dir, torch_model):
+    """Qwen3.5-MoE in bf16 (projections, convolution, attention and experts in bf16; the delta rule in
+    fp32, as HF's): its distance to fp32 is that of `transformers` in bf16 on the same weights. (This
+    random model amplifies rounding: both move logits of scale ~4 by up to ~1 on the full row.)"""
+    import torch
+    import transformers
+
+    path = tiny_model_dir("qwen3_5_moe")
+    fp32 = our_logits(load_hf(path))
+    bf16 = our_logits(load_hf(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    torch_fp32, torch_bf16 = torch_logits(torch_model(path)), torch_logits(ref)
+    ours, theirs = np.abs(bf16 - fp32)[MASK].max(), np.abs(torch_bf16 - torch_fp32)[MASK].max()
+    assert 0 < ours < 1.5 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3_5_moe"])
+def test_remat_gives_same_values_and_gradients(architecture, tiny_model_dir):
+    path = tiny_model_dir(architecture)
 
     def loss(model):
         mask = jnp.asarray(MASK)
@@ -205,7 +223,11 @@ def test_remat_gives_same_values_and_gradients(tiny_model_dir):
     v2, g2 = nnx.value_and_grad(loss)(remat)
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        if architecture == "llama":  # the same program: bit-identical here
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        else:  # XLA fuses the recomputed Gated DeltaNet / MoE differently: fp32 rounding, which this random
+            # model amplifies ~100x (see the bf16 test), moves every gradient by ~1e-5 of its tensor's largest
+            np.testing.assert_allclose(a, b, rtol=0, atol=3e-5 * np.abs(a).max())
 
 
 def test_random_init_has_logical_axes_on_every_param():
