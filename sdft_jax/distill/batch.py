@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
@@ -46,6 +47,24 @@ class StepBatch:
     @property
     def completion_tokens(self) -> Int[np.ndarray | Array, "B C"]:
         return self.student_tokens[:, self.student_prompt_len:]
+
+    @property
+    def rows(self) -> int:
+        return self.student_tokens.shape[0]
+
+
+def split_rows(batch: StepBatch, parts: int) -> StepBatch:
+    """The rows of `batch` as `parts` micro-batches stacked on a new leading axis (every array
+    `[B, ...]` becomes `[parts, B / parts, ...]`; index it, or scan over it, for one micro-batch).
+
+    Micro-batch i holds rows i, i + parts, i + 2 * parts, ...: strided, so that when the rows are split
+    over devices in contiguous blocks (`distributed.global_batch`) and `B / parts` splits over the same
+    devices, every micro-batch takes an equal share of each device's rows and no row moves between
+    devices. Works on host and device arrays, inside `jit` too.
+    """
+    if parts < 1 or batch.rows % parts:
+        raise ValueError(f"split_rows: {batch.rows} rows do not split into {parts} micro-batches")
+    return jax.tree.map(lambda x: x.reshape(batch.rows // parts, parts, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def _pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int] | None,

@@ -26,6 +26,12 @@ least one), so a batch sharded over a data axis stays sharded: each device compu
 every chunk. `chunk_size` counts tokens of the global batch; with `n` data shards a device holds
 `chunk_size / n` of them, so raise it with the number of shards. A vocabulary sharded over a tensor
 axis needs no special code: GSPMD inserts the cross-shard reductions for the log-softmax and top-K.
+
+Micro-batches. The reductions divide by counts of the whole batch (its scored positions, its rows
+with any), so a part of the batch cannot reduce alone. Given the whole batch's `ReductionTotals`
+(`reduction_totals`), both paths return that part's share instead: the loss and every metric are
+sums over the part's positions divided by the whole batch's counts, and the parts' values add up to
+the whole batch's (the train step's gradient accumulation relies on it).
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ from sdft_jax.distill.token_terms import (
     teacher_logits,
     token_terms,
 )
+from sdft_jax.pytrees import pytree_dataclass
 
-__all__ = ["LossConfig", "LossName", "Reduction", "chunked_loss", "dense_loss"]
+__all__ = ["LossConfig", "LossName", "Reduction", "ReductionTotals", "chunked_loss", "dense_loss", "reduction_totals"]
 
 # The losses that compare whole next-token distributions skip the first completion tokens (both
 # references do: the first few tokens of an answer are the least informative about the skill).
@@ -97,9 +104,7 @@ def _prepare(
     if sampler_logprobs is not None and sampler_logprobs.shape != (b, c):
         raise ValueError(f"sampler_logprobs must be [B, C] = {(b, c)}, got shape {sampler_logprobs.shape}")
 
-    scored = mask.astype(bool)
-    if cfg.name in _SKIPPING_LOSSES:
-        scored = scored & (jnp.arange(c) >= cfg.skip_first_tokens)[None, :]
+    scored = _scored(mask, cfg)
     # Unscored positions see zero hidden states and neutral targets, so that whatever the caller left
     # there (padding garbage, lp_old = -inf) cannot turn a zero weight into a NaN gradient.
     def zero_unscored(x: Array | None) -> Array | None:
@@ -116,25 +121,59 @@ def _prepare(
     return streams, scored
 
 
-def _reduction_weights(scored: Bool[Array, "B C"], reduction: Reduction) -> Float[Array, "B C"]:
-    """The weight of each position in the reduced loss; zero where unscored, all zero if none is."""
+def _scored(mask: Bool[Array, "B C"], cfg: LossConfig) -> Bool[Array, "B C"]:
+    """The positions the loss scores: real completion tokens, past `skip_first_tokens` where it applies."""
+    scored = mask.astype(bool)
+    if cfg.name in _SKIPPING_LOSSES:
+        scored = scored & (jnp.arange(mask.shape[1]) >= cfg.skip_first_tokens)[None, :]
+    return scored
+
+
+@pytree_dataclass
+@dataclasses.dataclass(frozen=True)
+class ReductionTotals:
+    """The counts of a whole batch that the reductions divide by: its scored positions, and its rows
+    with at least one scored position (fp32)."""
+
+    tokens: Float[Array, ""]
+    rows: Float[Array, ""]
+
+
+def _totals(scored: Bool[Array, "B C"]) -> ReductionTotals:
+    s = scored.astype(jnp.float32)
+    return ReductionTotals(tokens=jnp.sum(s), rows=jnp.sum((jnp.sum(s, axis=1) > 0).astype(jnp.float32)))
+
+
+def reduction_totals(mask: Bool[Array, "B C"], cfg: LossConfig) -> ReductionTotals:
+    """The whole batch's `ReductionTotals` under `cfg` (`mask` as `chunked_loss` takes it), for computing
+    the loss of its parts one at a time."""
+    return _totals(_scored(mask, cfg))
+
+
+def _reduction_weights(
+    scored: Bool[Array, "B C"], reduction: Reduction, totals: ReductionTotals
+) -> Float[Array, "B C"]:
+    """The weight of each position in the reduced loss; zero where unscored, all zero if none is.
+    `totals` are the counts of the whole batch that `scored` is (a part of)."""
     s = scored.astype(jnp.float32)
     if reduction == "sum":
         return s
     if reduction == "token_mean":
-        return s / jnp.maximum(jnp.sum(s), 1.0)
+        return s / jnp.maximum(totals.tokens, 1.0)
     per_row = jnp.sum(s, axis=1, keepdims=True)
     row_weight = jnp.where(per_row > 0, 1.0 / jnp.maximum(per_row, 1.0), 0.0)
-    rows = jnp.sum((per_row > 0).astype(jnp.float32))
-    return s * row_weight / jnp.maximum(rows, 1.0)
+    return s * row_weight / jnp.maximum(totals.rows, 1.0)
 
 
 def _finish(
-    cfg: LossConfig, token_loss: Float[Array, "B C"], token_metrics: TokenMetrics, scored: Bool[Array, "B C"]
+    cfg: LossConfig, token_loss: Float[Array, "B C"], token_metrics: TokenMetrics, scored: Bool[Array, "B C"],
+    totals: ReductionTotals | None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-    """The reduced loss, and the public metrics: each per-position metric as a mean over the scored positions."""
-    loss = jnp.sum(_reduction_weights(scored, cfg.reduction) * token_loss)
-    token_mean = _reduction_weights(scored, "token_mean")
+    """The reduced loss, and the public metrics: each per-position metric as a mean over the scored
+    positions (this part's share of them, given the whole batch's `totals`)."""
+    totals = _totals(scored) if totals is None else totals
+    loss = jnp.sum(_reduction_weights(scored, cfg.reduction, totals) * token_loss)
+    token_mean = _reduction_weights(scored, "token_mean", totals)
     metrics = {"loss": jax.lax.stop_gradient(loss)}
     metrics.update({k: jnp.sum(token_mean * v) for k, v in token_metrics.named().items()})
     metrics["scored_tokens"] = jnp.sum(scored.astype(jnp.float32))
@@ -206,6 +245,7 @@ def dense_loss(
     teacher_head: Float[Array, "D V"] | None = None,
     targets: Int[Array, "B C"] | None = None,
     sampler_logprobs: Float[Array, "B C"] | None = None,
+    totals: ReductionTotals | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """The reference loss: same contract as `chunked_loss`, with `[B, C, V]` logits materialised."""
     streams, scored = _prepare(cfg, student_hidden, student_head, mask, teacher_hidden, teacher_head, targets,
@@ -215,7 +255,7 @@ def dense_loss(
         t_logits = jax.lax.stop_gradient(student_logits(streams.teacher_hidden, teacher_head))
     terms = token_terms(cfg, student_logits(streams.student_hidden, student_head), t_logits, streams.targets,
                         streams.sampler_logprobs)
-    return _finish(cfg, terms.loss, terms.metrics, scored)
+    return _finish(cfg, terms.loss, terms.metrics, scored, totals)
 
 
 def chunked_loss(
@@ -228,6 +268,7 @@ def chunked_loss(
     teacher_head: Float[Array, "D V"] | None = None,
     targets: Int[Array, "B C"] | None = None,
     sampler_logprobs: Float[Array, "B C"] | None = None,
+    totals: ReductionTotals | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """The SDFT loss of `cfg.name`, reduced by `cfg.reduction`, without ever holding `[B*C, V]` logits.
 
@@ -241,6 +282,9 @@ def chunked_loss(
       teacher_head: the teacher's LM-head weight (every loss but `sft`).
       targets: the sampled token ids (`importance_sampling`) or the golden ids (`sft`).
       sampler_logprobs: the sampler's log-prob of each target (`importance_sampling`).
+      totals: when these rows are a part of a batch (a micro-batch), the whole batch's
+        `reduction_totals`: the loss and metrics are then this part's share (see the module docstring);
+        None = the rows are the whole batch.
 
     Returns:
       The loss (exactly 0 with zero gradients when no position is scored) and fp32 scalar metrics:
@@ -261,4 +305,4 @@ def chunked_loss(
         token_loss, token_metrics = head_grad.blocked_terms(cfg, student_head, teacher_head, xs)
     else:
         token_loss, token_metrics = _scanned_terms(cfg, student_head, teacher_head, xs)
-    return _finish(cfg, chunks.join(token_loss), jax.tree.map(chunks.join, token_metrics), scored)
+    return _finish(cfg, chunks.join(token_loss), jax.tree.map(chunks.join, token_metrics), scored, totals)

@@ -4,15 +4,26 @@
  -> student forward + backward on student_prompt ++ completion
  -> chunked loss from aligned final hidden states (LM head applied inside token chunks), plus a MoE
     model's load-balancing loss when its coefficient is set
+    (these three on the whole batch, or per micro-batch with the gradients summed: see below)
  -> AdamW update (skipped, and counted, if the loss or gradient is not finite)
  -> teacher update (static / EMA / sync)
  -> metrics
 Teacher logits never leave the device; nothing but scalar metrics comes back to the host.
+
+Micro-batches (`StepConfig.micro_batch_size`). A `jax.lax.scan` inside the step runs the teacher
+forward, the student forward and backward on one micro-batch of rows at a time and adds up the
+gradients, so activations are held for one micro-batch only. The result is the whole batch's step:
+each micro-batch's loss is its share of the whole batch's reduction (`losses.reduction_totals`: the
+token and row counts of the whole batch), so the shares, their gradients and every metric add up to
+the whole batch's. A MoE balance loss weighs each expert by its share of the whole batch's
+assignments; with micro-batches those come from a forward of the student over every micro-batch first
+(no gradient; only when `load_balance_coef` is set), and the router metrics from the summed statistics.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -24,11 +35,11 @@ from jaxtyping import Array, Bool, Float, Int
 
 from sdft_jax import distributed
 from sdft_jax.distill import teacher as teacher_lib
-from sdft_jax.distill.batch import StepBatch
-from sdft_jax.distill.losses import LossConfig, chunked_loss
+from sdft_jax.distill.batch import StepBatch, split_rows
+from sdft_jax.distill.losses import LossConfig, ReductionTotals, chunked_loss, reduction_totals
 from sdft_jax.distill.train_state import OptimConfig, TrainState
 from sdft_jax.models import moe as moe_lib
-from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, activation_sharding
+from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, activation_sharding, active_mesh, constrain
 from sdft_jax.models.transformer import ModelOutput, Transformer, positions_from_mask
 from sdft_jax.validation import check_bool, check_int
 
@@ -40,10 +51,14 @@ class StepConfig:
     optim: OptimConfig = OptimConfig()
     total_steps: int = 1000  # the learning-rate schedule's length: the run's optimizer steps
     skip_nonfinite: bool = True  # a non-finite loss/gradient leaves the state unchanged (counted in metrics)
+    # rows per micro-batch (gradients accumulated inside the step); 0 or the batch's rows = the whole batch
+    # at once. Must divide the batch's rows, and split over the mesh's batch shards.
+    micro_batch_size: int = 0
 
     def __post_init__(self):
         check_int("StepConfig.total_steps", self.total_steps, minimum=1)
         check_bool("StepConfig.skip_nonfinite", self.skip_nonfinite)
+        check_int("StepConfig.micro_batch_size", self.micro_batch_size, minimum=0, hint="0 = the whole batch at once")
 
 
 def _forward(model: Transformer, tokens: Int[Array, "B L"], mask: Bool[Array, "B L"]) -> ModelOutput:
@@ -66,10 +81,20 @@ def router_metrics(stats: moe_lib.RouterStats) -> dict[str, Float[Array, ""]]:
             "router/balance_loss": moe_lib.balance_loss(stats)}
 
 
-def train_step(
-    graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg: StepConfig
-) -> tuple[TrainState, dict[str, Array]]:
-    """(state, batch) -> (new state, metrics). Pure; jit it with `make_train_step`."""
+# What the student's loss function returns beside the loss: the metrics, and a MoE model's router
+# statistics (None for a dense model).
+LossAux = tuple[dict[str, Array], moe_lib.RouterStats | None]
+
+
+def _gradients(
+    graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg: StepConfig,
+    totals: ReductionTotals | None = None, whole_routing: moe_lib.RouterStats | None = None,
+) -> tuple[tuple[Float[Array, ""], LossAux], nnx.State]:
+    """Teacher forward, student forward and backward on `batch`: `((loss, (metrics, router stats)), grads)`.
+
+    `batch` is the whole batch, or one micro-batch of it with the whole batch's `totals` (the loss and
+    metrics are then its share) and, for a balance loss, the whole batch's `whole_routing` statistics.
+    """
     C = batch.completion_len
     sft = cfg.loss.name == "sft"
 
@@ -82,21 +107,108 @@ def train_step(
         teacher_head = jax.lax.stop_gradient(teacher.head_weight())
 
     # 2-3. Student forward and backward through the chunked loss (+ a MoE model's balance loss).
-    def loss_fn(params: nnx.State) -> tuple[Float[Array, ""], dict[str, Array]]:
+    def loss_fn(params: nnx.State) -> tuple[Float[Array, ""], LossAux]:
         student = nnx.merge(graphdef, params, state.frozen)
         out = _forward(student, batch.student_tokens, batch.student_mask)
         loss, metrics = chunked_loss(
             _completion_hidden(out.hidden, batch.student_prompt_len, C), student.head_weight(),
             batch.completion_mask, cfg.loss, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-            targets=batch.completion_tokens, sampler_logprobs=batch.sampler_logprobs)
-        if out.router_stats is not None:
-            metrics = {**metrics, **router_metrics(out.router_stats)}
-            if student.cfg.moe.load_balance_coef:
-                loss = loss + out.aux_loss
-                metrics["aux_loss"] = out.aux_loss
-        return loss, metrics
+            targets=batch.completion_tokens, sampler_logprobs=batch.sampler_logprobs, totals=totals)
+        if out.router_stats is not None and student.cfg.moe.load_balance_coef:
+            aux = out.aux_loss
+            if whole_routing is not None:  # this micro-batch's share, weighted by the whole batch's loads
+                aux = student.cfg.moe.load_balance_coef * moe_lib.balance_loss(dataclasses.replace(
+                    whole_routing, prob_sum=out.router_stats.prob_sum))
+            loss = loss + aux
+            metrics = {**metrics, "aux_loss": aux}
+        return loss, (metrics, out.router_stats)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
+def _batch_shards() -> int:
+    """How many ways the enclosing `activation_sharding` mesh splits a batch's rows (1 outside one)."""
+    active = active_mesh()
+    if active is None:
+        return 1
+    mesh, rules = active
+    axes = distributed.batch_spec(mesh, rules)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def micro_batch_count(rows: int, cfg: StepConfig, shards: int = 1) -> int:
+    """How many micro-batches `cfg` cuts a batch of `rows` rows into (1 = the whole batch at once);
+    raises ValueError naming `micro_batch_size` when they do not split the rows evenly over `shards`
+    batch shards."""
+    size = cfg.micro_batch_size
+    if size in (0, rows):
+        return 1
+    if rows % size:
+        raise ValueError(f"StepConfig.micro_batch_size = {size} does not divide the batch's {rows} rows")
+    if size % shards:
+        raise ValueError(f"StepConfig.micro_batch_size = {size}: a micro-batch's rows do not split over the "
+                         f"mesh's {shards} batch shards (data x fsdp x expert)")
+    return rows // size
+
+
+def _zeros_like_params(params: nnx.State) -> nnx.State:
+    """Zeros shaped and laid out like `params` (sharded by their logical axes under a mesh)."""
+    def zeros(v: nnx.Variable) -> nnx.Variable:
+        axes = getattr(v, "axes", None) or (None,) * v.ndim
+        return v.replace(constrain(jnp.zeros_like(v[...]), axes))
+
+    return jax.tree.map(zeros, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _whole_routing(graphdef: nnx.GraphDef, state: TrainState, parts: StepBatch) -> moe_lib.RouterStats:
+    """The student's router statistics summed over the micro-batches `parts`, from forwards without
+    gradient: the whole batch's expert loads, which the balance loss's gradient needs before the first
+    micro-batch's backward."""
+    params = jax.lax.stop_gradient(state.params)
+
+    def stats_of(part: StepBatch) -> moe_lib.RouterStats:
+        student = nnx.merge(graphdef, params, state.frozen)
+        return _forward(student, part.student_tokens, part.student_mask).router_stats
+
+    per_part = jax.lax.map(stats_of, parts)
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_part)
+
+
+def _accumulated_gradients(
+    graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg: StepConfig, count: int
+) -> tuple[tuple[Float[Array, ""], LossAux], nnx.State]:
+    """`_gradients` of the whole batch, computed over `count` micro-batches in a scan and summed: the
+    gradients in the scan's carry (laid out like the params), the scalars and router statistics per
+    micro-batch, added up after it."""
+    parts = split_rows(batch, count)
+    parts = jax.tree.map(lambda x: constrain(x, (None, "batch") + (None,) * (x.ndim - 2)), parts)
+    totals = reduction_totals(batch.completion_mask, cfg.loss)
+    moe = nnx.merge(graphdef, state.params, state.frozen).cfg.moe
+    whole_routing = _whole_routing(graphdef, state, parts) if moe is not None and moe.load_balance_coef else None
+
+    def one(grads: nnx.State, part: StepBatch) -> tuple[nnx.State, tuple[Float[Array, ""], LossAux]]:
+        loss_aux, part_grads = _gradients(graphdef, state, part, cfg, totals, whole_routing)
+        return jax.tree.map(jnp.add, grads, part_grads), loss_aux
+
+    grads, per_part = jax.lax.scan(one, _zeros_like_params(state.params), parts)
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_part), grads
+
+
+def train_step(
+    graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg: StepConfig
+) -> tuple[TrainState, dict[str, Array]]:
+    """(state, batch) -> (new state, metrics). Pure; jit it with `make_train_step`."""
+    sft = cfg.loss.name == "sft"
+
+    # 1-3. Teacher forward, student forward and backward: the whole batch at once, or micro-batches.
+    count = micro_batch_count(batch.rows, cfg, _batch_shards())
+    if count == 1:
+        (loss, (metrics, router_stats)), grads = _gradients(graphdef, state, batch, cfg)
+    else:
+        (loss, (metrics, router_stats)), grads = _accumulated_gradients(graphdef, state, batch, cfg, count)
+    if router_stats is not None:
+        metrics = {**metrics, **router_metrics(router_stats)}
 
     # 4. Optimizer update, unless the step produced a non-finite loss or gradient.
     grad_norm = optax.tree.norm(grads)

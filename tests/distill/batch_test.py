@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sdft_jax.distill.batch import make_step_batch
+from sdft_jax.distill.batch import make_step_batch, split_rows
 
 
 def test_layout_and_alignment():
@@ -49,3 +49,19 @@ def test_errors(args, message):
 def test_mismatched_logprobs():
     with pytest.raises(ValueError, match="row 0: 1 sampler log-probs for 2 tokens"):
         make_step_batch([[1]], [[1]], [[2, 3]], pad_id=0, sampler_logprobs=[[-1.0]])
+
+
+def test_split_rows_takes_every_nth_row():
+    """Micro-batch i holds rows i, i + n, ...: with rows split over 2 devices in blocks ([0..3], [4..7]),
+    each of the 2 micro-batches holds 2 rows of each device's block."""
+    rows = range(8)
+    b = make_step_batch([[r + 1] for r in rows], [[r + 1, 0] for r in rows], [[r + 10] * (r + 1) for r in rows],
+                        pad_id=0)
+    parts = split_rows(b, 2)
+    assert parts.student_tokens.shape == (2, 4, b.student_tokens.shape[1])
+    assert parts.completion_mask.shape == (2, 4, 8) and parts.teacher_tokens.shape == (2, 4, 10)
+    np.testing.assert_array_equal(parts.student_tokens[1], b.student_tokens[[1, 3, 5, 7]])
+    np.testing.assert_array_equal(parts.completion_mask[0], b.completion_mask[[0, 2, 4, 6]])
+    np.testing.assert_array_equal(split_rows(b, 1).sampler_logprobs[0], b.sampler_logprobs)
+    with pytest.raises(ValueError, match="8 rows do not split into 3 micro-batches"):
+        split_rows(b, 3)

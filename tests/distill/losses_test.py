@@ -10,7 +10,7 @@ import jaxtyping
 import numpy as np
 import pytest
 
-from sdft_jax.distill.losses import LossConfig, chunked_loss, dense_loss
+from sdft_jax.distill.losses import LossConfig, chunked_loss, dense_loss, reduction_totals
 
 PATHS = {"dense": dense_loss, "chunked": chunked_loss}
 DISTILL = ("topk", "full_kl", "reverse_topk", "jsd")
@@ -403,6 +403,30 @@ def test_chunk_size_does_not_change_the_result():
         other = compiled(chunked_loss, dataclasses.replace(parity_config("topk"), chunk_size=n), ("sum",))(inputs)
         assert_close(other["sum"], ragged, rtol=1e-5, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("name", ["topk", "importance_sampling", "sft"])
+def test_the_parts_of_a_batch_reduced_by_its_totals_add_up_to_it(name):
+    """Micro-batches: rows [0] and [1, 2] (a short row and an unscored one) reduced by the whole batch's
+    `reduction_totals` give shares whose losses, metrics and gradients add up to the whole batch's, for
+    every reduction (the skipping losses skip in the parts too)."""
+    inputs, cfg = random_inputs(), parity_config(name)
+    whole = compiled(chunked_loss, cfg)(inputs)
+    totals = reduction_totals(inputs["mask"], cfg)
+    heads = ("student_head", "teacher_head")
+    parts = [compiled(chunked_loss, cfg)({**{k: v if k in heads else v[rows] for k, v in inputs.items()},
+                                          "totals": totals}) for rows in (slice(0, 1), slice(1, 3))]
+    for reduction in REDUCTIONS:
+        (loss, metrics), grads = whole[reduction]
+        (loss_0, metrics_0), grads_0 = parts[0][reduction]
+        (loss_1, metrics_1), grads_1 = parts[1][reduction]
+        assert abs(float(loss_0)) > 1e-3 and abs(float(loss_1)) > 1e-3  # both parts have a share
+        np.testing.assert_allclose(loss_0 + loss_1, loss, rtol=1e-5)
+        assert_close(jax.tree.map(jnp.add, metrics_0, metrics_1), metrics, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.concatenate([grads_0["student_hidden"], grads_1["student_hidden"]]),
+                                   grads["student_hidden"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(grads_0["student_head"] + grads_1["student_head"], grads["student_head"],
+                                   rtol=1e-5, atol=1e-6)
 
 # ---------------------------------------------------------------------------------------------------
 # Argument checking (the config's own checks are in loss_config_test.py).

@@ -10,7 +10,7 @@ from sdft_jax.distill import teacher as teacher_lib
 from sdft_jax.distill.batch import make_step_batch
 from sdft_jax.distill.losses import LossConfig
 from sdft_jax.distill.train_state import OptimConfig, init_train_state, student_model
-from sdft_jax.distill.train_step import StepConfig, make_train_step, shard_batch
+from sdft_jax.distill.train_step import StepConfig, make_train_step, micro_batch_count, shard_batch
 from sdft_jax.models import decoder
 from sdft_jax.models.lora import EXPERT_PROJECTIONS, LoraConfig
 from sdft_jax.models.sharding import make_mesh
@@ -140,22 +140,27 @@ MOE_CASES = {  # id -> (loss, LoRA, norm_topk_prob, train_router, load_balance_c
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(MOE_CASES))
-def test_moe_two_steps_match_torch(case, tiny_model_dir, tmp_path):
+def balanced_moe_dir(tiny_model_dir, tmp_path, coef, **overrides):
+    """A tiny Qwen3-MoE directory with the load-balancing loss on (`coef`), as HF configs turn it on."""
     import json
     import shutil
 
+    path = shutil.copytree(tiny_model_dir("qwen3_moe", **overrides), tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    config.update(output_router_logits=True, router_aux_loss_coef=coef)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_two_steps_match_torch(case, tiny_model_dir, tmp_path):
     from sdft_jax.bench.torch_step import TorchSDFTStep, TorchStepConfig
 
     loss, use_lora, norm_topk_prob, train_router, coef = MOE_CASES[case]
     path = tiny_model_dir("qwen3_moe", norm_topk_prob=norm_topk_prob)
-    if coef:  # the load-balancing loss, as HF configs turn it on
-        path = shutil.copytree(path, tmp_path / "model")
-        config = json.loads((path / "config.json").read_text())
-        config.update(output_router_logits=True, router_aux_loss_coef=coef)
-        (path / "config.json").write_text(json.dumps(config))
-        path = str(path)
+    if coef:
+        path = balanced_moe_dir(tiny_model_dir, tmp_path, coef, norm_topk_prob=norm_topk_prob)
     lora = LoraConfig(rank=4, alpha=8.0, targets=MOE_LORA_TARGETS) if use_lora else None
     model = load_hf(path, lora=lora, query_block=4)
     assert model.cfg.dense_layers == (1,) and model.cfg.moe.load_balance_coef == coef
@@ -378,3 +383,109 @@ def test_moe_steps_on_an_expert_mesh_equal_one_device(tiny_model_dir):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-2 * LR)
     experts = jax.tree.leaves(sharded.params["layers"]["experts_up_proj"])[0]  # [layers, expert, embed, mlp]
     assert tuple(experts.sharding.spec)[:2] == (None, "expert")
+
+
+# Micro-batches: the step accumulating gradients over micro-batches is the whole-batch step. The batches
+# are ragged (completions of 5-11 tokens, one row with nothing scored), so the micro-batches' token and
+# row counts differ, and only a reduction by the whole batch's counts gives the same loss. Two steps with
+# an EMA teacher: the second step's teacher forward runs on the updated teacher.
+MICRO_CASES = {  # id -> (loss, reduction, LoRA, mesh shape or None, rows, micro_batch_size)
+    "full-topk-sequence_mean": ("topk", "sequence_mean", False, None, 8, 2),
+    "lora-full_kl-token_mean": ("full_kl", "token_mean", True, None, 8, 4),
+    "mesh-full-importance_sampling-sum": ("importance_sampling", "sum", False, {"data": 2, "fsdp": 4}, 16, 8),
+    "mesh-lora-topk-sequence_mean": ("topk", "sequence_mean", True, {"data": 2, "fsdp": 4}, 16, 8),
+}
+
+
+def _micro_steps(path, cfg, batches, mesh=None, lora=None, train_router=False):
+    """The (state, metrics) after each step on `batches` from `path`'s initial weights, on the host."""
+    graphdef, state = init_train_state(load_hf(path, mesh=mesh, lora=lora, query_block=4), cfg.optim,
+                                       train_router=train_router)
+    step = make_train_step(graphdef, state, cfg, mesh=mesh)
+    results = []
+    for batch in batches:
+        state, metrics = step(state, shard_batch(batch, mesh))
+        results.append(jax.device_get((state, metrics)))  # the state is donated to the next step
+    return results
+
+
+def assert_same_steps(micro, whole):
+    """Two runs' steps agree to fp32 summation order: every metric of every step; after the first step
+    the gradients (Adam's first moment mu = (1 - b1) g) to ~1e-6 of each weight's largest, as the whole
+    batch's own gradients move when only its rows are permuted; the params and teacher after each
+    update, which Adam amplifies for gradients near eps = EPS, to the bound used against torch. (After
+    the second step, mu also holds the first update's amplified differences.)"""
+    for i, ((state_m, metrics_m), (state_w, metrics_w)) in enumerate(zip(micro, whole, strict=True)):
+        assert metrics_m.keys() == metrics_w.keys()
+        for name in metrics_w:
+            np.testing.assert_allclose(metrics_m[name], metrics_w[name], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"step {i} {name}")
+        assert int(state_m.step) == int(state_w.step) == i + 1
+        if i == 0:
+            mu_m, mu_w = state_m.opt_state[1][0].mu, state_w.opt_state[1][0].mu
+            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mu_m), jax.tree.leaves(mu_w), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=str(path))
+        trained = lambda state: jax.tree.leaves((state.params, state.teacher))  # noqa: E731
+        for a, b in zip(trained(state_m), trained(state_w), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-2 * LR, err_msg=f"step {i}")
+
+
+@pytest.mark.parametrize("case", list(MICRO_CASES))
+def test_micro_batched_steps_equal_whole_batch_steps(case, tiny_model_dir):
+    import dataclasses
+
+    loss, reduction, use_lora, mesh_shape, rows, micro = MICRO_CASES[case]
+    path = tiny_model_dir("qwen3")
+    mesh = None if mesh_shape is None else make_mesh(mesh_shape)
+    lora = LoraConfig(rank=4, alpha=8.0) if use_lora else None
+    cfg = step_config(loss, reduction=reduction)
+    batches = [random_batch(seed=i, rows=rows) for i in range(2)]
+    whole = _micro_steps(path, cfg, batches, mesh, lora)
+    micro = _micro_steps(path, dataclasses.replace(cfg, micro_batch_size=micro), batches, mesh, lora)
+    assert_same_steps(micro, whole)
+
+
+@pytest.mark.slow
+def test_micro_batched_moe_steps_with_a_balance_loss_equal_whole_batch_steps(tiny_model_dir, tmp_path):
+    """Qwen3-MoE training its routers with a balance loss: its per-expert weights are the whole batch's
+    loads, and the router metrics are the whole batch's."""
+    import dataclasses
+
+    path = balanced_moe_dir(tiny_model_dir, tmp_path, coef=0.05)
+    cfg = step_config("topk")
+    batches = [random_batch(seed=i, rows=8) for i in range(2)]
+    whole = _micro_steps(path, cfg, batches, train_router=True)
+    micro = _micro_steps(path, dataclasses.replace(cfg, micro_batch_size=2), batches, train_router=True)
+    assert {"aux_loss", "router/balance_loss", "router/max_over_mean_load"} <= whole[0][1].keys()
+    assert_same_steps(micro, whole)
+
+
+def test_micro_batch_size_0_or_the_whole_batch_is_the_whole_batch_program(tiny_model_dir):
+    import dataclasses
+
+    cfg = step_config("topk")
+    graphdef, state = init_train_state(load_hf(tiny_model_dir("qwen3"), query_block=4), cfg.optim)
+    batch = shard_batch(random_batch(rows=8), None)
+    programs = {micro: make_train_step(graphdef, state, dataclasses.replace(cfg, micro_batch_size=micro))
+                .lower(state, batch).as_text() for micro in (0, 8, 4)}
+    assert programs[0] == programs[8] != programs[4]
+
+
+def test_micro_batch_count():
+    cfg = StepConfig(micro_batch_size=4)
+    assert micro_batch_count(16, cfg, shards=4) == 4 and micro_batch_count(4, cfg) == 1
+    assert micro_batch_count(16, StepConfig(), shards=8) == 1
+    with pytest.raises(ValueError, match=r"StepConfig\.micro_batch_size = 4 does not divide the batch's 6 rows"):
+        micro_batch_count(6, cfg)
+    with pytest.raises(ValueError, match=r"StepConfig\.micro_batch_size = 4: .* over the mesh's 8 batch shards"):
+        micro_batch_count(16, cfg, shards=8)
+    with pytest.raises(ValueError, match=r"StepConfig\.micro_batch_size"):
+        StepConfig(micro_batch_size=-1)
+
+
+def test_a_micro_batch_that_does_not_split_over_the_mesh_is_refused(tiny_model_dir):
+    cfg = StepConfig(loss=LossConfig(name="topk", top_k=8), micro_batch_size=4)
+    mesh = make_mesh({"data": 8})
+    graphdef, state = init_train_state(load_hf(tiny_model_dir("qwen3"), mesh=mesh), cfg.optim)
+    with pytest.raises(ValueError, match=r"micro_batch_size = 4: .* over the mesh's 8 batch shards"):
+        make_train_step(graphdef, state, cfg, mesh=mesh).lower(state, shard_batch(random_batch(rows=16), mesh))
