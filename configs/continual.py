@@ -29,8 +29,12 @@ def get_config(variant: str = ""):
     c.methods = "sft,sdft_topk,sdft_full_kl"  # any of sft, sdft_topk, sdft_full_kl, sdft_reverse, sdft_is
     c.learning_rates = "5e-5"  # comma-separated grid
     c.seeds = "0"  # comma-separated; repeated seeds estimate run-to-run noise
-    c.stage2_teacher = "stage1"  # stage1: stage 2's teacher starts from the stage-1 student | base: the base model
-    c.stage2_steps = 0  # 0 = train.steps
+    # stage 2's teacher: stage1 = the student as stage 2 starts | base = the original base model (the recipe's;
+    # with LoRA the student's base with the adapters off, which needs train.teacher.mode = "static")
+    c.stage2_teacher = "stage1"
+    c.stage2_steps = 0  # 0 = train.steps (or train.epochs)
+    # trainer keys that differ by method, e.g. {"sft": {"data": {"keep_system": True}}}
+    c.per_method = ConfigDict()
     c.compilation_cache = True  # persistent XLA cache under out_dir: every stage compiles the same programs
 
     t = c.train = base_config()
@@ -64,6 +68,8 @@ def get_config(variant: str = ""):
         c.task_a, c.task_b, c.probe_tasks = "tooluse", "science", ""
         c.methods = "sft,sdft_topk,sdft_full_kl,sdft_reverse,sdft_is"
         c.learning_rates = "1e-5,2e-5"
+        # the recipe's SFT trains with the science system prompt, its SDFT without
+        c.per_method = ConfigDict({"sft": {"data": {"keep_system": True}}})
         t.model.name = "smollm2-135m"  # set to a real instruct model directory
         t.model.dtype = "bfloat16"
         t.model.param_dtype = "bfloat16"

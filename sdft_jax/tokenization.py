@@ -38,15 +38,22 @@ def render_chat(
     *,
     add_generation_prompt: bool = True,
     prefill: str = "",
+    enable_thinking: bool | None = None,
 ) -> str:
-    """Chat-templated text of `messages`, ending in the assistant header (plus `prefill`, e.g. `<think>\\n`)."""
+    """Chat-templated text of `messages`, ending in the assistant header (plus `prefill`, e.g. `<think>\\n`).
+
+    `enable_thinking` is passed to the template when not None (Qwen3's template thinks unless it is
+    False, and then writes an empty `<think>` block after the header); templates without the switch
+    ignore it.
+    """
     if not messages:
         raise ValueError("render_chat: no messages")
     for i, m in enumerate(messages):
         if not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
             raise ValueError(f"render_chat: message {i} needs string 'role' and 'content', got {dict(m)!r:.200}")
+    switch = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     text = tokenizer.apply_chat_template(
-        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt, **switch
     )
     return text + prefill
 
@@ -57,9 +64,11 @@ def encode_chat(
     *,
     add_generation_prompt: bool = True,
     prefill: str = "",
+    enable_thinking: bool | None = None,
 ) -> list[int]:
     """Token ids of the chat-templated `messages` (the template supplies any BOS; none is added here)."""
-    text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt, prefill=prefill)
+    text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt, prefill=prefill,
+                       enable_thinking=enable_thinking)
     return tokenizer.encode(text, add_special_tokens=False)
 
 

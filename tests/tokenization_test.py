@@ -40,6 +40,36 @@ def test_qwen_chatml_is_token_exact():
     assert stop_token_ids(tok) == (151643, 151645)
 
 
+# ChatML turns, then Qwen3's generation prompt as its chat template writes it: the model opens its own
+# <think> block unless `enable_thinking` is false, when the template closes an empty one.
+QWEN3_THINKING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+)
+
+
+def test_enable_thinking_reaches_qwen3s_template():
+    tok = load_tokenizer(qwen_tokenizer_dir())
+    tok.chat_template = QWEN3_THINKING_TEMPLATE
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    thinking = encode_chat(tok, MESSAGES)  # Qwen3's default: thinking on, nothing after the header
+    assert thinking == encode_chat(tok, MESSAGES, enable_thinking=True)
+    assert thinking[-3:] == [151644] + enc("assistant\n")
+    off = encode_chat(tok, MESSAGES, enable_thinking=False)
+    assert off == thinking + enc("<think>\n\n</think>\n\n")
+    assert render_chat(tok, MESSAGES, enable_thinking=False).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # A template without the switch ignores it.
+    plain = load_tokenizer(qwen_tokenizer_dir())
+    assert encode_chat(plain, MESSAGES, enable_thinking=False) == encode_chat(plain, MESSAGES) == thinking
+
+
 def test_render_without_generation_prompt(smollm2_dir):
     tok = load_tokenizer(smollm2_dir)
     assert not render_chat(tok, MESSAGES, add_generation_prompt=False).endswith("assistant\n")

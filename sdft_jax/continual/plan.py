@@ -2,10 +2,20 @@
 
 Spec section 8. For every method x learning rate x seed:
     stage 1: from the base model, train on task A;
-    stage 2: from stage 1's exported weights (fresh optimizer), train on task B;
+    stage 2: from where stage 1 ended (fresh optimizer), train on task B;
 and after each stage evaluate task A, task B and the probe tasks (what the base model already knew).
 The base model is evaluated once on the same tasks. A run's directory is
 `<out_dir>/<method>_lr<lr>_seed<seed>/stage<1|2>`; the base evaluation lives in `<out_dir>/base/`.
+
+Stage 2 continues stage 1 as the recipe does. With full fine-tuning it starts from stage 1's exported
+weights; with LoRA the same adapters keep training on the unchanged base (from stage 1's last
+checkpoint, `init_adapters_from`), nothing merged. Its teacher (`stage2_teacher`, SDFT methods) is
+`stage1`, the student as stage 2 starts, or `base`, the original base model: with full fine-tuning a
+copy of the base weights (`teacher_init_from`), with LoRA the student's own frozen base with the
+adapters off (`teacher.source = "base"`, a static teacher).
+
+`per_method` holds trainer keys that differ by method, e.g. the recipe's SFT keeps the science system
+prompt and its SDFT does not: `per_method = {"sft": {"data": {"keep_system": True}}}`.
 """
 
 from __future__ import annotations
@@ -18,8 +28,8 @@ from typing import Any, Literal
 
 import ml_collections
 
-from sdft_jax.config import ConfigError, TrainConfig, load_train_config
-from sdft_jax.validation import check_choice, check_int
+from sdft_jax.config import TASKS, ConfigError, TrainConfig, load_train_config, task_splits
+from sdft_jax.validation import check_bool, check_choice, check_int
 
 # method -> (trainer method, loss name)
 METHODS: dict[str, tuple[str, str]] = {
@@ -98,7 +108,40 @@ def _numbers(value: Any, key: str, kind: type) -> list:
 
 
 _KEYS = {"out_dir", "task_a", "task_b", "probe_tasks", "methods", "learning_rates", "seeds", "stage2_teacher",
-         "stage2_steps", "compilation_cache", "train"}
+         "stage2_steps", "compilation_cache", "per_method", "train"}
+_OPTIONAL_KEYS = {"per_method"}
+
+
+def _per_method(raw: Any, train: dict) -> dict[str, dict]:
+    """The `per_method` overrides, checked: known methods, and only keys that `train` has."""
+    if isinstance(raw, ml_collections.ConfigDict):
+        raw = raw.to_dict()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config.per_method must map methods to trainer keys, got {raw!r}")
+
+    def check(override: Any, like: Any, key: str) -> None:
+        if not isinstance(override, dict):
+            return
+        if not isinstance(like, dict):
+            raise ConfigError(f"{key} is not a section of config.train")
+        for name, value in override.items():
+            if name not in like:
+                raise ConfigError(f"unknown config key {key}.{name} (config.train has no such key)")
+            check(value, like[name], f"{key}.{name}")
+
+    for method, override in raw.items():
+        if method not in METHODS:
+            raise ConfigError(f"config.per_method: unknown method {method!r} (choose from {', '.join(METHODS)})")
+        check(override, train, f"config.per_method.{method}")
+    return raw
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """`base` with `override`'s keys set, section by section."""
+    out = copy.deepcopy(base)
+    for name, value in override.items():
+        out[name] = _merged(out.get(name, {}), value) if isinstance(value, dict) else value
+    return out
 
 
 def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
@@ -111,7 +154,7 @@ def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
         raise ConfigError(f"unknown config key config.{unknown[0]} (valid keys: {', '.join(sorted(_KEYS))})")
-    missing = sorted(_KEYS - set(raw))
+    missing = sorted(_KEYS - set(raw) - _OPTIONAL_KEYS)
     if missing:
         raise ConfigError(f"missing config key config.{missing[0]}")
     methods = _split(raw["methods"], "methods")
@@ -124,40 +167,60 @@ def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
     seeds = _numbers(raw["seeds"], "seeds", int)
     task_a, task_b = str(raw["task_a"]), str(raw["task_b"])
     probes = tuple(_split(raw["probe_tasks"], "probe_tasks"))
+    for key, task in (("task_a", task_a), ("task_b", task_b), *(("probe_tasks", p) for p in probes)):
+        usable = [t for t in TASKS if {"train", "eval"} <= set(task_splits(t)) or key == "probe_tasks"]
+        if task not in usable:
+            raise ConfigError(f"config.{key}: unknown task {task!r} (choose from {', '.join(usable)})")
     if task_a == task_b or {task_a, task_b} & set(probes):
         raise ConfigError(f"config.task_a, task_b and probe_tasks must be different tasks, got "
                           f"{task_a!r}, {task_b!r}, {probes}")
     try:
         teacher = check_choice("config.stage2_teacher", raw["stage2_teacher"], typing.get_args(Stage2Teacher))
         stage2_steps = check_int("config.stage2_steps", raw["stage2_steps"], minimum=0, hint="0 = train.steps")
+        check_bool("config.compilation_cache", raw["compilation_cache"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    out_dir = str(raw["out_dir"])
+    out_dir = raw["out_dir"]
+    if not isinstance(out_dir, str) or not out_dir:
+        raise ConfigError(f"config.out_dir must be a directory (local path or gs://), got {out_dir!r}")
     train = dict(raw["train"])
     base = copy.deepcopy(train)
     base.setdefault("eval", {})["tasks"] = ",".join((task_a, task_b, *probes))
     base["run_dir"] = os.path.join(out_dir, "base")
     base_config = _validated(base)  # the shared settings: every stage's config differs from it in a few keys
     base_model = base_config.init_from or base_config.model.name
-    if teacher == "base" and base_config.model.lora.rank:
-        raise ConfigError("config.stage2_teacher='base' needs full fine-tuning (config.train.model.lora.rank = 0): "
-                          "with LoRA the teacher shares the student's frozen base")
+    lora = bool(base_config.model.lora.rank)
+    if base_config.teacher.source != "student":
+        raise ConfigError(f"config.train.teacher.source = {base_config.teacher.source!r}: a continual plan sets stage "
+                          "2's teacher from config.stage2_teacher; leave it 'student'")
+    per_method = _per_method(raw.get("per_method", {}), train)
 
     def stage_config(method: str, lr: float, seed: int, stage: int) -> TrainConfig:
         trainer_method, loss = METHODS[method]
-        d = copy.deepcopy(train)
-        run_dir = os.path.join(out_dir, run_name(method, lr, seed), f"stage{stage}")
-        d.update(method=trainer_method, seed=seed, run_dir=run_dir, export=True)
+        d = _merged(train, per_method.get(method, {}))
+        cell = os.path.join(out_dir, run_name(method, lr, seed))
+        d.update(method=trainer_method, seed=seed, run_dir=os.path.join(cell, f"stage{stage}"), export=True)
         d.setdefault("loss", {})["name"] = loss
         d.setdefault("optim", {})["learning_rate"] = lr
         d.setdefault("data", {})["task"] = task_a if stage == 1 else task_b
         d.setdefault("eval", {}).update(tasks=",".join((task_a, task_b, *probes)), at_start=False, every=0)
         if stage == 2:
-            d["init_from"] = os.path.join(out_dir, run_name(method, lr, seed), "stage1", "export")
+            if lora:  # the same adapters keep training on the unchanged base
+                d["init_adapters_from"] = os.path.join(cell, "stage1")
+            else:
+                d["init_from"] = os.path.join(cell, "stage1", "export")
             if stage2_steps:
-                d.setdefault("train", {})["steps"] = stage2_steps
+                d.setdefault("train", {}).update(steps=stage2_steps, epochs=0.0)
             if teacher == "base" and trainer_method == "sdft":
-                d["teacher_init_from"] = base_model
+                if lora:
+                    mode = _validated(d).teacher.mode
+                    if mode != "static":
+                        raise ConfigError(
+                            f"config.stage2_teacher = 'base' with LoRA makes stage 2's teacher the base model with the "
+                            f"adapters off, a static teacher: set config.train.teacher.mode = 'static' (got {mode!r})")
+                    d.setdefault("teacher", {})["source"] = "base"
+                else:
+                    d["teacher_init_from"] = base_model
         return _validated(d)
 
     runs = []

@@ -118,9 +118,12 @@ def collect(plan: Plan) -> tuple[Point, list[Point]]:
     points = []
     for run in plan.runs:
         run_dir = run.config.run_dir
-        if not storage.exists(os.path.join(run_dir, "summary.json")):
+        summary_path = os.path.join(run_dir, "summary.json")
+        if not storage.exists(summary_path):
             continue
-        eval_dir = os.path.join(run_dir, "eval", f"step_{run.config.train.steps:06d}")
+        # the run's step count as trained (with train.epochs, known only once its data was loaded)
+        steps = storage.read_json(summary_path)["steps"]
+        eval_dir = os.path.join(run_dir, "eval", f"step_{steps:06d}")
         points.append(Point(method=run.method, learning_rate=run.learning_rate, seed=run.seed, stage=run.stage,
                             run_dir=run_dir,
                             scores={t: read_scores(os.path.join(eval_dir, f"{t}.jsonl")) for t in plan.eval_tasks}))

@@ -52,7 +52,8 @@ def evaluate_base(plan: Plan) -> dict[str, Any]:
     primary = jax.process_index() == 0
     evals = evaluate_tasks(model, tokenizer, sampler, records, limit=cfg.eval.limit,
                            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                           prompt_config=cfg.prompts, out_dir=os.path.join(plan.base_dir, "eval") if primary else None)
+                           prompt_config=cfg.prompts, scoring=cfg.eval.scoring,
+                           out_dir=os.path.join(plan.base_dir, "eval") if primary else None)
     summary = {"model": model_path, "eval": evals, "time_s": time.perf_counter() - t0}
     if primary:
         storage.write_json(path, summary)
@@ -65,10 +66,12 @@ def run_stage(run: Run) -> dict[str, Any]:
     if summary is not None:
         log.info("%s stage %d: finished before, skipped", run.name, run.stage)
         return summary
-    # An export is complete when its config.json exists (written last to a bucket).
-    if run.stage == 2 and not storage.exists(os.path.join(run.config.init_from, "config.json")):
-        raise FileNotFoundError(f"{run.name} stage 2 starts from {run.config.init_from}, which does not exist "
-                                "(stage 1 did not export)")
+    # Stage 2 continues stage 1's export (full fine-tuning) or last checkpoint (LoRA); the summary is
+    # written after both, so a stage 1 with one has them complete.
+    stage1 = os.path.join(os.path.dirname(run.config.run_dir.rstrip("/")), "stage1")
+    if run.stage == 2 and not storage.exists(os.path.join(stage1, "summary.json")):
+        raise FileNotFoundError(f"{run.name} stage 2 continues stage 1 ({stage1}), which has not finished "
+                                "(no summary.json)")
     from sdft_jax.trainer import train
 
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sdft_jax.data.records import Record
 from sdft_jax.tokenization import encode_chat, render_chat, stop_token_ids
-from sdft_jax.validation import check_int, check_literals
+from sdft_jax.validation import check_bool, check_int, check_literals
 
 _log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class PromptConfig:
       teacher_template: the teacher's user turn; `{question}` and `{demonstration}` are filled in, any
         other brace is literal text.
       thinking_prefill: text after the assistant header of both prompts (e.g. "<think>\\n").
+      enable_thinking: passed to the chat template when not None (None: the template's default). Qwen3's
+        template thinks by default; with False it ends both prompts with an empty `<think></think>` block.
       max_prompt_tokens: longest prompt (student or teacher, in tokens) kept as it is.
       overlong: "drop" an item with an overlong prompt, or "truncate_left" to its last tokens.
       max_target_tokens: longest SFT target; longer items are always dropped (a demonstration cut at
@@ -49,6 +51,7 @@ class PromptConfig:
 
     teacher_template: str = DEFAULT_TEACHER_TEMPLATE
     thinking_prefill: str = ""
+    enable_thinking: bool | None = None
     max_prompt_tokens: int = 2048
     overlong: Literal["drop", "truncate_left"] = "drop"
     max_target_tokens: int = 2048
@@ -59,6 +62,8 @@ class PromptConfig:
         if found != {"question", "demonstration"}:
             raise ValueError(f"{name}.teacher_template needs {{question}} and {{demonstration}}; has {sorted(found)}")
         check_literals(self)
+        if self.enable_thinking is not None:
+            check_bool(f"{name}.enable_thinking", self.enable_thinking)
         check_int(f"{name}.max_prompt_tokens", self.max_prompt_tokens, minimum=1)
         check_int(f"{name}.max_target_tokens", self.max_target_tokens, minimum=1)
 
@@ -154,14 +159,16 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, records: Iterable[Record]
     counter, items, total = _Counter(), [], 0
     for record in records:
         total += 1
-        student = _fit(encode_chat(tokenizer, record.messages, prefill=config.thinking_prefill), config)
+        student = _fit(encode_chat(tokenizer, record.messages, prefill=config.thinking_prefill,
+                                   enable_thinking=config.enable_thinking), config)
         if student is None:
             counter.dropped[STUDENT_OVERLONG] += 1
             continue
         teacher_ids, truncated = None, student[1]
         if record.demonstration is not None:
             teacher = _fit(encode_chat(tokenizer, teacher_messages(record, config.teacher_template),
-                                       prefill=config.thinking_prefill), config)
+                                       prefill=config.thinking_prefill, enable_thinking=config.enable_thinking),
+                           config)
             if teacher is None:
                 counter.dropped[TEACHER_OVERLONG] += 1
                 continue
@@ -191,7 +198,8 @@ def render_sft(tokenizer: PreTrainedTokenizerBase, records: Iterable[Record],
         if record.demonstration is None:
             counter.dropped[NO_DEMONSTRATION] += 1
             continue
-        prompt = _fit(encode_chat(tokenizer, record.messages, prefill=prefill), config)
+        prompt = _fit(encode_chat(tokenizer, record.messages, prefill=prefill,
+                                   enable_thinking=config.enable_thinking), config)
         if prompt is None:
             counter.dropped[STUDENT_OVERLONG] += 1
             continue

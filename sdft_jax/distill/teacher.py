@@ -6,7 +6,7 @@ the student, which bf16 (8 significant bits) rounds away.
 
 The functions take generic pytrees of arrays. With LoRA the caller passes only the adapter pytree:
 the teacher is then the shared frozen base plus an EMA of the adapters, with no second copy of the
-base weights.
+base weights; or, with `source = "base"`, the frozen base alone (its adapters zero, so off).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from jaxtyping import Array, ArrayLike, Int
 from sdft_jax.validation import check_int, check_literals, check_number
 
 TeacherMode = Literal["static", "ema", "sync"]
+TeacherSource = Literal["student", "base"]
 PyTree = Any
 
 
@@ -33,11 +34,16 @@ class TeacherConfig:
         ema_alpha * student after every update) or `sync` (a hard copy every `sync_every` updates).
       ema_alpha: the EMA rate, in (0, 1]; the paper uses 0.01 (grid 0.01 / 0.02 / 0.05).
       sync_every: the copy period of mode `sync` (>= 1); must stay 0 in the other modes.
+      source: where the teacher starts. `student`: the student's starting weights. `base` (LoRA only):
+        the base model the adapters modify, with the adapters off (e.g. the original model as the
+        teacher of a continual experiment's second stage, while the student continues stage 1's
+        adapters); mode `static` only, since an EMA or copy of the student would turn them back on.
     """
 
     mode: TeacherMode = "ema"
     ema_alpha: float = 0.01
     sync_every: int = 0
+    source: TeacherSource = "student"
 
     def __post_init__(self):
         check_literals(self)
@@ -48,6 +54,9 @@ class TeacherConfig:
         if self.mode != "sync" and every != 0:
             # A period that silently does nothing is more likely a mistake than an intent.
             raise ValueError(f"TeacherConfig.sync_every={every} is only used by mode 'sync', not {self.mode!r}")
+        if self.source == "base" and self.mode != "static":
+            raise ValueError(f"TeacherConfig.source='base' (the base model, adapters off) needs mode 'static', not "
+                             f"{self.mode!r}: following the student would put the adapters back in the teacher")
 
 
 def _is_float(x: ArrayLike) -> bool:

@@ -5,7 +5,8 @@
 - `frozen`: what does not (the LoRA base, possibly bf16; for full fine-tuning the routers, or nothing);
 - `opt_state`: optax AdamW state (fp32 moments, since the master params are fp32);
 - `teacher`: the teacher's copy of the trainable part (fp32), updated per the teacher mode. With LoRA
-  the teacher is the shared frozen base plus these adapters: no second copy of the base.
+  the teacher is the shared frozen base plus these adapters: no second copy of the base (and with zero
+  adapters, the base model alone: `with_base_teacher`).
 - `step`, `rng`.
 The module graph (`graphdef`) is static and lives beside the state, not in it.
 """
@@ -31,21 +32,23 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW with grad-norm clipping and a constant or warmup+cosine learning rate (spec section 5).
+    """AdamW with grad-norm clipping and a constant, warmup+cosine or warmup+linear learning rate (spec
+    section 5).
 
     The schedule's length is the run's number of optimizer steps, given to `schedule_fn` and
     `optimizer` rather than held here, so that a trainer config states it once.
 
     Attributes:
       learning_rate: the peak rate (> 0); about 2e-5 for full fine-tuning, 5e-4 to 1e-3 with LoRA.
-      schedule: `constant`, or `cosine` decaying to 0 at the schedule's end (the trainer: `train.steps`).
+      schedule: `constant`, `cosine` decaying to 0 at the schedule's end (the trainer: `train.steps`), or
+        `linear` decaying to 0 at the end (HF's `get_linear_schedule_with_warmup`; the recipe's SFT).
       warmup_ratio: linear warmup from 0 over this fraction of the schedule, in [0, 1).
       b1, b2, eps, weight_decay: AdamW's, in [0, 1), [0, 1), >= 0 and >= 0 (the recipe uses b2 0.95).
       max_grad_norm: global-norm clipping; <= 0 disables it.
     """
 
     learning_rate: float = 2e-5
-    schedule: Literal["constant", "cosine"] = "cosine"
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_ratio: float = 0.1
     b1: float = 0.9
     b2: float = 0.999
@@ -70,6 +73,11 @@ class OptimConfig:
             if warmup == 0:
                 return optax.constant_schedule(self.learning_rate)
             return optax.linear_schedule(0.0, self.learning_rate, warmup)
+        if self.schedule == "linear":
+            decay = optax.linear_schedule(self.learning_rate, 0.0, total_steps - warmup)
+            if warmup == 0:
+                return decay
+            return optax.join_schedules([optax.linear_schedule(0.0, self.learning_rate, warmup), decay], [warmup])
         return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, total_steps, end_value=0.0)
 
     def optimizer(self, total_steps: int) -> optax.GradientTransformation:
@@ -216,6 +224,54 @@ def with_teacher(state: TrainState, model: Transformer) -> TrainState:
                              "trains them: `train_router`)")
     teacher = jax.jit(_to_f32, out_shardings=jax.tree.map(lambda x: x.sharding, state.teacher))(trainable)
     return dataclasses.replace(state, teacher=teacher)
+
+
+def trains_adapters(state: TrainState) -> bool:
+    """Whether `state` trains LoRA adapters (its frozen part is then the base model)."""
+    return all(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(state.params))
+
+
+def with_params(state: TrainState, params: nnx.State) -> TrainState:
+    """`state` starting from other trainable weights, its teacher's copy too, with its fresh optimizer
+    state kept (Adam's initial moments do not depend on the weights).
+
+    For a run that continues another's LoRA adapters on the same frozen base (a continual experiment's
+    second stage). `params` must have the state's parameters and shapes; they are cast to fp32 and
+    placed on the state's shardings.
+    """
+    _check_like(params, state.params, "with_params")
+    shardings = jax.tree.map(lambda x: x.sharding, state.params)
+    params = jax.jit(_to_f32, out_shardings=shardings)(params)
+    teacher = jax.jit(teacher_lib.init_teacher, out_shardings=jax.tree.map(lambda x: x.sharding, state.teacher))(params)
+    return dataclasses.replace(state, params=params, teacher=teacher)
+
+
+def with_base_teacher(state: TrainState) -> TrainState:
+    """`state` with its teacher the base model alone, adapters off: a LoRA state whose teacher adapters
+    are zero, so the teacher computes `x @ W + scale * (x @ 0) @ 0 = x @ W` exactly, on the frozen
+    base it shares with the student (no second copy of the base weights).
+
+    The teacher must then stay static (`TeacherConfig.source = "base"`): an EMA or copy of the student
+    would bring the student's adapters back.
+    """
+    if not trains_adapters(state):
+        raise ValueError("with_base_teacher: the state trains every weight, not LoRA adapters; a full "
+                         "fine-tuning teacher takes the base model's weights with `with_teacher`")
+    zeros = jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t),
+                    out_shardings=jax.tree.map(lambda x: x.sharding, state.teacher))(state.teacher)
+    return dataclasses.replace(state, teacher=zeros)
+
+
+def _check_like(new: PyTree, old: PyTree, what: str) -> None:
+    """`new` has `old`'s tree structure and leaf shapes, else a ValueError naming the first difference."""
+    if jax.tree.structure(new) != jax.tree.structure(old):
+        new_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(new)}
+        old_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(old)}
+        missing, extra = sorted(old_paths - new_paths), sorted(new_paths - old_paths)
+        raise ValueError(f"{what}: other parameters than the state's (missing {missing[:3]}, extra {extra[:3]})")
+    for (path, o), n in zip(jax.tree_util.tree_leaves_with_path(old), jax.tree.leaves(new)):
+        if o.shape != n.shape:
+            raise ValueError(f"{what}: {jax.tree_util.keystr(path)} has shape {n.shape}, the state's {o.shape}")
 
 
 def student_model(graphdef: nnx.GraphDef, state: TrainState) -> Transformer:

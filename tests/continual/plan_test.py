@@ -100,9 +100,64 @@ def test_bad_trainer_keys_are_named_under_train():
         make_plan(c)
 
 
-def test_base_teacher_with_lora_is_refused():
+@pytest.mark.parametrize("stage2_teacher", ["stage1", "base"])
+def test_lora_stage2_continues_stage1s_adapters_on_the_base(stage2_teacher):
+    c = continual_config()
+    c.out_dir = "/exp"
+    c.methods = "sft,sdft_topk"
+    c.stage2_teacher = stage2_teacher
+    c.train.model.lora.rank = 8
+    c.train.teacher.mode = "static"
+    by_method = {(r.method, r.stage): r.config for r in make_plan(c).runs}
+    for method in ("sft", "sdft_topk"):
+        first, second = by_method[method, 1], by_method[method, 2]
+        # Nothing merged: the same base model, and stage 1's adapters from its run directory.
+        assert first.init_from == second.init_from == "" and second.model.name == first.model.name
+        assert first.init_adapters_from == "" and second.init_adapters_from == f"/exp/{method}_lr5e-05_seed0/stage1"
+        assert second.teacher_init_from == ""  # never a second copy of the base
+    assert by_method["sdft_topk", 2].teacher.source == ("base" if stage2_teacher == "base" else "student")
+    assert by_method["sdft_topk", 1].teacher.source == by_method["sft", 2].teacher.source == "student"
+
+
+def test_lora_base_teacher_needs_a_static_teacher():
     c = continual_config()
     c.stage2_teacher = "base"
+    c.train.model.lora.rank = 8  # the config's teacher is an EMA
+    with pytest.raises(ConfigError, match=r"config\.stage2_teacher = 'base' with LoRA .*set "
+                                          r"config\.train\.teacher\.mode = 'static' \(got 'ema'\)"):
+        make_plan(c)
+    c = continual_config()
     c.train.model.lora.rank = 8
-    with pytest.raises(ConfigError, match="needs full fine-tuning"):
+    c.train.teacher.mode = "static"
+    c.train.teacher.source = "base"
+    with pytest.raises(ConfigError, match=r"config\.train\.teacher\.source = 'base': .*from config\.stage2_teacher"):
+        make_plan(c)
+
+
+def test_per_method_keys_and_stage2_steps_over_epochs():
+    c = continual_config()
+    c.methods = "sft,sdft_topk"
+    c.per_method = {"sft": {"data": {"keep_system": True}, "optim": {"schedule": "linear"}}}
+    c.train.train.steps = 0
+    c.train.train.epochs = 1.0
+    c.stage2_steps = 5
+    by_method = {(r.method, r.stage): r.config for r in make_plan(c).runs}
+    for stage in (1, 2):
+        assert by_method["sft", stage].data.keep_system and by_method["sft", stage].optim.schedule == "linear"
+        assert not by_method["sdft_topk", stage].data.keep_system
+        assert by_method["sdft_topk", stage].optim.schedule == "constant"
+    assert (by_method["sft", 1].train.steps, by_method["sft", 1].train.epochs) == (0, 1.0)
+    assert (by_method["sft", 2].train.steps, by_method["sft", 2].train.epochs) == (5, 0.0)
+
+
+@pytest.mark.parametrize("per_method, message", [
+    ({"sdft": {}}, r"config\.per_method: unknown method 'sdft'"),
+    ({"sft": {"data": {"keep_sytem": True}}}, r"unknown config key config\.per_method\.sft\.data\.keep_sytem"),
+    ({"sft": {"seed": {"x": 1}}}, r"config\.per_method\.sft\.seed is not a section of config\.train"),
+    ({"sft": {"data": {"keep_system": "yes"}}}, r"config\.train\.data\.keep_system must be true or false"),
+])
+def test_bad_per_method_keys_are_named(per_method, message):
+    c = continual_config()
+    c.per_method = per_method
+    with pytest.raises(ConfigError, match=message):
         make_plan(c)

@@ -2,17 +2,26 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
+from sdft_jax.checkpointing import Checkpointer
+from sdft_jax.checkpoints.hf import load_hf
 from sdft_jax.checkpoints.safetensors_io import SafetensorsDir
 from sdft_jax.continual import runner
 from sdft_jax.continual.plan import make_plan
+from sdft_jax.distill.train_state import student_model
+from sdft_jax.models.transformer import positions_from_mask
 from sdft_jax.testing.configs import tiny_config
+from sdft_jax.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,10 +74,66 @@ def test_runs_every_stage_and_reports(tiny_model_dir, tmp_path, monkeypatch):
     assert (tmp_path / "results.csv").read_text() == before
 
 
-def test_stage2_without_stage1_export_fails_clearly(tiny_model_dir, tmp_path):
+def test_stage2_without_a_finished_stage1_fails_clearly(tiny_model_dir, tmp_path):
     plan = make_plan(tiny_experiment(tiny_model_dir("llama"), tmp_path, methods="sft"))
-    with pytest.raises(FileNotFoundError, match="stage 2 starts from .*stage1/export, which does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"stage 2 continues stage 1 \(.*stage1\), which has not finished"):
         runner.run_stage(plan.runs[1])
+
+
+def _logits(model):
+    tokens = jnp.asarray([[5, 17, 3, 40, 9, 22, 31, 8]])
+    mask = jnp.ones(tokens.shape, bool)
+    return np.asarray(model.logits(model.forward(tokens, positions_from_mask(mask), mask).hidden))
+
+
+def test_lora_stage2_continues_stage1s_adapters_in_both_teacher_modes(tiny_model_dir, tmp_path):
+    """The recipe's stage 2 with LoRA: stage 1's adapters keep training on the unchanged base (nothing
+    merged, a fresh optimizer), taught by the student as stage 2 starts or by the base model (the same
+    frozen weights with the adapters off)."""
+    model_dir = tiny_model_dir("llama")
+    base = _logits(load_hf(model_dir))
+    for teacher in ("stage1", "base"):
+        out = tmp_path / teacher
+        if teacher == "base":  # the same stage 1 (and base evaluation): only stage 2 runs again
+            shutil.copytree(tmp_path / "stage1", out)
+            shutil.rmtree(out / "sdft_topk_lr0.01_seed0" / "stage2")
+        c = tiny_experiment(model_dir, out, methods="sdft_topk", learning_rates="1e-2", stage2_teacher=teacher,
+                            probe_tasks="")
+        c.train.eval.limit = 1
+        c.train.train.steps, c.train.train.epochs = 0, 0.5  # 8 facts at 2 per step: 2 steps a stage
+        c.train.model.lora.rank = 4
+        c.train.teacher.mode = "static"
+        plan = make_plan(c)
+        runner.run_plan(plan, compilation_cache=False)
+        stage1, stage2 = plan.runs
+        # Stage 2 as it starts (a Trainer resumes its finished run only in run()).
+        trainer = Trainer(stage2.config)
+        try:
+            state, graphdef = trainer.state, trainer.graphdef
+            last, _ = trainer.checkpointer.restore(2, state)  # stage 2's own last step, to compare
+            source = Checkpointer(stage1.config.run_dir)
+            stage1_last, _ = source.restore(source.latest_step(), state)
+            source.close()
+        finally:
+            trainer.checkpointer.close()
+        assert int(state.step) == 0 and source.latest_step() == 2 and trainer.cfg.train.steps == 2
+        for start, end_of_stage1 in zip(jax.tree.leaves(state.params), jax.tree.leaves(stage1_last.params)):
+            np.testing.assert_array_equal(np.asarray(start), np.asarray(end_of_stage1))
+        assert all(not np.asarray(m).any() for m in jax.tree.leaves(state.opt_state) if np.ndim(m))  # fresh Adam
+        # The stage-2 student at step 0 is stage 1's exported model; the teacher is that or the base model.
+        stage1_model = _logits(load_hf(os.path.join(stage1.config.run_dir, "export")))
+        student = _logits(student_model(graphdef, state))
+        teacher_logits = _logits(nnx.merge(graphdef, state.teacher, state.frozen))
+        np.testing.assert_allclose(student, stage1_model, rtol=0, atol=1e-5)
+        assert np.abs(stage1_model - base).max() > 1e-3  # stage 1 learned something: the two teachers differ
+        np.testing.assert_allclose(teacher_logits, stage1_model if teacher == "stage1" else base, rtol=0, atol=1e-5)
+        # Stage 2 trained those adapters further.
+        moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+                 zip(jax.tree.leaves(last.params), jax.tree.leaves(stage1_last.params))]
+        assert max(moved) > 1e-4
+        recorded = json.loads((out / "sdft_topk_lr0.01_seed0" / "stage2" / "config.json").read_text())
+        assert recorded["init_adapters_from"] == stage1.config.run_dir and recorded["init_from"] == ""
+        assert recorded["teacher"]["source"] == ("base" if teacher == "base" else "student")
 
 
 def _csv(out_dir):
@@ -83,6 +148,6 @@ def test_cli_rejects_a_bad_config_before_compiling(tmp_path):
         [sys.executable, "-m", "sdft_jax.continual", f"--config={ROOT}/configs/continual.py",
          "--config.methods=sft,sdft_kl", f"--config.out_dir={tmp_path}"],
         capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # errors.CONFIG
     assert "invalid config: config.methods: unknown method 'sdft_kl'" in proc.stderr
     assert not os.listdir(tmp_path)

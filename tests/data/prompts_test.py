@@ -68,6 +68,24 @@ def test_thinking_prefill_on_both_prompts(tok):
     assert list(item.teacher_ids[-len(tail):]) == tail
 
 
+def test_enable_thinking_switches_both_prompts():
+    tok = load_tokenizer(qwen_tokenizer_dir())
+    # Qwen3's switch: without thinking, its template closes an empty <think> block after the header.
+    tok.chat_template += "{% if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}" \
+                         "<think>\n\n</think>\n\n{% endif %}"
+    default = render_prompts(tok, [_record()]).items[0]
+    off = render_prompts(tok, [_record()], PromptConfig(enable_thinking=False)).items[0]
+    empty_think = _enc(tok, "<think>\n\n</think>\n\n")
+    assert list(off.student_ids) == list(default.student_ids) + empty_think
+    assert list(off.teacher_ids) == list(default.teacher_ids) + empty_think
+    on = render_prompts(tok, [_record()], PromptConfig(enable_thinking=True)).items[0]
+    assert on.student_ids == default.student_ids
+    sft = render_sft(tok, [_record()], PromptConfig(enable_thinking=False)).items[0]
+    assert list(sft.prompt_ids) == list(off.student_ids)
+    with pytest.raises(ValueError, match="PromptConfig.enable_thinking must be true or false"):
+        PromptConfig(enable_thinking="no")
+
+
 def test_template_fill_is_one_pass_and_keeps_other_braces():
     record = _record(question="Q {demonstration} {x}", demonstration="D {question}")
     content = teacher_messages(record, "[{question}] {json: 1} [{demonstration}]")[0]["content"]

@@ -101,9 +101,18 @@ def test_static_never_changes():
         (dict(mode="sync", sync_every=-2), "sync_every"),
         (dict(mode="sync", sync_every=2.0), "sync_every"),
         (dict(mode="ema", sync_every=5), "sync_every"),
+        (dict(source="stage1"), "source"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):
     # The annotation checker of the test suite may refuse a wrongly typed value before __post_init__ does.
     with pytest.raises((ValueError, jaxtyping.TypeCheckError), match=field):
         TeacherConfig(**kwargs)
+
+
+@pytest.mark.parametrize("mode, extra", [("ema", {}), ("sync", {"sync_every": 2})])
+def test_a_base_teacher_must_be_static(mode, extra):
+    # The base model with its adapters off cannot follow the student: that would put them back.
+    with pytest.raises(ValueError, match=f"TeacherConfig.source='base' .* needs mode 'static', not '{mode}'"):
+        TeacherConfig(source="base", mode=mode, **extra)
+    assert TeacherConfig(source="base", mode="static").source == "base"

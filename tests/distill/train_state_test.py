@@ -1,6 +1,7 @@
 """The train state: fp32 masters, optimizer moments sharded like their parameters, a replaceable teacher."""
 
 import jax
+import jax.numpy as jnp
 import jaxtyping
 import numpy as np
 import pytest
@@ -12,11 +13,14 @@ from sdft_jax.distill.train_state import (
     OptimConfig,
     abstract_train_state,
     init_train_state,
+    student_model,
     trains_router,
+    with_base_teacher,
+    with_params,
     with_teacher,
 )
 from sdft_jax.models.lora import LoraConfig
-from sdft_jax.models.transformer import Transformer
+from sdft_jax.models.transformer import Transformer, positions_from_mask
 from sdft_jax.models.sharding import make_mesh
 
 
@@ -63,6 +67,58 @@ def test_with_teacher_refuses_a_lora_state_or_other_shapes(tiny_model_dir):
     wider = load_hf(tiny_model_dir("llama", intermediate_size=48))
     with pytest.raises(ValueError, match="has shape"):
         with_teacher(state, wider)
+
+
+def _forward_logits(model, tokens):
+    tokens = jnp.asarray(tokens)
+    mask = jnp.ones(tokens.shape, bool)
+    return np.asarray(model.logits(model.forward(tokens, positions_from_mask(mask), mask).hidden))
+
+
+def _adapted(path, rank=2):
+    """A LoRA model of `path` whose adapters are not zero (a trained one), and its train state."""
+    model = load_hf(path, lora=LoraConfig(rank=rank), mesh=make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    graphdef, state = init_train_state(model, OptimConfig(learning_rate=1e-3))
+    params = jax.tree.map(lambda x: x + 0.05, state.params)  # every B nonzero
+    return graphdef, state, params
+
+
+def test_with_params_continues_other_adapters_with_a_fresh_optimizer(tiny_model_dir):
+    graphdef, state, params = _adapted(tiny_model_dir("llama"))
+    new = with_params(state, params)
+    for p, n, t, before in zip(jax.tree.leaves(params), jax.tree.leaves(new.params), jax.tree.leaves(new.teacher),
+                               jax.tree.leaves(state.params)):
+        assert n.sharding == before.sharding and t.sharding == before.sharding and t.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(n), np.asarray(p))
+        np.testing.assert_array_equal(np.asarray(t), np.asarray(p))  # the teacher starts where the student does
+    for a, b in zip(_leaves(state.opt_state), _leaves(new.opt_state)):
+        np.testing.assert_array_equal(a, b)  # Adam's moments and count as initialised
+    assert int(new.step) == 0
+    wider = init_train_state(load_hf(tiny_model_dir("llama"), lora=LoraConfig(rank=4)), OptimConfig())[1]
+    with pytest.raises(ValueError, match=r"with_params: \['layers'\]\['down_proj_lora_a'\].* has shape \(2, \d+, 4\), "
+                                         r"the state's \(2, \d+, 2\)"):
+        with_params(state, wider.params)
+    full = init_train_state(load_hf(tiny_model_dir("llama")), OptimConfig())[1]
+    with pytest.raises(ValueError, match="with_params: other parameters than the state's"):
+        with_params(state, full.params)
+
+
+def test_base_teacher_is_the_base_model_with_the_adapters_off(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    graphdef, state, params = _adapted(path)
+    state = with_base_teacher(with_params(state, params))
+    tokens = np.asarray([[3, 17, 5, 9, 30, 2]], np.int32)
+    teacher = _forward_logits(nnx.merge(graphdef, state.teacher, state.frozen), tokens)
+    base = _forward_logits(load_hf(path), tokens)
+    student = _forward_logits(student_model(graphdef, state), tokens)
+    assert np.abs(student - base).max() > 1e-3  # the adapters matter to the student
+    np.testing.assert_allclose(teacher, base, rtol=0, atol=1e-6)
+    # The student is untouched; the teacher holds no copy of the base weights.
+    for a, b in zip(_leaves(state.params), _leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(state.teacher) == jax.tree.structure(state.params)
+    with pytest.raises(ValueError, match="with_base_teacher: the state trains every weight"):
+        with_base_teacher(init_train_state(load_hf(path), OptimConfig())[1])
 
 
 def _names(state):
@@ -134,6 +190,17 @@ def test_schedules_run_over_the_given_number_of_steps():
         OptimConfig().optimizer(0)
 
 
+def test_linear_schedule_is_hf_linear_with_warmup():
+    # HF's get_linear_schedule_with_warmup(warmup=2, total=10): step / 2 while warming up, then
+    # (10 - step) / 8, and 0 from the last step on.
+    linear = OptimConfig(learning_rate=2.0, schedule="linear", warmup_ratio=0.2).schedule_fn(10)
+    hand = [0.0, 1.0, 2.0, 1.75, 1.5, 1.25, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert [float(linear(s)) for s in range(12)] == pytest.approx(hand, abs=1e-7)
+    # No warmup: from the peak at step 0 down to 0 at the end.
+    plain = OptimConfig(learning_rate=1.0, schedule="linear", warmup_ratio=0.0).schedule_fn(4)
+    assert [float(plain(s)) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0], abs=1e-7)
+
+
 def test_optimizer_state_does_not_depend_on_the_schedule_length():
     params = {"w": np.ones((3,), np.float32)}
     short, long = (OptimConfig().optimizer(n).init(params) for n in (1, 1000))
@@ -143,7 +210,8 @@ def test_optimizer_state_does_not_depend_on_the_schedule_length():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(learning_rate=0.0), r"OptimConfig\.learning_rate must be a finite number > 0\.0"),
     # (the annotation checker of the tests refuses a value outside the Literal first, naming the parameter)
-    (dict(schedule="linear"), r"OptimConfig\.schedule must be one of \['constant', 'cosine'\]|parameter 'schedule'"),
+    (dict(schedule="exponential"),
+     r"OptimConfig\.schedule must be one of \['constant', 'cosine', 'linear'\]|parameter 'schedule'"),
     (dict(warmup_ratio=1.0), r"OptimConfig\.warmup_ratio must be a finite number in \[0\.0, 1\.0\)"),
     (dict(b2=1.0), r"OptimConfig\.b2 must be a finite number in \[0\.0, 1\.0\)"),
     (dict(eps=-1e-8), r"OptimConfig\.eps must be a finite number >= 0\.0"),
