@@ -1,7 +1,8 @@
-"""Scorers: is one completion correct for its record (spec section 7)?
+"""The project's scorers (`eval.scoring = "project"`): is one completion correct for its record (spec section 7)?
 
 Each scorer returns a `Score` holding the verdict, the value it extracted from the completion and the
-gold it compared with, so per-item results can be written as JSONL and audited.
+gold it compared with, so per-item results can be written as JSONL and audited. `recipe_scorers.py`
+reproduces the hosted recipe's scorers instead, quirks included; `docs/scoring.md` lists how they differ.
 
 Rules shared by every scorer:
 - Text up to the last `</think>` is reasoning, never an answer: it is removed before scoring.
@@ -68,9 +69,6 @@ def strip_thinking(text: str) -> str:
 
 _ACTION = re.compile(r"Action:\s*(\w+)")
 _ACTION_INPUT = "Action Input:"
-# The published evaluation's argument regex: stops at the first `}`, so nested objects are cut (and
-# then fail to parse). DOTALL so a flat object spread over several lines still matches.
-_REFERENCE_ARGS = re.compile(r"Action Input:\s*(\{.*?\})", re.DOTALL)
 _DECODER = json.JSONDecoder()
 
 
@@ -109,45 +107,33 @@ def _argument_objects(text: str) -> list[Any]:
     return objects
 
 
-def _reference_argument_objects(text: str) -> list[Any]:
-    objects = []
-    for block in _REFERENCE_ARGS.findall(text):
-        try:
-            objects.append(json.loads(block))
-        except json.JSONDecodeError:
-            continue
-    return objects
-
-
-def parse_tool_calls(text: str, *, reference_compatible: bool = False) -> ToolCalls:
+def parse_tool_calls(text: str) -> ToolCalls:
     """Actions (`Action:\\s*(\\w+)`) and merged `Action Input:` objects of `text`.
 
-    Later keys win; inputs that are not JSON objects are skipped. `reference_compatible` reads inputs
-    with the published regex `\\{.*?\\}`, which cuts nested objects.
+    Each input is read as balanced JSON from its first `{` (nested objects and braces inside strings
+    included); later keys win; inputs that are not JSON objects are skipped.
     """
-    read = _reference_argument_objects if reference_compatible else _argument_objects
     merged: dict[str, Any] = {}
-    for obj in read(text):
+    for obj in _argument_objects(text):
         if isinstance(obj, dict):
             merged.update(obj)
     return ToolCalls(actions=tuple(_ACTION.findall(text)), arguments=merged)
 
 
-def gold_tool_calls(golden_answer: Sequence[dict[str, str]], *, reference_compatible: bool = False) -> ToolCalls:
+def gold_tool_calls(golden_answer: Sequence[dict[str, str]]) -> ToolCalls:
     """The gold calls, read the same way as a completion from `Action: ...\\nAction Input: ...` text.
 
     Going through the same text reader means gold and prediction share every parsing quirk (e.g. an
     action name such as `[Optional]updateUserProfile` is not `\\w+` and is read from neither).
     """
     text = "\n".join(f"Action: {c['Action']}\nAction Input: {c['Action_Input']}" for c in golden_answer)
-    return parse_tool_calls(text, reference_compatible=reference_compatible)
+    return parse_tool_calls(text)
 
 
-def score_tooluse(completion: str, golden_answer: Sequence[dict[str, str]], *, truncated: bool = False,
-                  reference_compatible: bool = False) -> Score:
+def score_tooluse(completion: str, golden_answer: Sequence[dict[str, str]], *, truncated: bool = False) -> Score:
     """Tool-use exact match of one completion against the record's `golden_answer`."""
-    predicted = parse_tool_calls(strip_thinking(completion), reference_compatible=reference_compatible)
-    gold = gold_tool_calls(golden_answer, reference_compatible=reference_compatible)
+    predicted = parse_tool_calls(strip_thinking(completion))
+    gold = gold_tool_calls(golden_answer)
     prediction = predicted.as_dict() if predicted.actions or predicted.arguments else None
     return _verdict(prediction, gold.as_dict(), predicted.matches(gold), truncated)
 
@@ -219,14 +205,12 @@ def score_short_answer(completion: str, gold: str, *, truncated: bool = False) -
 # ---------------------------------------------------------------------------------------------------
 
 
-def score_record(record: Record, completion: str, *, truncated: bool = False,
-                 reference_compatible: bool = False) -> Score:
-    """Scores `completion` with the scorer of the record's task (`reference_compatible`: tool use only)."""
+def score_record(record: Record, completion: str, *, truncated: bool = False) -> Score:
+    """Scores `completion` with the project's scorer of the record's task."""
     if record.gold is None:
         raise ValueError(f"{record.source}: row {record.index}: task {record.task!r} item has no gold answer")
     if record.task == "tooluse":
-        return score_tooluse(completion, record.gold, truncated=truncated,
-                             reference_compatible=reference_compatible)
+        return score_tooluse(completion, record.gold, truncated=truncated)
     if record.task == "science":
         return score_science(completion, record.gold, truncated=truncated)
     if record.task in offline_tasks.TASK_NAMES:

@@ -33,29 +33,11 @@ def test_nested_arguments_parse_with_balanced_reader():
     assert score.prediction == {"actions": ["updateUserProfile"], "arguments": calls.arguments}
 
 
-def test_reference_compatible_cuts_nested_objects():
-    text = _tool_text(("updateUserProfile", '{"userId": "u1", "profileData": {"pictureUrl": "https://x/y.jpg"}}'))
-    # The old regex reads `{"userId": "u1", "profileData": {"pictureUrl": "https://x/y.jpg"}`: not JSON,
-    # so the call's arguments are skipped, in the prediction and in the gold alike.
-    calls = scorers.parse_tool_calls(text, reference_compatible=True)
-    assert calls.arguments == {}
-    assert scorers.gold_tool_calls(NESTED_GOLD, reference_compatible=True).arguments == {}
-    # So under the old rule a completion with the wrong nested value still matches; ours says no.
-    wrong = text.replace("y.jpg", "z.jpg")
-    assert scorers.score_tooluse(wrong, NESTED_GOLD, reference_compatible=True).correct
-    assert not scorers.score_tooluse(wrong, NESTED_GOLD).correct
-
-
 def test_strings_with_braces_and_multiline_objects():
     text = 'Action: f\nAction Input: {"q": "a } b { c", "n": [1, {"k": 2}]}\nObservation: ...'
     assert scorers.parse_tool_calls(text).arguments == {"q": "a } b { c", "n": [1, {"k": 2}]}
     pretty = 'Action: f\nAction Input: ```json\n{\n  "a": 1,\n  "b": "x"\n}\n```'
     assert scorers.parse_tool_calls(pretty).arguments == {"a": 1, "b": "x"}
-    # The old regex needs the object right after "Action Input:" (only whitespace between); it reads
-    # a flat object spread over lines, but not one inside a code fence.
-    assert scorers.parse_tool_calls(pretty, reference_compatible=True).arguments == {}
-    unfenced = pretty.replace("```json\n", "").replace("\n```", "")
-    assert scorers.parse_tool_calls(unfenced, reference_compatible=True).arguments == {"a": 1, "b": "x"}
 
 
 def test_repeated_keys_merge_later_wins():
@@ -129,9 +111,8 @@ def test_every_real_gold_answer_scores_itself():
     for r in recs:
         text = _tool_text(*((c["Action"], c["Action_Input"]) for c in r.gold))
         assert scorers.score_record(r, text).correct, r.index
-    # Item 26 has a nested argument: the old regex loses it on both sides.
-    assert scorers.gold_tool_calls(recs[26].gold, reference_compatible=True).arguments == {}
-    assert "profileData" in scorers.gold_tool_calls(recs[26].gold).arguments
+    # Item 26 has a nested argument, read whole.
+    assert isinstance(scorers.gold_tool_calls(recs[26].gold).arguments["profileData"], dict)
 
 
 # --- science ------------------------------------------------------------------------------------------
@@ -217,7 +198,7 @@ def test_score_record_dispatches_on_task():
     gold = [{"Action": "f", "Action_Input": '{"a": {"b": 1}}'}]
     text = 'Action: f\nAction Input: {"a": {"b": 2}}'
     assert not scorers.score_record(_rec("tooluse", gold), text).correct
-    assert scorers.score_record(_rec("tooluse", gold), text, reference_compatible=True).correct
+    assert scorers.score_record(_rec("tooluse", gold), 'Action: f\nAction Input: {"a": {"b": 1}}').correct
     with pytest.raises(ValueError, match="no gold answer"):
         scorers.score_record(_rec("jsonl", None), "x")
     with pytest.raises(ValueError, match="no scorer for task 'math'"):
