@@ -10,7 +10,7 @@ expert's gate/up/down (per-expert adapters): 3.38B adapter parameters, 53M of th
 
 Mesh `fsdp=4 x expert=8`: each chip holds 16 of each layer's 128 experts (the `expert` axis) with
 their `embed` dimension split 4 ways (`fsdp`); the batch of 128 rows is split over all 32 chips.
-Per chip (launch/README.md has the arithmetic): frozen bf16 base 2.6 GB, adapters' trained state
+Per chip (by hand; launch/README.md's `bench plan` table measures it): frozen bf16 base 2.6 GB, adapters' trained state
 4.5 GB, layer inputs 1.6 GB, a MoE layer's dispatch buffers ~4.6 GB; ~13 GB of 95 during the step,
 the rollout KV cache (0.8 GB) before it. Variant `:attention` puts the adapters on q/k/v/o only.
 """

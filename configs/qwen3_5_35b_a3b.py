@@ -15,8 +15,10 @@ linear-attention projections, the shared expert, and each routed expert (5.12B a
 of them outside the routed experts). Variant `:dense_only` leaves the routed experts without adapters.
 
 Mesh `fsdp=4 x expert=8`: each chip holds 32 of each layer's 256 experts, their `embed` dimension split
-4 ways; the batch of 128 rows is split over all 32 chips. Per chip: frozen bf16 base 3.2 GB, adapters'
-trained state 6.1 GB, layer inputs 2.0 GB, a MoE layer's dispatch buffers ~5.6 GB: ~17 GB of 95.
+4 ways; the batch of 128 rows is split over all 32 chips, in micro-batches of 32 rows (one per chip):
+all 128 at once need 173 GiB per chip (mostly MoE dispatch buffers), 4 micro-batches 75 GiB of v5p's 95
+(`python -m sdft_jax.bench plan --config=configs/qwen3_5_35b_a3b.py --devices 32 --chip v5p`,
+launch/README.md).
 """
 
 from sdft_jax.config import base_config
@@ -51,6 +53,7 @@ def get_config(variant: str = ""):
     c.optim.warmup_ratio = 0.0
     c.train.steps = 200
     c.train.prompts_per_step = 128
+    c.train.micro_batch_size = 32  # the whole batch at once does not fit (see above)
     c.eval.tasks = "tooluse,science"
     c.eval.every = 50
     c.eval.batch_size = 64

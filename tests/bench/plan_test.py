@@ -1,0 +1,185 @@
+"""`bench plan`: the per-device bytes of the compiled programs against hand counts from the parameter
+shapes and the sharding rules, the fit verdict, the collectives, and the shipped model configs."""
+
+import json
+import math
+import os
+
+import jax
+import pytest
+from flax import nnx
+
+from sdft_jax.bench.__main__ import main as bench_main
+from sdft_jax.bench.plan import (CHIP_HBM_GIB, GIB, collectives, judged, load_config_file, model_config_path, plan,
+                                 shape_bytes)
+from sdft_jax.models.config import ModelConfig
+from sdft_jax.models.transformer import Transformer
+
+CONFIGS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
+
+# Prompts of at most 32 tokens (bucket 32), completions of 8, 8 rows per step.
+CONFIG_FILE = """
+from sdft_jax.testing.configs import tiny_config
+
+MESHES = {{"fsdp": {{"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1}},
+          "one": {{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}}}}
+
+
+def get_config(variant="fsdp"):
+    c = tiny_config({model!r}, {run!r}, **MESHES[variant])
+    c.prompts.max_prompt_tokens = 32
+    c.rollout.prompt_buckets = "16,32"
+    c.train.prompts_per_step = 8
+    return c
+"""
+
+
+@pytest.fixture(scope="module")
+def config_file(tiny_model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "tiny_plan.py"
+    path.write_text(CONFIG_FILE.format(model=tiny_model_dir("qwen3"), run=str(path.parent / "run")))
+    return str(path)
+
+
+def by_hand_fsdp_bytes(model_dir: str, shards: int) -> int:
+    """Bytes per device of the model's parameters in fp32 when split `shards` ways over fsdp: the rule
+    `embed -> fsdp` splits the one dimension named `embed` of every parameter that has one (when it
+    divides), nothing else is split."""
+    cfg = ModelConfig.from_hf(model_dir)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    total = 0
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        size = math.prod(var.shape)
+        dims = dict(zip(var.axes, var.shape))
+        if "embed" in dims and dims["embed"] % shards == 0:
+            size //= shards
+        total += 4 * size
+    return total
+
+
+def test_train_state_and_arguments_match_hand_counts_on_8_devices(config_file, tiny_model_dir):
+    row = plan({"config": config_file + ":fsdp", "devices": 8, "chip": "v5p", "headroom": 0.15})
+    assert row["mesh"] == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+    params = by_hand_fsdp_bytes(tiny_model_dir("qwen3"), 8)
+    state = row["state_bytes_per_device"]
+    # Full fine-tuning: fp32 masters, the teacher's fp32 copy, Adam's two moments (laid out like the
+    # parameters) and its step count and the schedule's (int32, replicated); nothing frozen.
+    assert state["params"] == params and state["teacher"] == params and state["frozen"] == 0
+    assert state["opt_state"] == 2 * params + 2 * 4
+    assert state["other"] == 4 + 2 * 4  # the step (int32) and the PRNG key data (2 x uint32)
+    assert state["total"] == 4 * params + 8 + 12
+
+    step = row["programs"]["train_step"]
+    assert step["shapes"] == {"rows": 8, "prompt_len": 32, "completion_len": 8, "micro_batch_size": 0}
+    # One row per device: student and teacher tokens (int32) and masks (bool) of 32 + 8 columns and the
+    # completion mask (bool) of 8. The top-k loss does not read the sampler's log-probs: jit drops them.
+    batch = 2 * (40 * 4 + 40) + 8
+    memory = step["per_device_bytes"]
+    assert memory["arguments"] == state["total"] + batch
+    assert memory["aliased"] == state["total"]  # the state is donated and updated in place
+    assert memory["peak"] == memory["arguments"] + memory["outputs"] + memory["temporaries"] - memory["aliased"]
+    assert memory["temporaries"] > 0 and step["fits"]
+    assert step["collectives"]["all-gather"]["count"] > 0  # FSDP gathers every weight it uses
+
+    rollout = row["programs"]["rollout"]
+    assert rollout["shapes"] == {"rows": 8, "calls": 1, "prompt_len": 32, "max_new_tokens": 8, "cache_len": 39}
+    r = rollout["per_device_bytes"]
+    assert r["resident"] == state["total"] - params  # optimizer and teacher stay on the device
+    # Arguments: the weights, one row's prompt tokens (int32), mask and id, the key (2 x uint32), and the
+    # donated cache's keys and values (2 layers, 1 row, 39 slots, 2 KV heads of 16, fp32); its slot
+    # bookkeeping (`valid`, `index`), which `sample` resets, jit drops.
+    keys_values = 2 * (2 * 1 * 39 * 2 * 16 * 4)
+    assert rollout["cache_bytes"] == keys_values + 39 + 4
+    assert r["arguments"] == params + 32 * 4 + 32 + 4 + 8 + keys_values
+    assert r["aliased"] == keys_values  # updated in place
+    assert rollout["collectives"]["all-gather"]["count"] > 0
+    assert row["fits"] and row["per_device_bytes"] == max(memory["peak"], r["peak"])
+    assert row["parameters"] == row["trained_parameters"] == by_hand_fsdp_bytes(tiny_model_dir("qwen3"), 1) // 4
+
+
+def test_fits_follows_the_capacity():
+    row = {"programs": {"train_step": {"per_device_bytes": {"peak": 10 * GIB}},
+                        "rollout": {"per_device_bytes": {"peak": 6 * GIB}}}}
+    roomy = judged(row, hbm_gib=CHIP_HBM_GIB["v6e"], headroom=0.15)
+    assert roomy["fits"] and roomy["per_device_bytes"] == 10 * GIB and roomy["budget_bytes"] == int(32 * GIB * 0.85)
+    tight = judged(row, hbm_gib=11, headroom=0.15)  # 9.35 GiB usable: the step no longer fits, the rollout does
+    assert not tight["fits"]
+    assert not tight["programs"]["train_step"]["fits"] and tight["programs"]["rollout"]["fits"]
+
+
+@pytest.mark.slow
+def test_command_on_one_device_has_no_collectives_and_reports_no_fit(config_file, capsys):
+    code = bench_main(["plan", f"--config={config_file}:one", "--devices", "1", "--chip", "h100", "--hbm-gib",
+                       "0.001", "--set", "train.prompts_per_step=2", "--json"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 3 and not row["fits"] and row["hbm_bytes"] == int(0.001 * GIB)
+    assert row["set"] == ["train.prompts_per_step=2"] and row["programs"]["train_step"]["shapes"]["rows"] == 2
+    for program in row["programs"].values():
+        assert program["collectives"] == {} and not program["fits"]
+
+
+def test_bad_arguments_fail_in_one_line(config_file, capsys):
+    assert bench_main(["plan", f"--config={config_file}:one", "--devices", "1", "--chip", "v5p",
+                       "--set", "train.no_such_key=1", "--json"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.no_such_key" in err[0]
+
+
+HLO = """HloModule step
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(f32[] %a, f32[] %b)
+}
+
+%body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %p = (s32[], bf16[4,8]) parameter(0)
+  %w = bf16[1,8]{1,0} get-tuple-element(%p), index=1
+  %ag = bf16[4,8]{1,0} all-gather(bf16[1,8]{1,0} %w), channel_id=1, replica_groups=[1,4]<=[4], dimensions={0}
+  ROOT %t = (s32[], bf16[4,8]) tuple(%i, %ag)
+}
+
+%cond (p: (s32[], bf16[4,8])) -> pred[] {
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main (x: f32[16], w: bf16[4,8]) -> f32[16] {
+  %x = f32[16]{0} parameter(0)
+  %loop = (s32[], bf16[4,8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"36"}}
+  %ars = (f32[16]{0}, f32[16]{0}) all-reduce-start(f32[16]{0} %x), to_apply=%add
+  %ard = f32[16]{0} all-reduce-done((f32[16]{0}, f32[16]{0}) %ars)
+  ROOT %cp = f32[16]{0} collective-permute(f32[16]{0} %ard), source_target_pairs={{0,1},{1,0}}
+}
+"""
+
+
+def test_collectives_count_loop_iterations_and_async_pairs_once():
+    found = collectives(HLO)
+    assert found == {
+        "all-gather": {"count": 1, "bytes": 64, "executed": 36, "executed_bytes": 36 * 64},
+        "all-reduce": {"count": 1, "bytes": 64, "executed": 1, "executed_bytes": 64},
+        "collective-permute": {"count": 1, "bytes": 64, "executed": 1, "executed_bytes": 64},
+    }
+    assert shape_bytes("(bf16[2,3]{1,0}, s32[], pred[5])") == 12 + 4 + 5
+
+
+@pytest.mark.parametrize("config, parameters, architecture", [
+    ("qwen3_8b_tpu.py", 8_190_735_360, "qwen3"),
+    ("qwen3_5_35b_a3b.py", 34_660_610_688, "qwen3_5_moe"),
+    ("qwen3_30b_a3b.py", 30_532_122_624, "qwen3_moe"),
+])
+def test_shipped_model_configs_are_found_and_have_the_published_sizes(config, parameters, architecture):
+    path = os.path.join(CONFIGS, config)
+    found = model_config_path(load_config_file(path), path, None)
+    assert os.path.dirname(found) == os.path.join(os.path.dirname(path), "models")
+    cfg = ModelConfig.from_hf(found)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    assert cfg.architecture == architecture
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model))) == parameters
+
+
+def test_a_model_without_a_config_json_asks_for_one(config_file):
+    cfg = load_config_file(config_file + ":one", ("model.name='/nowhere/some-model'",))
+    with pytest.raises(FileNotFoundError, match="--model-config"):
+        model_config_path(cfg, config_file, None)
