@@ -3,7 +3,7 @@
     launch/tpu.sh train --config configs/qwen3_8b_tpu.py --run-name qwen3-8b-tooluse \\
         --model-src gs://BUCKET/models/qwen3-8b --data-src gs://BUCKET/data
 
-Memory (launch/README.md has the arithmetic): Qwen3-8B has 8.19B parameters. Full fine-tuning keeps
+Memory (by hand; launch/README.md's `bench plan` table measures it): Qwen3-8B has 8.19B parameters. Full fine-tuning keeps
 bf16 weights, fp32 masters, AdamW's two fp32 moments and the fp32 EMA teacher: 20 bytes/parameter,
 164 GB, sharded FSDP over the 8 chips (~20 GB each) plus activations (remat: only layer inputs,
 ~14.5 GB for 32 x 1536 tokens, split over the batch) and the rollout KV cache (147 KB/token, 7.2 GB):
@@ -27,7 +27,10 @@ def get_config(variant: str = ""):
     c.data.task = "tooluse"
     c.data.data_dir = "/mnt/data/self-distillation"  # launch/tpu.sh --data-src
     c.prompts.max_prompt_tokens = 512
-    c.prompts.thinking_prefill = ""  # Qwen3's thinking mode off: the chat template's default prefill
+    # Qwen3's chat template thinks unless told not to; off here (completions within 1024 tokens): the
+    # template then closes an empty <think></think> block after the assistant header.
+    c.prompts.enable_thinking = False
+    c.prompts.thinking_prefill = ""
     c.rollout.max_new_tokens = 1024
     c.loss.name = "topk"
     c.loss.top_k = 20

@@ -14,24 +14,42 @@ key (e.g. `config.loss.top_k`).
 from __future__ import annotations
 
 import dataclasses
+import fractions
+import math
 import re
 import typing
 from typing import Any, Literal, TypeVar
 
 import ml_collections
 
+from sdft_jax.data import offline_tasks, readers
 from sdft_jax.data.prompts import PromptConfig
 from sdft_jax.distill.head_grad import BLOCKED_LOSSES
 from sdft_jax.distill.losses import LossConfig
 from sdft_jax.distill.teacher import TeacherConfig
 from sdft_jax.distill.train_state import OptimConfig
 from sdft_jax.distributed import DistributedConfig
+from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.lora import LoraConfig
 from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
 from sdft_jax.sampling.sampler import SamplingConfig
 from sdft_jax.validation import check_bool, check_choice, check_int, check_literals, check_number
 
 _Config = TypeVar("_Config")
+
+# Every task a run can read or generate: the upstream / JSONL ones (a data_dir), then the offline ones.
+TASKS = (*readers.TASKS, *offline_tasks.TASK_NAMES)
+
+
+def task_splits(task: str) -> tuple[str, ...]:
+    """The splits `task` has."""
+    if task in offline_tasks.TASK_NAMES:
+        return offline_tasks.SPLITS
+    return ("eval",) if task == "tooluse_json" else readers.SPLITS
+
+
+def _reads_data_dir(task: str) -> bool:
+    return task not in offline_tasks.TASK_NAMES
 
 
 def _as(obj: Any, cls: type[_Config], **changes: Any) -> _Config:
@@ -76,6 +94,8 @@ class ModelSection:
 
     def __post_init__(self):
         check_literals(self)
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"ModelSection.name must name a model (registered name or HF directory), got {self.name!r}")
         check_int("ModelSection.query_block", self.query_block, minimum=0, hint="0 = one block")
         check_bool("ModelSection.train_router", self.train_router)
 
@@ -96,8 +116,14 @@ class DataSection:
             check_bool(f"DataSection.{name}", getattr(self, name))
         check_int("DataSection.offline_seed", self.offline_seed)
         check_int("DataSection.offline_num_train", self.offline_num_train, minimum=0)
-        if self.task in ("tooluse", "science", "jsonl") and not self.data_dir:
-            raise ValueError(f"data_dir is required for task {self.task!r} (the folder holding {self.task}_data/)")
+        check_choice("DataSection.task", self.task, TASKS)
+        check_choice("DataSection.split", self.split, task_splits(self.task))
+        if _reads_data_dir(self.task) and not self.data_dir:
+            raise ValueError(f"data_dir is required for task {self.task!r} (the folder holding "
+                             f"{self.task.removesuffix('_json')}_data/, or the JSONL file)")
+        if self.task in ("capitals", "elements") and self.split == "train" and not self.offline_num_train:
+            raise ValueError(f"DataSection.offline_num_train must be >= 1 to train on task {self.task!r} "
+                             "(it is the number of facts to learn), got 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,27 +133,64 @@ class RolloutConfig(SamplingConfig):
     The spec samples at temperature 1.0; the paper's completions are up to 1024 tokens, the recipe's 2048."""
 
     samples_per_prompt: int = 1
+    # Rows (prompts x samples) decoded together by one sampler call; a step's rows run as several calls.
+    # 0 = up to the largest batch bucket at once
+    batch_size: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         check_int("RolloutConfig.samples_per_prompt", self.samples_per_prompt, minimum=1)
+        check_int("RolloutConfig.batch_size", self.batch_size, minimum=0, hint="0 = the largest batch bucket")
 
     def sampling(self) -> SamplingConfig:
-        """What the sampler takes: this section without `samples_per_prompt`."""
-        return _as(self, SamplingConfig)
+        """What the sampler takes: this section without `samples_per_prompt`, and `batch_size` as the
+        largest batch bucket (the sampler runs larger batches in parts of that size)."""
+        if not self.batch_size:
+            return _as(self, SamplingConfig)
+        buckets = (*(b for b in self.batch_buckets if b < self.batch_size), self.batch_size)
+        return _as(self, SamplingConfig, batch_buckets=buckets)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSection:
-    steps: int = 100  # optimizer steps (also the learning-rate schedule's length)
+    steps: int = 100  # optimizer steps (also the learning-rate schedule's length); 0 = from epochs
+    # > 0: passes over the training items; steps = ceil(epochs x items / prompts_per_step). With steps > 0
+    # too, the two must give the same count (checked once the data is loaded)
+    epochs: float = 0.0
     prompts_per_step: int = 32  # problems per step over all hosts (paper 32, recipe 128)
-    nonfinite: Literal["skip", "stop"] = "skip"  # non-finite loss: skip the update (counted) or stop the run
+    # A step with a non-finite loss or gradient skips its update (counted); more consecutive such steps
+    # than this stop the run (`trainer.DivergedError`, no export). 0 = stop at the first
+    max_nonfinite_steps: int = 3
     log_every: int = 1  # steps between metric rows
+    # Rows (prompts x samples) per micro-batch: the train step runs teacher and student forward/backward on
+    # one micro-batch at a time and sums the gradients (the whole batch's step, in less memory). Must
+    # divide the step's rows and split over the mesh's batch shards. 0 = the whole batch at once
+    micro_batch_size: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "prompts_per_step", "log_every"):
+        for name in ("prompts_per_step", "log_every"):
             check_int(f"TrainSection.{name}", getattr(self, name), minimum=1)
+        check_int("TrainSection.micro_batch_size", self.micro_batch_size, minimum=0, hint="0 = the whole batch")
+        check_int("TrainSection.steps", self.steps, minimum=0, hint="0 = from epochs")
+        check_int("TrainSection.max_nonfinite_steps", self.max_nonfinite_steps, minimum=0)
+        check_number("TrainSection.epochs", self.epochs, low=0.0)
+        if not self.steps and not self.epochs:
+            raise ValueError("TrainSection.steps is 0 and epochs is 0: set one of them")
         check_literals(self)
+
+    def steps_for(self, num_items: int) -> int:
+        """The run's optimizer steps for `num_items` training items: `steps`, or the count `epochs` gives,
+        rounded up as HF's Trainer does (batches run on across epochs: a last step short of items takes
+        its rest from the next epoch's order)."""
+        if not self.epochs:
+            return self.steps
+        # exact decimal arithmetic: 0.1 epochs of 30 items at 3 per step is 1 step, not 1.0000000000000002
+        from_epochs = max(1, math.ceil(fractions.Fraction(repr(self.epochs)) * num_items / self.prompts_per_step))
+        if self.steps and self.steps != from_epochs:
+            raise ConfigError(f"config.train.epochs = {self.epochs:g} gives {from_epochs} steps for {num_items} items "
+                              f"at {self.prompts_per_step} prompts per step, but config.train.steps = {self.steps}: "
+                              "set train.steps = 0 (or to that count)")
+        return from_epochs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,12 +201,23 @@ class EvalSection:
     limit: int = 0  # items per task (0 = all)
     max_new_tokens: int = 0  # 0 = the task's default (tool use 1024, science 2048, offline 32)
     batch_size: int = 16  # prompts decoded together
+    # "project": the project's scorers (eval/scorers.py); "recipe": the hosted recipe's, quirks included
+    # (eval/recipe_scorers.py; docs/scoring.md lists the differences)
+    scoring: Literal["project", "recipe"] = "project"
 
     def __post_init__(self):
         for name in ("every", "limit", "max_new_tokens"):
             check_int(f"EvalSection.{name}", getattr(self, name), minimum=0)
         check_int("EvalSection.batch_size", self.batch_size, minimum=1)
         check_bool("EvalSection.at_start", self.at_start)
+        check_literals(self)
+        if not isinstance(self.tasks, str):
+            raise ValueError(f"EvalSection.tasks must be a comma-separated string of tasks, got {self.tasks!r}")
+        names = self.task_list()
+        for name in names:
+            check_choice("EvalSection.tasks", name, [t for t in TASKS if "eval" in task_splits(t)])
+        if len(set(names)) != len(names):
+            raise ValueError(f"EvalSection.tasks names a task twice: {self.tasks!r}")
 
     def task_list(self) -> list[str]:
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
@@ -189,6 +263,9 @@ class TrainConfig:
     seed: int = 0  # data order, rollout sampling and LoRA init
     run_dir: str = "runs/default"  # local path or gs://; a run restarted here resumes
     init_from: str = ""  # HF directory to start from (e.g. a previous run's export/) with a fresh optimizer
+    # LoRA: a previous LoRA run's directory whose last checkpoint's adapters start this run's (same rank and
+    # targets; on the base model of init_from / model.name; fresh optimizer)
+    init_adapters_from: str = ""
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     prompts: PromptConfig = PromptConfig()
@@ -209,7 +286,10 @@ class TrainConfig:
         check_literals(self)
         check_int("TrainConfig.seed", self.seed, minimum=0, maximum=2**32 - 1, hint="the data shuffle's seed range")
         check_bool("TrainConfig.export", self.export)
+        if not self.run_dir:
+            raise ValueError("TrainConfig.run_dir must be a directory (local path or gs://), got ''")
         self._check_loss_fits_method()
+        self._check_eval_data()
         self._check_teacher_start()
         self._check_vocab_split()
         self._check_prompt_buckets()
@@ -222,11 +302,25 @@ class TrainConfig:
             raise _rule_error("loss.name", self.loss.name,
                               "method 'sdft' needs a distillation loss (loss.name != 'sft')")
 
+    def _check_eval_data(self) -> None:
+        needs_data = [t for t in self.eval.task_list() if _reads_data_dir(t)]
+        if needs_data and not self.data.data_dir:
+            raise _rule_error("data.data_dir", self.data.data_dir, f"required by eval.tasks = {self.eval.tasks!r}: "
+                              f"task {needs_data[0]!r} reads its eval split from there")
+
     def _check_teacher_start(self) -> None:
         if self.teacher_init_from and (self.method == "sft" or self.model.lora.rank):
             raise _rule_error("teacher_init_from", self.teacher_init_from,
                               "teacher_init_from needs method 'sdft' with full fine-tuning (model.lora.rank = 0): "
-                              "SFT has no teacher, and with LoRA the teacher shares the student's frozen base")
+                              "SFT has no teacher, and with LoRA the teacher shares the student's frozen base "
+                              "(teacher.source = 'base' makes that base alone the teacher)")
+        if self.teacher.source == "base" and not self.model.lora.rank:
+            raise _rule_error("teacher.source", self.teacher.source,
+                              "teacher.source 'base' (the base model, adapters off) needs LoRA (model.lora.rank > 0); "
+                              "with full fine-tuning set teacher_init_from to the base model")
+        if self.init_adapters_from and not self.model.lora.rank:
+            raise _rule_error("init_adapters_from", self.init_adapters_from,
+                              "init_adapters_from needs LoRA (model.lora.rank > 0): it starts this run's adapters")
 
     def _check_vocab_split(self) -> None:
         # -1 gives the tensor axis every device the others leave: a split on any mesh of several devices.
@@ -251,6 +345,16 @@ class TrainConfig:
             raise _rule_error("train.prompts_per_step", self.train.prompts_per_step,
                               f"{rows} batch rows per step ({samples} per prompt) do not split over the "
                               f"mesh.data x mesh.fsdp x mesh.expert = {shards} batch shards")
+        micro = self.train.micro_batch_size
+        if micro and rows % micro:
+            raise _rule_error("train.micro_batch_size", micro, f"does not divide the {rows} batch rows per step "
+                              f"(train.prompts_per_step x {samples} per prompt)")
+        if micro and shards > 0 and micro % shards:
+            raise _rule_error("train.micro_batch_size", micro, f"a micro-batch's rows do not split over the "
+                              f"mesh.data x mesh.fsdp x mesh.expert = {shards} batch shards")
+        if self.rollout.batch_size and shards > 0 and self.rollout.batch_size % shards:
+            raise _rule_error("rollout.batch_size", self.rollout.batch_size, f"does not split over the "
+                              f"mesh.data x mesh.fsdp x mesh.expert = {shards} batch shards (the sampler's batch axes)")
 
 
 def _rule_error(key: str, value: Any, why: str) -> ValueError:
@@ -348,6 +452,45 @@ def _tuple_item(value: Any, kind: Any, key: str) -> Any:
 def load_train_config(cfg: ml_collections.ConfigDict | dict) -> TrainConfig:
     """Validates a config file's ConfigDict into a TrainConfig (raises ConfigError naming the key)."""
     return _build(TrainConfig, cfg, "config")
+
+
+def resolved_mesh(mesh: MeshSection, num_devices: int, *, prefix: str = "config") -> MeshSection:
+    """`mesh` on `num_devices` devices, its -1 size resolved; ConfigError (naming `<prefix>.mesh`) if they do
+    not fit."""
+    sizes = mesh.shape()
+    known = math.prod(size for size in sizes.values() if size != -1)
+    free = [name for name, size in sizes.items() if size == -1]
+    if free and num_devices % known == 0:
+        sizes[free[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        needs = f"a multiple of {known} devices" if free else f"{known} devices (one size may be -1: all the rest)"
+        raise ConfigError(f"{prefix}.mesh = {mesh.shape()}: needs {needs}, this run has {num_devices}")
+    return MeshSection(**sizes)
+
+
+def check_fit(cfg: TrainConfig, model: ModelConfig, num_devices: int, *, prefix: str = "config") -> None:
+    """The rules that need the model's config.json (`model`) and the device count, applied before any
+    weight is loaded: the mesh fits the devices (and, its -1 resolved, the batch still splits over it),
+    `loss.top_k` is within the vocabulary, `mesh.expert` divides the experts, and
+    `prompts.max_prompt_tokens` is within the model's positions. Raises ConfigError naming the key
+    (`<prefix>.<key>`: `config.train.<key>` in a continual plan)."""
+    mesh = resolved_mesh(cfg.mesh, num_devices, prefix=prefix)
+    if mesh != cfg.mesh:
+        try:  # the rules between sections again, with the sizes the -1 stood for
+            dataclasses.replace(cfg, mesh=mesh)
+        except ValueError as e:
+            key = _named_key(TrainConfig, str(e))
+            raise ConfigError(f"{prefix}.{key}: {e} ({prefix}.mesh = {cfg.mesh.shape()} is {mesh.shape()} on "
+                              f"{num_devices} devices)") from None
+    if cfg.method == "sdft" and cfg.loss.name in ("topk", "reverse_topk") and cfg.loss.top_k > model.vocab_size:
+        raise ConfigError(f"{prefix}.loss.top_k = {cfg.loss.top_k}: above the model's vocabulary of "
+                          f"{model.vocab_size} tokens ({cfg.init_from or cfg.model.name})")
+    if model.moe is not None and model.moe.num_experts % mesh.expert:
+        raise ConfigError(f"{prefix}.mesh.expert = {mesh.expert}: does not divide the model's "
+                          f"{model.moe.num_experts} experts")
+    if cfg.prompts.max_prompt_tokens > model.max_position_embeddings:
+        raise ConfigError(f"{prefix}.prompts.max_prompt_tokens = {cfg.prompts.max_prompt_tokens}: above the model's "
+                          f"{model.max_position_embeddings} positions (such a prompt leaves no room for a completion)")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -7,6 +7,7 @@ prints the completion text (special tokens such as `<|im_end|>` left out). `--js
 instead: `prompt_ids`, `ids` (the completion, stop token included), `text`, `stop_reason`
 (`stop_token` or `length`), and per completion token `model_logprobs` (plain model, temperature 1)
 and `sampling_logprobs` (the distribution the token was drawn from; 0 when greedy).
+A bad argument or model directory ends with one line (`sdft_jax/errors.py`; `--debug` for the traceback).
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ import json
 import os
 import sys
 
+from sdft_jax import cli
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PROG = "python -m sdft_jax.generate"
+_OPTIONS = {f"SamplingConfig.{name}": f"--{name.replace('_', '-')}"
+            for name in ("temperature", "top_p", "top_k", "max_new_tokens")}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command (errors raised); `entry` is the command line's, with errors reported in one line."""
     from sdft_jax.sampling.sampler import SamplingConfig
 
     defaults = SamplingConfig()
-    parser = argparse.ArgumentParser(prog="python -m sdft_jax.generate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], epilog=cli.DEBUG_HELP)
     parser.add_argument("--model", required=True, help="registered name (e.g. smollm2-135m) or HF directory")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn (chat template)")
@@ -38,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                              max_new_tokens=args.max_new_tokens)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(cli.option_name(str(e), _OPTIONS))
 
     import jax
 
@@ -47,21 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     from sdft_jax.sampling.sampler import Sampler
     from sdft_jax.tokenization import encode_chat, load_tokenizer, pad_token_id, stop_token_ids
 
-    path = resolve_model(args.model)
-    tokenizer = load_tokenizer(path)
+    with cli.model_errors("--model", args.model):
+        path = resolve_model(args.model)
+        tokenizer = load_tokenizer(path)
     if args.chat:
         prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
     if not prompt_ids:
         parser.error("--prompt gives no tokens")
-    model = load_hf(path)
+    with cli.model_errors("--model", args.model):
+        model = load_hf(path)
     # One call: the scanned layers compile much faster than unrolled ones, which only pay off over many calls.
     sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=pad_token_id(tokenizer), unroll_layers=False)
     try:
         out = sampler.generate(model, [prompt_ids], cfg, jax.random.key(args.seed))
-    except ValueError as e:
-        parser.error(str(e))
+    except ValueError as e:  # an overlong prompt, named with its length and the limit
+        parser.error(f"--prompt: {cli.option_name(str(e), {'max_new_tokens': '--max-new-tokens'})}")
     n = int(out.lengths[0])
     ids = out.tokens[0, :n].tolist()
     text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -76,5 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> int:
+    return cli.run(main, prog=PROG)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

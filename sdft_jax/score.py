@@ -3,7 +3,8 @@
     python -m sdft_jax.score --model smollm2-135m --text "The capital of France is Paris" --json
 
 prints `{"tokens": [ids...], "logprobs": [log p(token_i | tokens_<i) for i >= 1]}`. With `--chat` the
-text is wrapped as one user turn in the model's chat template.
+text is wrapped as one user turn in the model's chat template. A bad argument or model directory ends
+with one line (`sdft_jax/errors.py`; `--debug` for the traceback).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdft_jax import cli  # before the modules that load transformers: it quiets their import messages
 from sdft_jax.checkpoints.hf import load_hf
 from sdft_jax.checkpoints.registry import resolve_model
 from sdft_jax.models.transformer import Transformer, positions_from_mask
 from sdft_jax.tokenization import encode_chat, load_tokenizer
+
+PROG = "python -m sdft_jax.score"
 
 
 def token_logprobs(model: Transformer, tokens: list[int]) -> np.ndarray:
@@ -32,22 +36,25 @@ def token_logprobs(model: Transformer, tokens: list[int]) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdft_jax.score", description=__doc__.split("\n")[0])
+    """The command (errors raised); `entry` is the command line's, with errors reported in one line."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], epilog=cli.DEBUG_HELP)
     parser.add_argument("--model", required=True, help="registered name (e.g. smollm2-135m) or HF directory")
     parser.add_argument("--text", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the text as one user turn (chat template)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
-    path = resolve_model(args.model)
-    tokenizer = load_tokenizer(path)
+    with cli.model_errors("--model", args.model):
+        path = resolve_model(args.model)
+        tokenizer = load_tokenizer(path)
     if args.chat:
         tokens = encode_chat(tokenizer, [{"role": "user", "content": args.text}], add_generation_prompt=False)
     else:
         tokens = tokenizer.encode(args.text, add_special_tokens=False)
     if len(tokens) < 2:
         parser.error(f"--text gives {len(tokens)} token(s); scoring needs at least 2")
-    model = load_hf(path)
+    with cli.model_errors("--model", args.model):
+        model = load_hf(path)
     if len(tokens) > model.cfg.max_position_embeddings:
         parser.error(f"--text gives {len(tokens)} tokens, over the model's {model.cfg.max_position_embeddings}")
     logprobs = token_logprobs(model, tokens)
@@ -60,5 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> int:
+    return cli.run(main, prog=PROG)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -6,12 +6,15 @@ directories, so everything here reads or writes a whole file, and `makedirs` of 
 nothing (an object's name creates its prefix). An object appears only when its upload completes, so a
 reader never sees half a file; a directory can however be half uploaded: `copy_tree(..., last=...)`
 uploads a marker file after everything else, and readers trust the directory only when it is there.
+A local file is written the same way, whole or not at all: under a temporary name beside it, synced,
+then renamed over it (`cache.atomic_file`); `remove_partials` deletes what a killed writer left.
 
 Remote inputs (model and data directories) are downloaded once into the local cache with `local_copy`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,11 +52,12 @@ def read_bytes(path: PathLike) -> bytes:
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
-    """Writes the whole file (replacing it)."""
+    """Writes the whole file, replacing it atomically: a reader, or a run restarted after a kill, finds
+    the old content or the new, never part of it."""
     if is_remote(path):
-        epath.Path(path).write_bytes(data)
+        epath.Path(path).write_bytes(data)  # an object appears only when its upload completes
         return
-    with open(path, "wb") as f:
+    with cache.atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 
@@ -70,6 +74,7 @@ def read_json(path: PathLike) -> Any:
 
 
 def write_json(path: PathLike, value: Any) -> None:
+    """Writes `value` as indented JSON, atomically (`write_bytes`)."""
     write_text(path, json.dumps(value, indent=2))
 
 
@@ -82,10 +87,24 @@ def rmtree(path: PathLike) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_partials(directory: PathLike) -> list[str]:
+    """Deletes, anywhere under a local `directory` that one process writes (a run directory), the
+    temporary files and directories that interrupted atomic writes left; returns their paths. Nothing
+    for a remote one: an interrupted upload leaves no object."""
+    if is_remote(directory):
+        return []
+    return cache.remove_partials(directory, recursive=True)
+
+
 def _copy_file(src: PathLike, dst: PathLike) -> None:
+    """Copies one file; a local `dst` is replaced atomically, a remote one appears when uploaded."""
     s = epath.Path(src) if is_remote(src) else None
-    d = epath.Path(dst) if is_remote(dst) else None
-    with (s.open("rb") if s else open(src, "rb")) as fin, (d.open("wb") if d else open(dst, "wb")) as fout:
+    with contextlib.ExitStack() as stack:
+        fin = stack.enter_context(s.open("rb") if s else open(src, "rb"))
+        if is_remote(dst):
+            fout = stack.enter_context(epath.Path(dst).open("wb"))
+        else:
+            fout = stack.enter_context(open(stack.enter_context(cache.atomic_file(dst)), "wb"))
         shutil.copyfileobj(fin, fout, 16 << 20)
 
 

@@ -7,11 +7,18 @@ and, at the end, the final student exported as an HF directory plus an evaluatio
 A run directory (local or `gs://`) holds `config.json`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`,
 `eval/`, `export/` and `summary.json`. Started again on the same directory, a run resumes from its latest
 complete checkpoint (state and data position) and continues exactly as if never stopped; a finished
-run returns its summary without training.
+run returns its summary without training. Every file is written whole or not at all (`storage`,
+`metrics`), and what a killed write left is removed at the next start.
+
+A step whose loss or gradient is not finite skips its update (counted: `skipped_nonfinite` in its metric
+row, `nonfinite_steps` in the summary). More consecutive such steps than `train.max_nonfinite_steps`, or
+a state with non-finite values at a checkpoint, stop the run with `DivergedError`: nothing diverged is
+checkpointed or exported, and no summary is written (the run is not finished).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,18 +33,22 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sdft_jax import distributed, storage
-from sdft_jax.checkpointing import Checkpointer
+from sdft_jax.checkpointing import Checkpointer, NonFiniteStateError
 from sdft_jax.checkpoints.hf import load_hf, save_hf
 from sdft_jax.checkpoints.registry import resolve_model
-from sdft_jax.config import TrainConfig, to_dict
+from sdft_jax.config import ConfigError, TrainConfig, check_fit, to_dict
 from sdft_jax.data import offline_tasks, tasks
 from sdft_jax.data.pipeline import BatchIterator, PipelineConfig
 from sdft_jax.data.prompts import render_prompts, render_sft
+from sdft_jax.data.records import DataError, ReadResult, Record
 from sdft_jax.distill.batch import make_step_batch
-from sdft_jax.distill.train_state import init_train_state, student_model, with_teacher
+from sdft_jax.distill.train_state import (TrainState, init_train_state, student_model, with_base_teacher,
+                                          with_params, with_teacher)
 from sdft_jax.distill.train_step import StepConfig, make_train_step, shard_batch
+from sdft_jax.errors import ModelError
 from sdft_jax.eval.runner import evaluate_tasks
-from sdft_jax.metrics import MetricsWriter, read_metrics
+from sdft_jax.metrics import MetricsWriter, truncate_metrics
+from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.sharding import make_mesh
 from sdft_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, Sampler
 from sdft_jax.tokenization import load_tokenizer, pad_token_id, stop_token_ids
@@ -47,20 +58,31 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised with `train.nonfinite = "stop"`; the last good checkpoint is left as it was."""
+class DivergedError(RuntimeError):
+    """The run diverged (see the module docstring): stopped with its last good checkpoint kept, nothing
+    exported. `step` is the step it stopped at, `nonfinite_steps` the skipped steps up to it."""
+
+    def __init__(self, message: str, *, step: int, nonfinite_steps: int):
+        super().__init__(message)
+        self.step = step
+        self.nonfinite_steps = nonfinite_steps
 
 
 def _offline_config(cfg: TrainConfig) -> offline_tasks.OfflineTaskConfig:
     return offline_tasks.OfflineTaskConfig(seed=cfg.data.offline_seed, num_train=cfg.data.offline_num_train)
 
 
-def load_records(cfg: TrainConfig, task: str, split: str):
-    """Records of `task` as the run's config reads or generates them."""
-    return tasks.load_records(
+def read_records(cfg: TrainConfig, task: str, split: str) -> ReadResult:
+    """Records of `task` as the run's config reads or generates them, with the bad rows skipped."""
+    return tasks.load_task(
         task, split, data_dir=cfg.data.data_dir, offline=_offline_config(cfg), skip_bad_rows=cfg.data.skip_bad_rows,
         thinking_format=cfg.data.thinking_format, purpose="sft" if cfg.method == "sft" else "sdft",
         keep_system=cfg.data.keep_system)
+
+
+def load_records(cfg: TrainConfig, task: str, split: str) -> list[Record]:
+    """Records of `task` as the run's config reads or generates them."""
+    return list(read_records(cfg, task, split).records)
 
 
 class Trainer:
@@ -71,20 +93,30 @@ class Trainer:
         distributed.maybe_initialize(cfg.distributed, fingerprint=config_fingerprint(cfg))
         self.primary = distributed.is_primary()
         self.run_dir = cfg.run_dir
+        self.model_path = preflight(cfg)  # the rules that need config.json and the devices, before any weight
         self.mesh = make_mesh(cfg.mesh.shape())
         # This process's block of every global batch (index 0 of 1 with one process).
         self.shard = distributed.data_shard(self.mesh)
-        self.model_path = resolve_model(cfg.init_from or cfg.model.name)
         self.tokenizer = load_tokenizer(self.model_path)
         self.pad_id = pad_token_id(self.tokenizer)
         self.sampler = Sampler(stop_ids=stop_token_ids(self.tokenizer), pad_id=self.pad_id, mesh=self.mesh)
 
         # Data: rendered prompt items, iterated in a seeded, resumable order.
-        records = load_records(cfg, cfg.data.task, cfg.data.split)
+        read = read_records(cfg, cfg.data.task, cfg.data.split)
+        records = list(read.records)
+        # Bad rows skipped under data.skip_bad_rows, by "task/split" and reason (for the summary).
+        self.skipped_rows = {f"{cfg.data.task}/{cfg.data.split}": dict(read.skipped)} if read.num_skipped else {}
         render = render_sft if cfg.method == "sft" else render_prompts
         rendered = render(self.tokenizer, records, cfg.prompts)
         self.dropped = dict(rendered.dropped)
         self.items = rendered.items
+        if not self.items:
+            raise DataError(f"task {cfg.data.task!r} split {cfg.data.split!r}",
+                            f"no training items: {len(records)} records, dropped {self.dropped or 'none'} (an "
+                            "overlong prompt is dropped: see config.prompts.max_prompt_tokens and overlong)")
+        # With train.epochs the step count follows from the data; every later use reads cfg.train.steps.
+        self.cfg = cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, steps=cfg.train.steps_for(len(self.items))))
         # The pipeline yields this process's item indices; _global_items gathers the whole batch.
         self.iterator = BatchIterator(range(len(self.items)), PipelineConfig(
             global_batch_size=cfg.train.prompts_per_step, seed=cfg.seed, num_epochs=None),
@@ -96,10 +128,14 @@ class Trainer:
                         remat=cfg.model.remat, query_block=cfg.model.query_block, seed=cfg.seed)
         self.max_seq_len = model.cfg.max_position_embeddings
         self.step_cfg = StepConfig(loss=cfg.loss, teacher=cfg.teacher, optim=cfg.optim, total_steps=cfg.train.steps,
-                                   skip_nonfinite=True)
+                                   skip_nonfinite=True, micro_batch_size=cfg.train.micro_batch_size)
         self.graphdef, self.state = init_train_state(model, self.step_cfg.optim, seed=cfg.seed,
                                                      train_router=cfg.model.train_router)
         del model
+        if cfg.init_adapters_from:  # continue a previous LoRA run's adapters, with a fresh optimizer
+            self.state = with_params(self.state, _last_params(cfg.init_adapters_from, self.state))
+        if cfg.teacher.source == "base":  # the base model alone: adapters off
+            self.state = with_base_teacher(self.state)
         if cfg.teacher_init_from:
             teacher = load_hf(resolve_model(cfg.teacher_init_from), mesh=self.mesh, dtype=DTYPES[cfg.model.dtype],
                               param_dtype=DTYPES[cfg.model.param_dtype], remat=cfg.model.remat,
@@ -109,7 +145,12 @@ class Trainer:
         self.train_step = make_train_step(self.graphdef, self.state, self.step_cfg, mesh=self.mesh)
         self.sampling = cfg.rollout.sampling()
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-        self.eval_records = {t: load_records(cfg, t, "eval") for t in cfg.eval.task_list()}
+        self.eval_records = {}
+        for t in cfg.eval.task_list():
+            read = read_records(cfg, t, "eval")
+            self.eval_records[t] = list(read.records)
+            if read.num_skipped:
+                self.skipped_rows[f"{t}/eval"] = dict(read.skipped)
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -159,29 +200,51 @@ class Trainer:
         out_dir = os.path.join(self.run_dir, "eval", f"step_{step:06d}") if self.primary else None
         return evaluate_tasks(student_model(self.graphdef, self.state), self.tokenizer, self.sampler,
                               self.eval_records, limit=cfg.limit, max_new_tokens=cfg.max_new_tokens,
-                              batch_size=cfg.batch_size, prompt_config=self.cfg.prompts, out_dir=out_dir)
+                              batch_size=cfg.batch_size, prompt_config=self.cfg.prompts, scoring=cfg.scoring,
+                              out_dir=out_dir)
 
     # -- the run ---------------------------------------------------------------------------------
 
     def _resume(self) -> int:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        # The run's counters of non-finite steps: in every checkpoint, so a resumed run stops where it would have.
+        self.nonfinite_steps, self.consecutive_nonfinite = 0, 0
+        restored = self.checkpointer.restore_latest(self.state)  # the newest intact one (damaged: warned)
+        if restored is None:
             return 0
-        self.state, data_state = self.checkpointer.restore(latest, self.state)
-        self.iterator.set_state(data_state)
-        log.info("resumed from %s at step %d", self.checkpointer.directory, latest)
-        return latest
+        self.state = restored.state
+        self.iterator.set_state(restored.data)
+        self.nonfinite_steps = restored.run.get("nonfinite_steps", 0)
+        self.consecutive_nonfinite = restored.run.get("consecutive_nonfinite", 0)
+        log.info("resumed from %s at step %d", self.checkpointer.directory, restored.step)
+        return restored.step
+
+    def _diverged(self, step: int, reason: str, writer: MetricsWriter) -> DivergedError:
+        """Flushes what the run wrote and returns the error to raise (the last good checkpoint stays)."""
+        self.checkpointer.wait()
+        writer.close()
+        message = (f"the run diverged at step {step}: {reason}; {self.nonfinite_steps} of {step} steps skipped "
+                   f"as non-finite; stopped with the last good checkpoint (step {self.checkpointer.latest_step()}) "
+                   "kept and nothing exported")
+        log.error(message)
+        return DivergedError(message, step=step, nonfinite_steps=self.nonfinite_steps)
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         summary_path = os.path.join(self.run_dir, "summary.json")
         start = self._resume()
         if start >= cfg.train.steps and storage.exists(summary_path):
-            return storage.read_json(summary_path)
+            try:
+                return storage.read_json(summary_path)
+            except ValueError as e:  # not written by this version (its writes are atomic): finish again
+                log.warning("%s is unreadable (%s); finishing the run again", summary_path, e)
         if self.primary:
             storage.makedirs(self.run_dir)
+            for path in storage.remove_partials(self.run_dir):
+                log.info("removed %s, left by an interrupted write", path)
             storage.write_json(os.path.join(self.run_dir, "config.json"), to_dict(cfg))
-            _truncate_metrics(self.run_dir, start)
+            # Rows the resumed run writes again: those after its checkpoint, and the evaluation-only rows at
+            # it (the evaluation at the start of a run, the final one).
+            truncate_metrics(self.run_dir, keep=lambda r: r["step"] < start or (r["step"] == start and "loss" in r))
         writer = MetricsWriter(self.run_dir, enabled=self.primary)
         evals: dict[str, Any] = {}
         if start == 0 and cfg.eval.at_start and self.eval_records:
@@ -199,10 +262,9 @@ class Trainer:
             self.state, metrics = self.train_step(self.state, self._local_rows(batch))
             metrics = {k: np.asarray(v).item() for k, v in distributed.to_host(metrics).items()}
             t2 = time.perf_counter()
-            if metrics["skipped_nonfinite"] and cfg.train.nonfinite == "stop":
-                self.checkpointer.wait()
-                raise NonFiniteLossError(f"step {step + 1}: non-finite loss or gradient; stopped with the last "
-                                         f"good checkpoint (step {self.checkpointer.latest_step()}) intact")
+            self.nonfinite_steps += int(metrics["skipped_nonfinite"])
+            self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if metrics["skipped_nonfinite"] else 0
+            diverged = self.consecutive_nonfinite > cfg.train.max_nonfinite_steps
             done = step + 1
             row = {**metrics, **stats, "epoch": self.iterator.epoch, "time/rollout_s": t1 - t0,
                    "time/step_s": t2 - t1,
@@ -212,11 +274,20 @@ class Trainer:
                 t = time.perf_counter()
                 evals = self._evaluate(done)
                 row.update(_flatten_eval(evals), **{"time/eval_s": time.perf_counter() - t})
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps or diverged:
                 writer.write(done, row)
+            if diverged:
+                raise self._diverged(done, f"{self.consecutive_nonfinite} consecutive steps with a non-finite loss "
+                                           f"or gradient (train.max_nonfinite_steps = {cfg.train.max_nonfinite_steps})",
+                                     writer)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{stats.get('rollout/mean_length', 0):.0f}")
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-                self.checkpointer.save(done, self.state, self.iterator.get_state())
+                run_state = {"nonfinite_steps": self.nonfinite_steps,
+                             "consecutive_nonfinite": self.consecutive_nonfinite}
+                try:  # refused for a state with a non-finite value: the final one, exported, is always saved
+                    self.checkpointer.save(done, self.state, self.iterator.get_state(), run_state)
+                except NonFiniteStateError as e:
+                    raise self._diverged(done, str(e), writer) from None
                 writer.flush()  # a resume from this checkpoint finds the metric rows up to it
         bar.close()
         self.checkpointer.wait()
@@ -240,11 +311,85 @@ class Trainer:
                     source_dir=self.model_path)
         summary = {"method": cfg.method, "loss": cfg.loss.name, "steps": cfg.train.steps, "eval": evals,
                    "export": export_dir if cfg.export else None, "dropped_items": self.dropped,
-                   "train_items": len(self.items)}
+                   "skipped_rows": self.skipped_rows,
+                   "train_items": len(self.items), "nonfinite_steps": self.nonfinite_steps}
         writer.flush()  # the summary is written last: a run with one is complete
         if self.primary:
             storage.write_json(os.path.join(self.run_dir, "summary.json"), summary)
         return summary
+
+
+def _model_key(cfg: TrainConfig) -> tuple[str, str]:
+    """The student's model (`init_from`, else `model.name`) and the config key that names it."""
+    return (cfg.init_from, "init_from") if cfg.init_from else (cfg.model.name, "model.name")
+
+
+def model_config_of(name_or_path: str, key: str) -> tuple[str, ModelConfig]:
+    """The local directory of model `name_or_path` (config key `key`) and its config.json's architecture,
+    read without the weights; ModelError naming the key if it is no usable model directory."""
+    try:
+        path = resolve_model(name_or_path)
+        return path, ModelConfig.from_hf(path)
+    except (OSError, ValueError) as e:
+        named = f"config.{key}" if name_or_path in str(e) else f"config.{key} = {name_or_path!r}"
+        raise ModelError(f"{named}: {e}") from None
+
+
+# ModelConfig fields the teacher's weights must share with the student's (the two trees have one shape).
+_SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "moe", "dense_layers", "deltanet", "linear_layers")
+
+
+def preflight(cfg: TrainConfig) -> str:
+    """Checks what the config alone cannot show, before any weight is loaded, and returns the student's
+    model directory: the rules of `config.check_fit` (mesh and devices, `loss.top_k` and the vocabulary,
+    ...), a `teacher_init_from` of the student's shape, an `init_adapters_from` run with checkpoints.
+    Call after `distributed.maybe_initialize` (it counts the devices)."""
+    name, key = _model_key(cfg)
+    path, model = model_config_of(name, key)
+    check_fit(cfg, model, jax.device_count())
+    if cfg.teacher_init_from:
+        _, teacher = model_config_of(cfg.teacher_init_from, "teacher_init_from")
+        differ = [f for f in _SHAPE_FIELDS if getattr(teacher, f) != getattr(model, f)]
+        if differ:
+            raise ConfigError(f"config.teacher_init_from = {cfg.teacher_init_from!r}: not the student's architecture "
+                              f"({', '.join(f'{f} {getattr(teacher, f)} vs {getattr(model, f)}' for f in differ)})")
+    if cfg.init_adapters_from and not storage.exists(os.path.join(cfg.init_adapters_from, "checkpoints")):
+        raise ConfigError(f"config.init_adapters_from = {cfg.init_adapters_from!r}: no checkpoints/ there (not a run "
+                          "directory, or its run saved no checkpoint)")
+    return path
+
+
+def check_plan_fits(base: TrainConfig, configs: list[TrainConfig]) -> None:
+    """`config.check_fit` of every stage config of a continual plan against its base model, before that model
+    loads (a later stage starts from an earlier one's export, of the same architecture); errors name
+    `config.train.<key>`."""
+    distributed.maybe_initialize(base.distributed, fingerprint=config_fingerprint(base))
+    name, key = _model_key(base)
+    _, model = model_config_of(name, f"train.{key}")
+    for cfg in configs:
+        check_fit(cfg, model, jax.device_count(), prefix="config.train")
+
+
+def _last_params(run_dir: str, like: TrainState):
+    """The trainable parameters of the last checkpoint of the run in `run_dir`, onto `like`'s shardings."""
+    if not storage.exists(os.path.join(run_dir, "checkpoints")):
+        raise ConfigError(f"config.init_adapters_from = {run_dir!r}: no checkpoints/ there (not a run directory, "
+                          "or its run saved no checkpoint)")
+    source = Checkpointer(run_dir, async_save=False)
+    try:
+        step = source.latest_step()
+        if step is None:
+            raise ConfigError(f"config.init_adapters_from = {run_dir!r}: its checkpoints/ holds no checkpoint")
+        try:
+            state, _ = source.restore(step, like)
+        except ValueError as e:
+            raise ConfigError(f"config.init_adapters_from = {run_dir!r}: its step-{step} checkpoint does not fit this "
+                              f"run (model, model.lora rank and targets must be that run's): {e}") from None
+    finally:
+        source.close()
+    log.info("adapters from %s, step %d", run_dir, step)
+    return state.params
 
 
 def config_fingerprint(cfg: TrainConfig) -> str:
@@ -258,14 +403,6 @@ def config_fingerprint(cfg: TrainConfig) -> str:
 
 def _flatten_eval(evals: dict[str, Any]) -> dict[str, float]:
     return {f"eval/{task}/accuracy": s["accuracy"] for task, s in evals.items()}
-
-
-def _truncate_metrics(run_dir: str, step: int) -> None:
-    """Drops metric rows after `step` (written before a crash, redone after the resume)."""
-    rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if storage.exists(path):
-        storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -63,15 +63,18 @@ def test_the_learning_rate_schedule_runs_over_the_train_steps():
     ("method", "sft", r"config\.loss\.name: .*method 'sft' needs loss\.name"),
     ("teacher.mode", "ema2", r"config\.teacher\.mode"),
     ("teacher.ema_alpha", 2.0, r"config\.teacher\.ema_alpha: TeacherConfig\.ema_alpha"),
-    ("train.steps", 0, r"config\.train\.steps: TrainSection\.steps must be an integer >= 1"),
-    ("train.nonfinite", "ignore", r"config\.train\.nonfinite"),
+    ("train.steps", -1, r"config\.train\.steps: TrainSection\.steps must be an integer >= 0 \(0 = from epochs\)"),
+    ("train.steps", 0, r"config\.train\.steps: TrainSection\.steps is 0 and epochs is 0: set one of them"),
+    ("train.epochs", -0.5, r"config\.train\.epochs: TrainSection\.epochs must be a finite number >= 0"),
+    ("train.max_nonfinite_steps", -1, r"config\.train\.max_nonfinite_steps: TrainSection\.max_nonfinite_steps "
+                                      r"must be an integer >= 0"),
     ("model.lora.targets", "qkv", r"config\.model\.lora\.targets: LoraConfig\.targets must be one of"),
     ("model.lora.rank", -1, r"config\.model\.lora\.rank: LoraSection\.rank must be an integer >= 0"),
     ("model.lora.alpha", 0.0, r"config\.model\.lora\.alpha: LoraConfig\.alpha"),
     ("model.query_block", -1, r"config\.model\.query_block"),
     ("optim.warmup_ratio", 1.0, r"config\.optim\.warmup_ratio: OptimConfig\.warmup_ratio"),
     ("optim.learning_rate", 0.0, r"config\.optim\.learning_rate: OptimConfig\.learning_rate"),
-    ("optim.schedule", "linear", r"config\.optim\.schedule"),
+    ("optim.schedule", "exponential", r"config\.optim\.schedule"),
     ("rollout.samples_per_prompt", 0, r"config\.rollout\.samples_per_prompt: RolloutConfig\.samples_per_prompt"),
     ("rollout.top_p", 1.5, r"config\.rollout\.top_p: SamplingConfig\."),
     ("rollout.max_new_tokens", 0, r"config\.rollout\.max_new_tokens: SamplingConfig\.max_new_tokens"),
@@ -79,6 +82,7 @@ def test_the_learning_rate_schedule_runs_over_the_train_steps():
     ("rollout.prompt_buckets", "128,64", r"config\.rollout\.prompt_buckets: SamplingConfig\.prompt_buckets"),
     ("eval.batch_size", 0, r"config\.eval\.batch_size: EvalSection\.batch_size"),
     ("eval.every", -1, r"config\.eval\.every"),
+    ("eval.scoring", "paper", r"config\.eval\.scoring must be one of \['project', 'recipe'\], got 'paper'"),
     ("checkpoint.every", 0, r"config\.checkpoint\.every: CheckpointSection\.every"),
     ("checkpoint.keep", 0, r"config\.checkpoint\.keep"),
     ("mesh.fsdp", 0, r"config\.mesh\.fsdp: MeshSection\.fsdp must be an integer >= 1 \(or -1"),
@@ -137,6 +141,33 @@ def test_teacher_init_from_needs_sdft_with_full_fine_tuning():
             load(teacher_init_from="/other", **overrides)
 
 
+def test_base_teacher_and_adapters_from_another_run_need_lora():
+    lora = {"model.lora.rank": 4}
+    cfg = load(init_adapters_from="/runs/a/stage1", **{"teacher.source": "base", "teacher.mode": "static"}, **lora)
+    assert (cfg.init_adapters_from, cfg.teacher.source) == ("/runs/a/stage1", "base")
+    with pytest.raises(ConfigError, match=r"config\.init_adapters_from: .*needs LoRA \(model\.lora\.rank > 0\)"):
+        load(init_adapters_from="/runs/a/stage1")
+    with pytest.raises(ConfigError, match=r"config\.teacher\.source: .*needs LoRA .*set teacher_init_from to the base"):
+        load(**{"teacher.source": "base", "teacher.mode": "static"})
+    with pytest.raises(ConfigError, match=r"config\.teacher\.source: TeacherConfig\.source='base' .*needs "
+                                          r"mode 'static'"):
+        load(**{"teacher.source": "base"}, **lora)  # the default mode is ema
+
+
+def test_epochs_give_the_step_count_from_the_data():
+    by_epochs = load(**{"train.steps": 0, "train.epochs": 1.0, "train.prompts_per_step": 4}).train
+    assert by_epochs.steps_for(10) == 3  # ceil(10 / 4): the last step completes its batch from epoch 2
+    assert by_epochs.steps_for(8) == 2
+    assert dataclasses.replace(by_epochs, epochs=2.5).steps_for(10) == 7  # ceil(6.25)
+    assert dataclasses.replace(by_epochs, epochs=0.1, prompts_per_step=3).steps_for(30) == 1  # not 1.0000000000000002
+    assert load().train.steps_for(10) == 100  # epochs 0: train.steps
+    both = load(**{"train.steps": 3, "train.epochs": 1.0, "train.prompts_per_step": 4}).train
+    assert both.steps_for(10) == 3  # consistent: accepted
+    with pytest.raises(ConfigError, match=r"config\.train\.epochs = 1 gives 2 steps for 8 items at 4 prompts per "
+                                          r"step, but config\.train\.steps = 3: set train\.steps = 0"):
+        both.steps_for(8)
+
+
 @pytest.mark.parametrize("tensor", [2, -1])
 def test_blocked_vocab_backward_is_refused_on_a_tensor_split_vocabulary(tensor):
     mesh = {"mesh.data": 1, "mesh.tensor": tensor}
@@ -185,6 +216,34 @@ def test_batch_rows_split_over_the_batch_axes():
                    "mesh.expert": 2})
     assert load(**{"train.prompts_per_step": 3, "mesh.data": 1, "mesh.expert": -1})  # known on the devices only
 
+
+
+def test_micro_batches_divide_the_step_and_split_over_the_batch_axes():
+    assert load(**{"train.micro_batch_size": 4, "train.prompts_per_step": 8, "mesh.data": 4})
+    assert load(**{"train.micro_batch_size": 4, "train.prompts_per_step": 2, "rollout.samples_per_prompt": 2,
+                   "mesh.data": 2})  # 4 rows: one micro-batch, the whole batch
+    with pytest.raises(ConfigError, match=r"config\.train\.micro_batch_size: .*= 3: does not divide the 8 batch "):
+        load(**{"train.micro_batch_size": 3, "train.prompts_per_step": 8, "mesh.data": 1})
+    with pytest.raises(ConfigError, match=r"config\.train\.micro_batch_size: .*= 16: does not divide the 8 batch"):
+        load(**{"train.micro_batch_size": 16, "train.prompts_per_step": 8, "mesh.data": 1})
+    with pytest.raises(ConfigError, match=r"config\.train\.micro_batch_size: .*= 2: a micro-batch's rows do not "
+                                          r"split over the mesh\.data x mesh\.fsdp x mesh\.expert = 4 batch shards"):
+        load(**{"train.micro_batch_size": 2, "train.prompts_per_step": 8, "mesh.data": 2, "mesh.fsdp": 2})
+    assert load(**{"train.micro_batch_size": 2, "train.prompts_per_step": 8, "mesh.data": -1})  # known on the devices
+    with pytest.raises(ConfigError, match=r"config\.train\.micro_batch_size: .* must be an integer >= 0"):
+        load(**{"train.micro_batch_size": -1})
+
+
+def test_rollout_batch_size_is_the_samplers_largest_batch():
+    assert load().rollout.sampling().batch_buckets == SamplingConfig().batch_buckets  # 0: the buckets as they are
+    sampling = load(**{"rollout.batch_size": 24, "mesh.data": 1}).rollout.sampling()
+    assert sampling.batch_buckets == (1, 2, 4, 8, 16, 24)
+    assert load(**{"rollout.batch_size": 1000, "mesh.data": 1}).rollout.sampling().batch_buckets[-2:] == (256, 1000)
+    with pytest.raises(ConfigError, match=r"config\.rollout\.batch_size: .*= 6: does not split over the "
+                                          r"mesh\.data x mesh\.fsdp x mesh\.expert = 4 batch shards"):
+        load(**{"rollout.batch_size": 6, "mesh.data": 4})
+    with pytest.raises(ConfigError, match=r"config\.rollout\.batch_size: .* must be an integer >= 0"):
+        load(**{"rollout.batch_size": -2})
 
 def test_mesh_sizes():
     with pytest.raises(ConfigError, match=r"config\.mesh: MeshSection: at most one size may be -1"):

@@ -30,6 +30,45 @@ def test_tooluse_predictions_scored(tmp_path, capsys):
 
 
 @needs_data
+def test_tooluse_predictions_scored_the_recipes_way(tmp_path, capsys):
+    records = read_task(SHARED_DATA, "tooluse", "eval").records
+    preds = tmp_path / "preds.jsonl"
+    # Gold calls as completions; item 0's is cut by the token limit, item 1's drafted in thinking first.
+    rows = [{"index": r.index, "completion": _gold_as_text(r)} for r in records]
+    rows[0]["truncated"] = True
+    rows[1]["completion"] = f"<think>{rows[1]['completion']}</think>{rows[1]['completion']}"
+    preds.write_text("\n".join(json.dumps(r) for r in rows))
+    summaries = {}
+    for scoring in ("project", "recipe"):
+        assert evaluate.main(["--task", "tooluse", "--data-dir", str(SHARED_DATA), "--predictions", str(preds),
+                              "--scoring", scoring]) == 0
+        summaries[scoring] = json.loads(capsys.readouterr().out)
+    # project: the cut item 0 scores 0. recipe: item 1 (calls read twice), 26 (nested argument) and
+    # 33 (`[Optional]` action name) score 0; item 0 counts.
+    assert {k: (s["correct"], s["total"], s["scoring"]) for k, s in summaries.items()} == {
+        "project": (96, 97, "project"), "recipe": (94, 97, "recipe")}
+    assert summaries["recipe"]["accuracy"] == pytest.approx(94 / 97)
+
+
+@needs_data
+def test_the_older_tool_use_json_set(tmp_path, capsys):
+    records = read_task(SHARED_DATA, "tooluse_json", "eval").records
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("\n".join(json.dumps({"index": r.index, "completion": _gold_as_text(r)}) for r in records))
+    for scoring, correct in (("project", 68), ("recipe", 66)):
+        assert evaluate.main(["--task", "tooluse_json", "--data-dir", str(SHARED_DATA), "--predictions", str(preds),
+                              "--scoring", scoring]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert (out["task"], out["correct"], out["total"]) == ("tooluse_json", correct, 68)
+
+
+def test_scoring_must_be_a_known_mode(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--task", "capitals", "--predictions", "x.jsonl", "--scoring", "paper"])
+    assert "argument --scoring: invalid choice: 'paper'" in capsys.readouterr().err
+
+
+@needs_data
 def test_science_predictions_scored(tmp_path, capsys):
     records = read_task(SHARED_DATA, "science", "eval").records
     preds = tmp_path / "preds.jsonl"
@@ -41,9 +80,11 @@ def test_science_predictions_scored(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("not json", "line 1: need"),
-    ('{"index": 999, "completion": "x"}', r"line 1: index must be an int in \[0, 64\)"),
-    ('{"index": 0, "completion": "x"}\n{"index": 0, "completion": "y"}', "line 2: index 0 appears twice"),
+    ("not json", r"row 0 \(line 1\): need"),
+    ('{"index": 999, "completion": "x"}', r"row 0 \(line 1\): index must be an int in \[0, 64\)"),
+    ('{"index": 0, "completion": "x"}\n{"index": 0, "completion": "y"}', r"row 1 \(line 2\): index 0 appears twice"),
+    ('{"index": 0, "completion": "x", "truncated": "yes"}', r"row 0 \(line 1\): truncated must be true or false"),
+    ('[1, 2]', r"row 0 \(line 1\): need"),
 ])
 def test_bad_prediction_files_fail_clearly(tmp_path, line, message):
     preds = tmp_path / "preds.jsonl"
@@ -61,9 +102,9 @@ def test_upstream_task_needs_a_data_dir(capsys):
 def test_decoding_writes_items_and_summary(tiny_model_dir, tmp_path, capsys):
     path = tiny_model_dir("llama")
     assert evaluate.main(["--model", path, "--task", "capitals", "--limit", "3", "--max-new-tokens", "4",
-                          "--out", str(tmp_path)]) == 0
+                          "--out", str(tmp_path), "--scoring", "recipe"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["total"] == 3 and summary["prompt"] == "student"
+    assert summary["total"] == 3 and summary["prompt"] == "student" and summary["scoring"] == "recipe"
     items = [json.loads(line) for line in (tmp_path / "capitals.student.jsonl").read_text().splitlines()]
     assert [i["index"] for i in items] == [0, 1, 2]
     assert all({"completion", "correct", "prediction", "expected", "reason"} <= set(i) for i in items)

@@ -36,9 +36,9 @@ def test_json_output_matches_scoring_and_plain_output(tiny_model_dir, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--top-p", "0"], "top_p"),
-    (["--temperature", "-1"], "temperature"),
-    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--top-p", "0"], "--top-p must be"),  # named as the option, not SamplingConfig's field
+    (["--temperature", "-1"], "--temperature must be"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be"),
 ])
 def test_bad_settings_are_usage_errors(extra, message, tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:

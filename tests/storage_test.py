@@ -14,6 +14,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.registry import _registry as fsspec_registry
 
 from sdft_jax import storage
+from sdft_jax.errors import ModelError
 
 
 @pytest.fixture
@@ -78,6 +79,53 @@ def test_whole_file_operations(root):
     storage.rmtree(os.path.join(root, "sub"))
     assert not storage.exists(os.path.join(root, "sub", "b.txt")) and listdir(root) == ["a.json", "c.bin"]
     storage.rmtree(os.path.join(root, "missing"))  # nothing to remove is not an error
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL: nothing catches it on the way out."""
+
+
+def _kill(*args):
+    raise _Killed
+
+
+def test_a_local_write_is_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails midway (or a kill during it) leaves the old file whole; what a kill left under
+    the temporary name is never read and `remove_partials` deletes it (anywhere under the run directory)."""
+    from sdft_jax import cache
+
+    path = tmp_path / "run" / "summary.json"
+    storage.makedirs(path.parent)
+    storage.write_json(path, {"steps": 1})
+    mode = os.stat(path).st_mode
+
+    with pytest.raises(OSError, match="disk full"):
+        with cache.atomic_file(path) as tmp, open(tmp, "wb") as f:
+            f.write(b'{"st')
+            raise OSError("disk full")
+    assert storage.read_json(path) == {"steps": 1} and os.listdir(path.parent) == ["summary.json"]
+    # A kill before the rename: no clean-up runs.
+    monkeypatch.setattr(cache.os, "replace", _kill)
+    monkeypatch.setattr(cache.os, "remove", lambda p: None)
+    with pytest.raises(_Killed):
+        storage.write_json(path, {"steps": 2})
+    monkeypatch.undo()
+    assert storage.read_json(path) == {"steps": 1}
+    (partial,) = [n for n in os.listdir(path.parent) if n != "summary.json"]
+    assert partial.startswith(".summary.json.partial-") and json.loads((path.parent / partial).read_text())
+    nested = tmp_path / "run" / "eval" / "step_000001" / ".capitals.jsonl.partial-x"
+    export = tmp_path / "run" / ".export.partial-y"
+    nested.parent.mkdir(parents=True)
+    nested.write_text("half")
+    (export / "sub").mkdir(parents=True)
+    kept = tmp_path / "run" / "eval" / "step_000001" / "capitals.jsonl"
+    kept.write_text("{}\n")
+    assert sorted(storage.remove_partials(tmp_path / "run")) == sorted(
+        str(p) for p in (path.parent / partial, nested, export))
+    assert sorted(os.listdir(path.parent)) == ["eval", "summary.json"] and kept.exists()
+    storage.write_json(path, {"steps": 2})
+    assert storage.read_json(path) == {"steps": 2} and os.stat(path).st_mode == mode  # an ordinary file
+    assert storage.remove_partials("gs://bucket/run") == []  # an interrupted upload leaves no object
 
 
 def _tree(directory):
@@ -247,14 +295,15 @@ def test_continual_report_in_a_bucket(fake_gcs):
         for task in plan.eval_tasks:
             rows = [{"index": i, "correct": i < k + 1, "expected": f"{task}-{i}"} for i in range(4)]
             storage.write_text(f"{eval_dir}/{task}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        storage.write_json(f"{run_dir}/summary.json", {"eval": {}})
-    assert runner.evaluate_base(plan) == {"eval": {}}  # found finished in the bucket
-    assert runner.run_stage(plan.runs[1]) == {"eval": {}}
+        storage.write_json(f"{run_dir}/summary.json", {"eval": {}, "steps": plan.base_config.train.steps})
+    finished = {"eval": {}, "steps": plan.base_config.train.steps}
+    assert runner.evaluate_base(plan) == finished  # found finished in the bucket
+    assert runner.run_stage(plan.runs[1]) == finished
     storage.rmtree(f"{plan.runs[1].config.run_dir}/summary.json")
     storage.write_text(f"{plan.runs[0].config.run_dir}/export/model.safetensors", "")  # an unfinished upload
-    with pytest.raises(FileNotFoundError, match="stage 2 starts from gs://.*/stage1/export, which does not exist"):
-        runner.run_stage(plan.runs[1])
-    storage.write_json(f"{plan.runs[1].config.run_dir}/summary.json", {"eval": {}})
+    with pytest.raises(ModelError, match="config.init_from: model 'gs://.*/stage1/export': no config.json there"):
+        runner.run_stage(plan.runs[1])  # refused before anything loads
+    storage.write_json(f"{plan.runs[1].config.run_dir}/summary.json", finished)
     md = write_report(plan)
     assert md == "gs://bucket/exp/results.md" and "| sft |" in storage.read_text(md)
     table = storage.read_text("gs://bucket/exp/results.csv").splitlines()

@@ -16,12 +16,21 @@ from sdft_jax.metrics import read_metrics
 from sdft_jax.testing.configs import tiny_config
 
 
-def test_three_steps_end_to_end(tiny_model_dir, tmp_path, torch_model):
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_model_dir, tmp_path_factory):
+    """The tiny config's run (3 steps, evaluated at the start and the end), run once for the module:
+    (model directory, run directory, summary). Tests compare interrupted runs with it; none changes it."""
     from sdft_jax.trainer import train
 
     model_dir = tiny_model_dir("llama")
-    summary = train(load_train_config(tiny_config(model_dir, tmp_path / "run")))
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return model_dir, run, train(load_train_config(tiny_config(model_dir, run)))
+
+
+def test_three_steps_end_to_end(uninterrupted_run, torch_model):
+    from sdft_jax.trainer import train
+
+    model_dir, run, summary = uninterrupted_run
     rows = read_metrics(str(run))
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [1, 2, 3]
@@ -56,7 +65,7 @@ def test_cli_typos_fail_before_compiling(tmp_path):
     typo = _cli(f"--config={cfg}", "--config.optim.learnig_rate=1e-3")
     assert typo.returncode != 0 and "learnig_rate" in typo.stderr
     bad = _cli(f"--config={cfg}", "--config.loss.reduction=mean")
-    assert bad.returncode == 2 and "config.loss.reduction" in bad.stderr
+    assert bad.returncode == 3 and "config.loss.reduction" in bad.stderr  # errors.CONFIG
     assert time.time() - start < 60  # no model was loaded nor compiled
 
 
@@ -85,15 +94,14 @@ def test_teacher_starts_from_another_model(tiny_model_dir, tmp_path):
 _COMPARED = ("loss", "kl", "grad_norm", "teacher_entropy", "rollout/mean_length", "completion_tokens")
 
 
-def test_killed_run_resumes_exactly(tiny_model_dir, tmp_path):
-    """Killed (SIGKILL) after a random step and restarted, the run ends as an uninterrupted one would."""
+def test_killed_run_resumes_exactly(uninterrupted_run, tmp_path):
+    """Killed (SIGKILL) after a random step and restarted, the run ends as an uninterrupted one would
+    (this one saving asynchronously, the uninterrupted one not)."""
     from sdft_jax.trainer import train
 
-    model_dir = tiny_model_dir("llama")
-    overrides = {"train.steps": 5, "eval.tasks": "", "checkpoint.async_save": True}
-    train(load_train_config(tiny_config(model_dir, tmp_path / "straight", **overrides)))
-
-    kill_after = int(np.random.default_rng().integers(1, 5))  # a random step in 1..4
+    model_dir, straight, _ = uninterrupted_run
+    overrides = {"checkpoint.async_save": True}
+    kill_after = int(np.random.default_rng().integers(1, 3))  # a random step in 1..2
     run = tmp_path / "killed"
     script = ("import sys; sys.path.insert(0, {root!r})\n"
               "from sdft_jax.testing.configs import tiny_config\n"
@@ -112,15 +120,7 @@ def test_killed_run_resumes_exactly(tiny_model_dir, tmp_path):
     assert not os.path.exists(run / "summary.json")
 
     train(load_train_config(tiny_config(model_dir, run, **overrides)))
-    straight = {r["step"]: r for r in read_metrics(str(tmp_path / "straight")) if "loss" in r}
-    resumed = {r["step"]: r for r in read_metrics(str(run)) if "loss" in r}
-    assert sorted(resumed) == [1, 2, 3, 4, 5]
-    for step in straight:
-        for key in _COMPARED:
-            assert resumed[step][key] == pytest.approx(straight[step][key], rel=1e-6, abs=1e-7), (step, key)
-    a, b = SafetensorsDir(tmp_path / "straight" / "export"), SafetensorsDir(run / "export")
-    for name in a.names:
-        np.testing.assert_array_equal(np.asarray(a.read(name)), np.asarray(b.read(name)), err_msg=name)
+    _same_run(straight, run)
 
 
 def test_config_fingerprint_ignores_the_process_id_only(tmp_path):
@@ -156,3 +156,154 @@ def test_moe_lora_run_on_an_expert_mesh_exports_the_layout_it_loaded(tiny_model_
     before = np.asarray(SafetensorsDir(model_dir).read(name))
     assert np.abs(np.asarray(export.read(name)) - before).max() > 0  # the experts' adapters folded in
     assert torch_model(str(tmp_path / "run" / "export")).config.model_type == "qwen3_moe"
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL at that point: nothing catches it (what a kill would not clean up, the tests
+    leave on disk themselves)."""
+
+
+def _plant(path, text="half"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _same_run(a, b):
+    """Two run directories hold the same metric rows (in order), export and summary."""
+    rows_a, rows_b = read_metrics(str(a)), read_metrics(str(b))
+    assert [(r["step"], "loss" in r) for r in rows_b] == [(r["step"], "loss" in r) for r in rows_a]
+    for x, y in zip(rows_a, rows_b):
+        for key in (*_COMPARED, "eval/capitals/accuracy"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-7), (x["step"], key)
+    ea, eb = SafetensorsDir(a / "export"), SafetensorsDir(b / "export")
+    assert ea.names == eb.names
+    for name in ea.names:
+        np.testing.assert_array_equal(np.asarray(ea.read(name)), np.asarray(eb.read(name)), err_msg=name)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert {**sb, "export": None} == {**sa, "export": None} and sb["export"] == str(b / "export")
+
+
+def test_kills_at_every_write_and_a_damaged_checkpoint_resume_to_the_uninterrupted_result(
+        uninterrupted_run, tmp_path, monkeypatch, caplog):
+    """One run killed in turn during: a checkpoint save (with a torn metrics row; its newest intact
+    checkpoint then found damaged), the metrics rewrite of the resume, the export, the summary. Each
+    restart resumes; the end is the uninterrupted run's, and nothing a kill left remains."""
+    import sdft_jax.cache
+    from sdft_jax import trainer
+    from sdft_jax.checkpointing import Checkpointer
+
+    model_dir, straight, _ = uninterrupted_run
+    run = tmp_path / "run"
+
+    def attempt(*patches):
+        with monkeypatch.context() as m:
+            for obj, name, value in patches:
+                m.setattr(obj, name, value)
+            with pytest.raises(_Killed):
+                trainer.train(load_train_config(tiny_config(model_dir, run)))
+
+    # 1. Killed while saving step 3: Orbax's temporary directory and a torn row are left; then the newest
+    #    complete checkpoint (2) is damaged on disk.
+    save = Checkpointer.save
+
+    def killed_save(self, step, *args):
+        if step < 3:
+            return save(self, step, *args)
+        _plant(os.path.join(self.directory, "3.orbax-checkpoint-tmp", "state", "half"))
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write('{"step": 4, "lo')
+        raise _Killed
+
+    attempt((Checkpointer, "save", killed_save))
+    ckpt = run / "checkpoints" / "2" / "state"
+    largest = max((os.path.join(r, f) for r, _, fs in os.walk(ckpt) for f in fs), key=os.path.getsize)
+    os.remove(largest)
+    rows_before = (run / "metrics.jsonl").read_bytes()
+
+    # 2. Killed during the resume's rewrite of metrics.jsonl (before its rename, the new file half written).
+    replace = os.replace
+
+    def killed_replace(src, dst):
+        if os.path.basename(dst) == "metrics.jsonl":
+            raise _Killed
+        replace(src, dst)
+
+    with caplog.at_level("WARNING", logger="sdft_jax.checkpointing"):
+        attempt((sdft_jax.cache.os, "replace", killed_replace), (sdft_jax.cache.os, "remove", lambda p: None))
+    assert f"checkpoint {run / 'checkpoints' / '2'} does not restore" in caplog.text
+    assert "resuming from step 1" in caplog.text
+    assert (run / "metrics.jsonl").read_bytes() == rows_before  # every row kept
+    assert any(n.startswith(".metrics.jsonl.partial-") for n in os.listdir(run))
+
+    # 3. Killed during the export, which leaves its temporary directory.
+    def killed_export(*args, **kwargs):
+        _plant(str(run / ".export.partial-abc" / "model.safetensors"))
+        raise _Killed
+
+    attempt((trainer, "save_hf", killed_export))
+    assert not (run / "export").exists() and not (run / "summary.json").exists()
+
+    # 4. Killed during summary.json (its temporary file written, not yet renamed).
+    def killed_summary(src, dst):
+        if os.path.basename(dst) == "summary.json":
+            raise _Killed
+        replace(src, dst)
+
+    attempt((sdft_jax.cache.os, "replace", killed_summary), (sdft_jax.cache.os, "remove", lambda p: None))
+    assert (run / "export" / "config.json").exists() and not (run / "summary.json").exists()
+
+    # 5. Started once more, it finishes as the uninterrupted run did.
+    summary = trainer.train(load_train_config(tiny_config(model_dir, run)))
+    assert summary == json.loads((run / "summary.json").read_text()) and summary["nonfinite_steps"] == 0
+    _same_run(straight, run)
+    left = [os.path.join(r, n) for r, ds, fs in os.walk(run) for n in ds + fs if ".partial-" in n or "-tmp" in n]
+    assert left == []
+    assert sorted(os.listdir(run / "checkpoints")) == ["2", "3"]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the 1e39 learning rate
+@pytest.mark.parametrize("learning_rate, stopped_at, reason", [
+    (1e30, 3, "2 consecutive steps with a non-finite loss or gradient"),  # weights ~1e30: NaN from step 2
+    (1e39, 1, "step 1: not saved: non-finite values in params/"),  # an infinite step size: inf weights at once
+])
+def test_a_diverging_run_stops_and_exports_nothing(tiny_model_dir, tmp_path, learning_rate, stopped_at, reason):
+    from sdft_jax.checkpointing import Checkpointer
+    from sdft_jax.trainer import DivergedError, train
+
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny_model_dir("llama"), run, **{
+        "optim.learning_rate": learning_rate, "train.steps": 5, "train.max_nonfinite_steps": 1, "eval.tasks": ""})
+    with pytest.raises(DivergedError, match=f"diverged at step {stopped_at}: .*{reason}") as error:
+        train(load_train_config(cfg))
+    assert error.value.step == stopped_at
+    assert not (run / "export").exists() and not (run / "summary.json").exists()
+    rows = read_metrics(str(run))
+    assert [r["step"] for r in rows] == list(range(1, stopped_at + 1))
+    assert error.value.nonfinite_steps == sum(r["skipped_nonfinite"] for r in rows)
+    for line in (run / "metrics.jsonl").read_text().splitlines():  # strict JSON, non-finite values spelled out
+        row = json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+        assert row["loss"] is not None or row["nonfinite"]["loss"] == "NaN"
+    # Every checkpoint left holds finite weights (restore checks), the diverged step's none.
+    checkpointer = Checkpointer(str(run))
+    assert checkpointer.all_steps() == list(range(1, stopped_at))
+    checkpointer.close()
+
+
+def test_skipped_bad_rows_are_counted_in_the_summary(tiny_model_dir, tmp_path):
+    from sdft_jax.trainer import train
+
+    data = tmp_path / "train.jsonl"
+    rows = [json.dumps({"question": f"What is {i}?", "demonstration": f"It is {i}."}) for i in range(4)]
+    rows[1] = '{"question": "broken \\ud800", "demonstration": "x"}'  # a lone surrogate: no tokenizer takes it
+    rows.insert(3, '{"question": 3}')
+    data.write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny_model_dir("llama"), run, **{
+        "data.task": "jsonl", "data.data_dir": str(data), "data.skip_bad_rows": True, "train.steps": 1,
+        "eval.tasks": "", "checkpoint.every": 1, "prompts.max_prompt_tokens": 256})
+    summary = train(load_train_config(cfg))
+    assert summary["skipped_rows"] == {"jsonl/train": {"invalid_utf8": 1, "wrong_type": 1}}
+    assert summary["train_items"] == 3
+    assert json.loads((run / "summary.json").read_text())["skipped_rows"] == summary["skipped_rows"]

@@ -14,6 +14,8 @@ SUBCOMMANDS: dict[str, str] = {
     "moe": "sdft_jax.bench.moe",
     "compile": "sdft_jax.bench.compile",
     "deltanet": "sdft_jax.bench.deltanet",
+    "scoring": "sdft_jax.bench.scoring_modes",
+    "plan": "sdft_jax.bench.plan",
 }
 
 
@@ -31,4 +33,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sdft_jax import cli  # a known error (a bad model directory, data, config) in one line; --debug: traceback
+
+    sys.exit(cli.run(main, prog="python -m sdft_jax.bench"))

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Any
 
 import numpy as np
 
 from sdft_jax.cache import atomic_directory
 from sdft_jax.checkpoints.hf import write_safetensors
+from sdft_jax.errors import ModelError
 from sdft_jax.models.config import ModelConfig
 
 _LAYER_NAMES = {
@@ -168,20 +170,46 @@ def build_tokenizer(reader):
     )
 
 
-def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
-    """Converts a GGUF file into an HF model directory (written atomically); returns the directory."""
+def open_gguf(path: str) -> Any:
+    """A `gguf.GGUFReader` of `path`, its tensors checked to lie inside the file's data section without
+    overlapping; a `ModelError` naming the file (and tensor) for a file that is not a readable GGUF."""
     import gguf
 
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors (ValueError, IndexError...) on a corrupt file
+        raise ModelError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
+    # The reader refuses a tensor that runs past the end (its array cannot take its shape); checked
+    # again here, with the tensor named, and overlaps, which the reader does not look for.
+    size = os.path.getsize(path)
+    spans = []
+    for t in reader.tensors:
+        start, end = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
+        if start < reader.data_offset or end > size or t.data.nbytes != t.n_bytes:
+            raise ModelError(f"{path}: tensor {t.name!r}: bytes [{start}, {end}) lie outside the data section "
+                             f"[{reader.data_offset}, {size}) (truncated or corrupt)")
+        if end > start:
+            spans.append((start, end, t.name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ModelError(f"{path}: tensors {a!r} and {b!r} overlap in the file (corrupt tensor offsets)")
+    return reader
+
+
+def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """Converts a GGUF file into an HF model directory (written atomically); returns the directory.
+    A file that cannot be converted is a `ModelError` naming it."""
     gguf_path, out_dir = os.fspath(gguf_path), os.fspath(out_dir)
     if not os.path.isfile(gguf_path):
-        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
-    try:
-        reader = gguf.GGUFReader(gguf_path)
-    except Exception as e:  # the reader raises assorted errors on a corrupt file
-        raise ValueError(f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
-    cfg = read_config(reader)
-    tensors = read_tensors(reader, cfg)
-    tokenizer = build_tokenizer(reader)
+        raise ModelError(f"{gguf_path}: no such GGUF file")
+    reader = open_gguf(gguf_path)
+    try:  # everything below reads the file's metadata and tensors: a failure is the file's
+        cfg = read_config(reader)
+        tensors = read_tensors(reader, cfg)
+        tokenizer = build_tokenizer(reader)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelError(f"{gguf_path}: {e}") from e
     with atomic_directory(out_dir) as tmp:
         config = cfg.to_hf_dict()
         config["torch_dtype"] = "float32"

@@ -37,11 +37,12 @@ from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
 from sdft_jax import storage
-from sdft_jax.cache import atomic_directory, cache_root
+from sdft_jax.cache import atomic_directory, cache_root, remove_partials
 from sdft_jax.distributed import to_host
 from sdft_jax.checkpoints import hf_names
 from sdft_jax.checkpoints.hf_names import ExpertLayout, ModelLayout
-from sdft_jax.checkpoints.safetensors_io import INDEX_FILE, SafetensorsDir
+from sdft_jax.checkpoints.safetensors_io import FLOAT_DTYPES, INDEX_FILE, SafetensorsDir
+from sdft_jax.errors import ModelError
 from sdft_jax.models import decoder
 from sdft_jax.models import lora as lora_lib
 from sdft_jax.models.config import ModelConfig
@@ -108,17 +109,46 @@ def checkpoint_expert_layout(path: str | os.PathLike) -> ExpertLayout | None:
     """The routed experts' layout of the checkpoint in model directory `path` (`hf_names.ExpertLayout`),
     or None when it has no routed experts: what a trainer passes to `save_hf` to export what it loaded."""
     path = check_model_dir(path)
-    return hf_names.expert_layout_of_names(SafetensorsDir(path).names, path)
+    return _layouts(SafetensorsDir(path), path)[0]
+
+
+def _layouts(tensors: SafetensorsDir, path: str) -> tuple[ExpertLayout | None, ModelLayout]:
+    """The routed experts' layout (None without experts) and the text model's layout of a checkpoint,
+    read from its names; names that fit no layout are the checkpoint's error (`ModelError`)."""
+    try:
+        return (hf_names.expert_layout_of_names(tensors.names, path),
+                hf_names.model_layout_of_names(tensors.names, path))
+    except ValueError as e:
+        raise ModelError(str(e)) from e
 
 
 def check_model_dir(path: str | os.PathLike) -> str:
-    """Returns the directory path, or raises a clear error if it cannot hold an HF model."""
+    """Returns the directory path, or raises a `ModelError` if it cannot hold an HF model."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a model directory")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: missing config.json")
+        raise ModelError(f"{path}: not a model directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"{path}: missing config.json")
     return path
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` of model directory `path`; anything its config.json gets wrong (not JSON, not
+    an object, a value of the wrong type or out of range, an unsupported model) is a `ModelError`
+    naming the file."""
+    path = check_model_dir(path)
+    file = os.path.join(path, "config.json")
+    try:
+        return ModelConfig.from_hf(path)
+    except (ModelError, ImportError, OSError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  transformers' config classes raise assorted errors on bad values
+        detail = " ".join(str(e).split())  # huggingface_hub's validation errors span lines
+        if detail.startswith(file):
+            raise ModelError(detail) from e
+        if detail.startswith(path):  # the directory named: name the file
+            raise ModelError(file + detail[len(path):]) from e
+        raise ModelError(f"{file}: {type(e).__name__}: {detail}") from e
 
 
 def load_hf(
@@ -134,15 +164,15 @@ def load_hf(
     seed: int = 0,
 ) -> Transformer:
     """Loads an HF model directory (safetensors only) into a Transformer, sharded over `mesh` if given."""
-    path = check_model_dir(path)
-    cfg = ModelConfig.from_hf(path)
+    cfg = read_model_config(path)
+    path = os.fspath(path)
     tensors = SafetensorsDir(path)
     make = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,  # noqa: E731
                                lora=lora, remat=remat, query_block=query_block)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     flat_abstract = nnx.to_flat_state(abstract)
-    expert_layout = hf_names.expert_layout_of_names(tensors.names, path) or "per_expert"
-    layout = hf_names.model_layout_of_names(tensors.names, path)
+    expert_layout, layout = _layouts(tensors, path)
+    expert_layout = expert_layout or "per_expert"
     mapping = _mapping(cfg, [(k, v.shape) for k, v in flat_abstract if not isinstance(v, nnx.LoRAParam)],
                        expert_layout, layout)
     _check_names(path, cfg, tensors, mapping)
@@ -179,13 +209,13 @@ def _check_names(path: str, cfg: ModelConfig, tensors: SafetensorsDir, mapping: 
     expected = {n for p in mapping.placements.values() for n in _hf_names_of(p, cfg)}
     missing = sorted(expected - tensors.names)
     if missing:
-        raise ValueError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}")
+        raise ModelError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}")
     unused = hf_names.unused_prefixes(cfg.architecture)
     extra = sorted(n for n in tensors.names - expected
                    if not n.endswith(_IGNORED_SUFFIXES) and not n.startswith(unused)
                    and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
     if extra:
-        raise ValueError(
+        raise ModelError(
             f"{path}: {len(extra)} checkpoint tensors are not used by the {cfg.architecture} architecture, "
             f"e.g. {extra[:5]} (wrong model_type in config.json?)"
         )
@@ -212,10 +242,14 @@ def _read_param(path, tensors: SafetensorsDir, mapping: _Mapping, key: tuple[str
             index = (j,) * lead + (e,) * entry.per_expert
             expected = tuple(shape[len(index):])
             name = entry.hf_name.format(i=i, e=e)
-            raw = tensors.read(name)
-            if tuple(raw.shape) != want:
-                raise ValueError(f"{path}: tensor {name} has shape {tuple(raw.shape)}, expected {want} "
+            held = tensors.entry(name)
+            if held.shape != want:
+                raise ModelError(f"{held.file}: tensor {name} has shape {held.shape}, expected {want} "
                                  "from config.json")
+            if held.dtype not in FLOAT_DTYPES:
+                raise ModelError(f"{held.file}: tensor {name} has dtype {held.dtype}, expected a floating-point "
+                                 f"one ({', '.join(FLOAT_DTYPES)})")
+            raw = tensors.read(name)
             piece = hf_names.take_piece(raw, placement.name, mapping.table, mapping.shapes)
             out[index] = entry.transform.to_ours(piece, expected).astype(out.dtype)
     return out
@@ -280,7 +314,8 @@ def save_hf(
 
     A remote `out_dir` (`gs://`) is built in a local temporary directory and uploaded with config.json
     last: a remote export is complete when its config.json exists, and one without it (an interrupted
-    upload) is replaced.
+    upload) is replaced. A local export is built under `.{name}.partial-*` beside `out_dir` and renamed
+    into place; what a killed export left there is removed first.
     """
     layout: ModelLayout = "causal_lm"
     carried: dict[str, np.ndarray] = {}
@@ -291,8 +326,8 @@ def save_hf(
         source_dir = check_model_dir(source_dir)
         config = _source_config(model.cfg, source_dir, dtype)
         source = SafetensorsDir(source_dir)
-        layout = hf_names.model_layout_of_names(source.names, source_dir)
-        expert_layout = expert_layout or hf_names.expert_layout_of_names(source.names, source_dir)
+        source_experts, layout = _layouts(source, source_dir)
+        expert_layout = expert_layout or source_experts
         unused = hf_names.unused_prefixes(model.cfg.architecture)
         carried = {n: source.read(n) for n in sorted(source.names) if n.startswith(unused)}
     tensors = export_tensors(model, dtype, expert_layout=expert_layout or "per_expert", layout=layout)
@@ -321,10 +356,10 @@ def _dtype_name(dtype) -> str:
 def _source_config(cfg: ModelConfig, source_dir: str, dtype) -> dict:
     """The source directory's config.json for an export of a model of `cfg`, its dtype entry set to
     `dtype`; refuses a source that describes another model."""
-    source_cfg = ModelConfig.from_hf(source_dir)
+    source_cfg = read_model_config(source_dir)
     if source_cfg != cfg:
         differ = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(source_cfg, f.name)]
-        raise ValueError(f"{source_dir}: config.json describes another model than the one exported "
+        raise ModelError(f"{source_dir}: config.json describes another model than the one exported "
                          f"(fields {differ} differ)")
     with open(os.path.join(source_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
@@ -335,6 +370,8 @@ def _source_config(cfg: ModelConfig, source_dir: str, dtype) -> dict:
 
 def _write_export(config: dict, tensors: dict[str, np.ndarray], out_dir: str, tokenizer_dir,
                   max_shard_bytes: int) -> None:
+    # What an earlier export killed mid-write left beside it (`.export.partial-*`): never read, removed.
+    remove_partials(os.path.dirname(os.path.abspath(out_dir)), name=os.path.basename(out_dir.rstrip("/")))
     with atomic_directory(out_dir) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)

@@ -7,7 +7,10 @@ Layout under a user-given `data_dir` (the upstream `data/` folder, spec section 
   science_data/{train_data,eval_data}/   Arrow stream shards (SciKnowEval Chemistry L3)
 
 Every row is validated; a bad row raises a `DataError` naming file, row and field, or (with
-`skip_bad_rows`) is skipped and counted. A damaged file always raises: its rows cannot be counted.
+`skip_bad_rows`) is skipped and counted. Besides its fields, a row is refused for what would fail
+later, far from the file: more than `max_row_chars` characters, nesting deeper than `MAX_ROW_DEPTH`
+(or too deep to parse), a lone surrogate from a broken `\\u` escape (no tokenizer can encode it).
+A damaged file always raises: its rows cannot be counted.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from sdft_jax.validation import check_int, check_literals
 TASKS = ("tooluse", "science", "tooluse_json", "jsonl")
 SPLITS = ("train", "eval")
 DEFAULT_MAX_ROW_CHARS = 1_000_000
+# No row of any source nests deeper than a few levels (a tool call's arguments inside a list of calls).
+MAX_ROW_DEPTH = 32
 
 # The science system prompt under `thinking_format` (spec section 6).
 THINKING_SYSTEM_PROMPT = (
@@ -142,21 +147,53 @@ class _Row:
         return out
 
 
-def _row_chars(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(_row_chars(k) + _row_chars(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return sum(_row_chars(v) for v in value)
-    return 0
+def _lone_surrogate(text: str) -> int | None:
+    """The position of the first lone UTF-16 surrogate in `text` (a JSON `"\\ud800"` escape decodes to
+    one; it cannot be encoded as UTF-8, so a tokenizer fails on it), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
 
 
-def _check_size(data: Any, source: str, label: str, max_row_chars: int) -> None:
-    n = _row_chars(data)
-    if n > max_row_chars:
-        raise DataError(source, f"row has {n:,} characters, more than max_row_chars={max_row_chars:,}",
+def _check_row(data: Any, source: str, label: str, max_row_chars: int) -> None:
+    """Refuses a row nested deeper than `MAX_ROW_DEPTH`, larger than `max_row_chars` characters (all
+    strings together, keys included), or holding a string that is not valid Unicode text.
+
+    Iterative, so no row can exhaust Python's recursion limit here."""
+    chars, surrogate = 0, None
+    # (value, its path in the row, its depth, the row's field it is in)
+    stack: list[tuple[Any, str, int, str | None]] = [(data, "", 0, None)]
+    while stack:
+        value, path, depth, field = stack.pop()
+        if isinstance(value, str):
+            chars += len(value)
+            if surrogate is None and (at := _lone_surrogate(value)) is not None:
+                surrogate = (path, at, value[at])
+            continue
+        if not isinstance(value, (dict, list, tuple)):
+            continue
+        if depth >= MAX_ROW_DEPTH:
+            raise DataError(source, f"nested more than {MAX_ROW_DEPTH} levels deep", row=label, field=field,
+                            reason=rec.NESTED_TOO_DEEP)
+        # Pushed last to first, so that fields are visited (and the first bad one named) in row order.
+        if isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                name = f"{path}.{key}" if path else str(key)
+                stack += [(item, name, depth + 1, field or name), (key, name, depth + 1, field or name)]
+        else:
+            stack.extend((value[i], f"{path}[{i}]", depth + 1, field or f"[{i}]")
+                         for i in reversed(range(len(value))))
+    if chars > max_row_chars:
+        raise DataError(source, f"row has {chars:,} characters, more than max_row_chars={max_row_chars:,}",
                         row=label, reason=rec.ROW_TOO_LARGE)
+    if surrogate is not None:
+        path, at, char = surrogate
+        raise DataError(source, f"lone surrogate U+{ord(char):04X} at character {at} (not valid Unicode text; "
+                        "a broken \\u escape?)", row=label, field=path or None, reason=rec.INVALID_UTF8)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,8 +215,8 @@ def _tool_calls(row: _Row, field: str) -> tuple[dict[str, str], ...]:
         row.check(f"{name}.Action_Input", args, str)
         try:
             parsed = json.loads(args)
-        except json.JSONDecodeError as e:
-            raise row.error(f"{name}.Action_Input", f"not JSON ({e})", rec.INVALID_JSON) from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, an over-long number, deep nesting
+            raise row.error(f"{name}.Action_Input", f"not JSON ({_json_error(e)})", rec.INVALID_JSON) from None
         if not isinstance(parsed, dict):
             raise row.error(f"{name}.Action_Input", "not a JSON object", rec.INVALID_VALUE)
         out.append({"Action": action, "Action_Input": args})
@@ -260,7 +297,7 @@ def _collect(rows: Iterator[tuple[int, str, Any]], source: str, split: str, pars
         try:
             if isinstance(data, DataError):  # a row the file layer could not decode
                 raise data
-            _check_size(data, source, label, config.max_row_chars)
+            _check_row(data, source, label, config.max_row_chars)
             out.append(parse(_Row(data, source, index, label), split, config))
         except DataError as e:
             counter.bad(e)
@@ -281,8 +318,13 @@ def _arrow_files(split_dir: str) -> list[str]:
         try:
             with open(state_path, encoding="utf-8") as f:
                 names = [d["filename"] for d in json.load(f)["_data_files"]]
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise DataError(state_path, f"unreadable datasets state file ({e!r})", reason=rec.BAD_FILE) from None
+        for name in names:
+            # A shard is a file of this split's folder: never a path that leads out of it.
+            if not isinstance(name, str) or not name or os.path.isabs(name) or os.sep in name or "/" in name:
+                raise DataError(state_path, f"_data_files names {name!r}, not a file name in this folder",
+                                reason=rec.BAD_FILE)
     elif os.path.isdir(split_dir):
         names = sorted(n for n in os.listdir(split_dir) if n.endswith(".arrow"))
     else:
@@ -333,6 +375,14 @@ def _decode_arrow_row(batch: pa.RecordBatch, i: int, path: str, index: int) -> A
         return DataError(path, f"invalid UTF-8 ({e})", row=str(index), reason=rec.INVALID_UTF8)
 
 
+def _json_error(error: Exception) -> str:
+    """What `json.loads` refused: a syntax error, a number of more than 4,300 digits (ValueError), or
+    nesting deeper than the interpreter's recursion limit (RecursionError)."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply to parse"
+    return str(error)
+
+
 def _read_bytes_as_text(path: str) -> str:
     try:
         with open(path, "rb") as f:
@@ -346,10 +396,11 @@ def _read_bytes_as_text(path: str) -> str:
 
 
 def _json_list_rows(path: str) -> Iterator[tuple[int, str, Any]]:
+    text = _read_bytes_as_text(path)
     try:
-        data = json.loads(_read_bytes_as_text(path))
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"not JSON ({e})", reason=rec.INVALID_JSON) from None
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise DataError(path, f"not JSON ({_json_error(e)})", reason=rec.INVALID_JSON) from None
     if not isinstance(data, list):
         raise DataError(path, f"expected a JSON list of rows, got {type(data).__name__}", reason=rec.WRONG_TYPE)
     for i, row in enumerate(data):
@@ -388,8 +439,8 @@ def _jsonl_rows(path: str, max_row_chars: int) -> Iterator[tuple[int, str, Any]]
                 continue
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError as e:
-                data = DataError(path, f"not JSON ({e})", row=where, reason=rec.INVALID_JSON)
+            except (ValueError, RecursionError) as e:
+                data = DataError(path, f"not JSON ({_json_error(e)})", row=where, reason=rec.INVALID_JSON)
             yield i, where, data
 
 

@@ -23,6 +23,7 @@ INVALID_JSON = "invalid_json"
 INVALID_UTF8 = "invalid_utf8"
 INVALID_VALUE = "invalid_value"
 ROW_TOO_LARGE = "row_too_large"
+NESTED_TOO_DEEP = "nested_too_deep"
 BAD_FILE = "bad_file"
 
 

@@ -10,26 +10,32 @@ from typing import Any
 from sdft_jax import storage
 from sdft_jax.data import offline_tasks
 from sdft_jax.data.readers import read_task
-from sdft_jax.data.records import Record
+from sdft_jax.data.records import ReadResult, Record
 
 log = logging.getLogger(__name__)
 
 
-def load_records(
+def load_task(
     task: str,
     split: str,
     *,
     data_dir: str | os.PathLike | None = None,
     offline: offline_tasks.OfflineTaskConfig = offline_tasks.OfflineTaskConfig(),
     **read_options: Any,
-) -> list[Record]:
-    """Records of an offline task (generated from `offline`) or of an upstream / JSONL task read from
-    `data_dir` with `read_task(..., **read_options)`; skipped bad rows are logged with their counts."""
+) -> ReadResult:
+    """The records of an offline task (generated from `offline`; nothing skipped) or of an upstream /
+    JSONL task read from `data_dir` with `read_task(..., **read_options)`, with the bad rows it skipped
+    by reason (logged with their counts)."""
     if task in offline_tasks.TASK_NAMES:
-        return list(offline_tasks.make_task(task, split, offline))
+        return ReadResult(records=offline_tasks.make_task(task, split, offline))
     if not data_dir:
         raise ValueError(f"task {task!r} needs a data directory (the folder holding {task}_data/)")
     result = read_task(storage.local_copy(data_dir), task, split, **read_options)
     if result.num_skipped:
         log.warning("%s/%s: skipped %d bad rows %s", task, split, result.num_skipped, dict(result.skipped))
-    return list(result.records)
+    return result
+
+
+def load_records(task: str, split: str, **options: Any) -> list[Record]:
+    """The records of `load_task(task, split, **options)`."""
+    return list(load_task(task, split, **options).records)

@@ -10,6 +10,7 @@ import pytest
 
 from sdft_jax.checkpoints.hf import checkpoint_expert_layout, export_tensors, load_hf, save_hf
 from sdft_jax.checkpoints.safetensors_io import SafetensorsDir
+from sdft_jax.errors import ModelError
 from sdft_jax.models.lora import LoraConfig
 from sdft_jax.models.sharding import make_mesh
 
@@ -78,19 +79,19 @@ def _copy(src, dst):
 def test_error_missing_config(tiny_model_dir, tmp_path):
     d = _copy(tiny_model_dir("llama"), tmp_path / "m")
     os.remove(d / "config.json")
-    with pytest.raises(FileNotFoundError, match="missing config.json"):
+    with pytest.raises(ModelError, match="missing config.json"):
         load_hf(d)
 
 
 def test_error_not_a_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a model directory"):
+    with pytest.raises(ModelError, match="not a model directory"):
         load_hf(tmp_path / "nope")
 
 
 def test_error_no_weights(tiny_model_dir, tmp_path):
     d = _copy(tiny_model_dir("llama"), tmp_path / "m")
     os.remove(d / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="no model weights"):
+    with pytest.raises(ModelError, match="no model weights"):
         load_hf(d)
 
 
