@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "deltanet": "sdft_jax.bench.deltanet",
     "scoring": "sdft_jax.bench.scoring_modes",
     "plan": "sdft_jax.bench.plan",
+    "chaos": "sdft_jax.bench.chaos",
 }
 
 
