@@ -38,7 +38,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from sdft_jax.data import offline_tasks
 from sdft_jax.data.records import Record
 from sdft_jax.eval import scorers
 from sdft_jax.eval.scorers import Score, ToolCalls
@@ -141,12 +140,5 @@ def score_science(completion: str, gold: str, *, truncated: bool = False) -> Sco
 
 def score_record(record: Record, completion: str, *, truncated: bool = False) -> Score:
     """Scores `completion` with the recipe's scorer of the record's task (offline tasks: the project's)."""
-    if record.gold is None:
-        raise ValueError(f"{record.source}: row {record.index}: task {record.task!r} item has no gold answer")
-    if record.task == "tooluse":
-        return score_tooluse(completion, record.gold, truncated=truncated)
-    if record.task == "science":
-        return score_science(completion, record.gold, truncated=truncated)
-    if record.task in offline_tasks.TASK_NAMES:
-        return scorers.score_short_answer(completion, record.gold, truncated=truncated)
-    raise ValueError(f"no scorer for task {record.task!r}")
+    return scorers.score_with({"tooluse": score_tooluse, "science": score_science}, record, completion,
+                              truncated=truncated)

@@ -16,7 +16,7 @@ import collections
 import dataclasses
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sdft_jax.data import offline_tasks
@@ -205,14 +205,21 @@ def score_short_answer(completion: str, gold: str, *, truncated: bool = False) -
 # ---------------------------------------------------------------------------------------------------
 
 
-def score_record(record: Record, completion: str, *, truncated: bool = False) -> Score:
-    """Scores `completion` with the project's scorer of the record's task."""
+ScoreFn = Callable[..., "Score"]  # (completion, gold, *, truncated) -> Score
+
+
+def score_with(task_scorers: Mapping[str, ScoreFn], record: Record, completion: str, *,
+               truncated: bool = False) -> Score:
+    """Scores `completion` with `task_scorers[record.task]` (the offline tasks: `score_short_answer`)."""
     if record.gold is None:
         raise ValueError(f"{record.source}: row {record.index}: task {record.task!r} item has no gold answer")
-    if record.task == "tooluse":
-        return score_tooluse(completion, record.gold, truncated=truncated)
-    if record.task == "science":
-        return score_science(completion, record.gold, truncated=truncated)
+    if record.task in task_scorers:
+        return task_scorers[record.task](completion, record.gold, truncated=truncated)
     if record.task in offline_tasks.TASK_NAMES:
         return score_short_answer(completion, record.gold, truncated=truncated)
     raise ValueError(f"no scorer for task {record.task!r}")
+
+
+def score_record(record: Record, completion: str, *, truncated: bool = False) -> Score:
+    """Scores `completion` with the project's scorer of the record's task."""
+    return score_with({"tooluse": score_tooluse, "science": score_science}, record, completion, truncated=truncated)
