@@ -30,10 +30,15 @@ def tiny_config(model_dir: str, run_dir, **overrides) -> ml_collections.ConfigDi
     c.checkpoint.every = 1
     c.checkpoint.async_save = False
     c.mesh.data, c.mesh.tensor = 2, -1  # the 8 fake devices of the test process: 2 x 4
+    return with_overrides(c, overrides)
+
+
+def with_overrides(config, overrides: dict):
+    """`config` (a ConfigDict, or the plain dict `to_dict()` gives) with each dotted key of `overrides` set."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *path, last = key.split(".")
-        for p in path:
-            node = node[p]
+        for name in path:
+            node = node[name]
         node[last] = value
-    return c
+    return config

@@ -22,22 +22,11 @@ from sdft_jax import errors
 from sdft_jax.config import ConfigError, TrainConfig, base_config, check_fit, load_train_config
 from sdft_jax.continual.plan import make_plan
 from sdft_jax.errors import ModelError
-from sdft_jax.testing.configs import tiny_config
+from sdft_jax.testing.configs import tiny_config, with_overrides
 from sdft_jax.testing.tiny import tiny_config as tiny_model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NUM_DEVICES = 8  # tests/conftest.py's fake CPU devices
-
-
-def with_overrides(config: dict, overrides: dict) -> dict:
-    """`config` (plain data, as `ConfigDict.to_dict()` gives: any value may be set) with dotted keys set."""
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for name in path:
-            node = node[name]
-        node[last] = value
-    return config
 
 
 def assert_config_error(error: BaseException, key: str, *words: str) -> None:
