@@ -372,10 +372,8 @@ def check_plan_fits(base: TrainConfig, configs: list[TrainConfig]) -> None:
 
 
 def _last_params(run_dir: str, like: TrainState):
-    """The trainable parameters of the last checkpoint of the run in `run_dir`, onto `like`'s shardings."""
-    if not storage.exists(os.path.join(run_dir, "checkpoints")):
-        raise ConfigError(f"config.init_adapters_from = {run_dir!r}: no checkpoints/ there (not a run directory, "
-                          "or its run saved no checkpoint)")
+    """The trainable parameters of the last checkpoint of the run in `run_dir`, onto `like`'s shardings
+    (`preflight` has checked that it has checkpoints/)."""
     source = Checkpointer(run_dir, async_save=False)
     try:
         step = source.latest_step()
