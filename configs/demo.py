@@ -57,5 +57,8 @@ def get_config():
 
     c.checkpoint.every = 16
     c.checkpoint.keep = 2
+    # An asynchronous save holds the saved train state (2.2 GB here) and a host copy through the next
+    # step, which then cannot reuse the donated state: a 10 GB peak (docs/benchmarks.md, "Demo memory").
+    c.checkpoint.async_save = False
     c.mesh.data = -1
     return c

@@ -35,6 +35,10 @@ def get_config(variant: str = ""):
     c.eval.every = 50
     c.eval.max_new_tokens = 1024
     c.checkpoint.every = 50
+    # FSDP over every device: weights, fp32 masters, Adam moments and the teacher sharded, never
+    # replicated (a 7B full fine-tune holds ~140 GB of state: docs/reproducing.md)
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
     if variant == "full_kl":
         c.loss.name = "full_kl"
     elif variant == "lora":

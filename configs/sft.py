@@ -30,4 +30,8 @@ def get_config(task: str = "tooluse"):
     c.eval.tasks = f"{task},{_OTHER_TASK[task]}"  # the new skill, then the prior one
     c.eval.every = 50
     c.checkpoint.every = 50
+    # FSDP over every device: weights, fp32 masters, Adam moments and the teacher sharded, never
+    # replicated (a 7B full fine-tune holds ~140 GB of state: docs/reproducing.md)
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
     return c

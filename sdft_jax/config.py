@@ -30,8 +30,10 @@ from sdft_jax.distill.teacher import TeacherConfig
 from sdft_jax.distill.train_state import OptimConfig
 from sdft_jax.distributed import DistributedConfig
 from sdft_jax.models.config import ModelConfig
+from sdft_jax.models.fused_attention import Implementation
 from sdft_jax.models.lora import LoraConfig
 from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
+from sdft_jax.sampling.rollout_weights import RolloutWeightsConfig
 from sdft_jax.sampling.sampler import SamplingConfig
 from sdft_jax.validation import check_bool, check_choice, check_int, check_literals, check_number
 
@@ -89,6 +91,9 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage of frozen weights (trainable ones are fp32 masters)
     remat: Literal["none", "full", "dots"] = "full"
     query_block: int = DEFAULT_QUERY_BLOCK  # queries per attention block in training forwards (0 = one block)
+    # Kernel of the uncached attention and the prefill (models/fused_attention.py): auto = cudnn on GPU
+    # (bfloat16 dtype), splash on TPU, plain on CPU; or plain | xla | cudnn | splash
+    attention: Implementation = "auto"
     lora: LoraSection = LoraSection()  # lora.rank 0 = full fine-tuning
     train_router: bool = False  # full fine-tuning of a MoE model: train the routers too (frozen by default)
 
@@ -98,13 +103,21 @@ class ModelSection:
             raise ValueError(f"ModelSection.name must name a model (registered name or HF directory), got {self.name!r}")
         check_int("ModelSection.query_block", self.query_block, minimum=0, hint="0 = one block")
         check_bool("ModelSection.train_router", self.train_router)
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise ValueError(f"ModelSection.attention 'cudnn' runs bf16 only: set model.dtype to bfloat16 (it is "
+                             f"{self.dtype!r}), or use 'auto' / 'xla'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSection:
-    task: str = "capitals"  # tooluse | science | jsonl | an offline task (capitals, elements)
-    data_dir: str = ""  # upstream layout root (tooluse/science) or the JSONL file/folder
+    task: str = "capitals"  # tooluse | science | jsonl | dataset | an offline task (capitals, elements)
+    # upstream layout root (tooluse/science), the JSONL file/folder (jsonl), or for `dataset`: a save_to_disk
+    # folder, a .jsonl/.json/.parquet file (or a folder of {split}.*), or a dataset name in the local cache
+    data_dir: str = ""
     split: str = "train"
+    columns: readers.Columns = readers.Columns()  # jsonl / dataset: the columns of question, demonstration, ...
+    streaming: bool = False  # dataset: read rows as needed (no Arrow copy in the datasets cache)
+    eval_split: str = "test"  # dataset: what the "eval" split is called in a DatasetDict / cached dataset
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of failing on the first
     thinking_format: bool = False  # science: <think>-style demonstrations for thinking models
     keep_system: bool = False  # science train: keep the system turn (official code) or drop it (recipe)
@@ -112,15 +125,18 @@ class DataSection:
     offline_num_train: int = 64  # offline tasks: facts to learn
 
     def __post_init__(self):
-        for name in ("skip_bad_rows", "thinking_format", "keep_system"):
+        for name in ("skip_bad_rows", "thinking_format", "keep_system", "streaming"):
             check_bool(f"DataSection.{name}", getattr(self, name))
+        if not isinstance(self.eval_split, str) or not self.eval_split:
+            raise ValueError(f"DataSection.eval_split must name a split, got {self.eval_split!r}")
         check_int("DataSection.offline_seed", self.offline_seed)
         check_int("DataSection.offline_num_train", self.offline_num_train, minimum=0)
         check_choice("DataSection.task", self.task, TASKS)
         check_choice("DataSection.split", self.split, task_splits(self.task))
         if _reads_data_dir(self.task) and not self.data_dir:
-            raise ValueError(f"data_dir is required for task {self.task!r} (the folder holding "
-                             f"{self.task.removesuffix('_json')}_data/, or the JSONL file)")
+            where = {"jsonl": "the JSONL file", "dataset": "a file, save_to_disk folder or cached dataset name"}.get(
+                self.task, f"the folder holding {self.task.removesuffix('_json')}_data/")
+            raise ValueError(f"data_dir is required for task {self.task!r} ({where})")
         if self.task in ("capitals", "elements") and self.split == "train" and not self.offline_num_train:
             raise ValueError(f"DataSection.offline_num_train must be >= 1 to train on task {self.task!r} "
                              "(it is the number of facts to learn), got 0")
@@ -136,11 +152,34 @@ class RolloutConfig(SamplingConfig):
     # Rows (prompts x samples) decoded together by one sampler call; a step's rows run as several calls.
     # 0 = up to the largest batch bucket at once
     batch_size: int = 0
+    # The rollout weights, made from the student's once per step (sampling/rollout_weights.py): their dtype,
+    # also the rollout's compute dtype (auto = bfloat16 on accelerators, float32 on CPU)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Overrides of their sharding rules (ROLLOUT_RULES: whole over data / fsdp, split over tensor / expert),
+    # each "logical=mesh_axis" ("+" joins mesh axes; nothing after "=" = replicated), e.g. "embed=fsdp"
+    sharding: tuple[str, ...] = ()
+    # "static": each sampler call decodes its batch until its longest row ends; "continuous": a pool of
+    # `slots` rows, a finished row's slot refilled with the next prompt (sampling/continuous.py). Same
+    # tokens for the same key; continuous wins when completion lengths vary (docs/benchmarks.md)
+    mode: Literal["static", "continuous"] = "static"
+    # Continuous mode's decode rows; 0 = batch_size, or the largest batch bucket
+    slots: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         check_int("RolloutConfig.samples_per_prompt", self.samples_per_prompt, minimum=1)
         check_int("RolloutConfig.batch_size", self.batch_size, minimum=0, hint="0 = the largest batch bucket")
+        check_choice("RolloutConfig.mode", self.mode, ("static", "continuous"))
+        check_int("RolloutConfig.slots", self.slots, minimum=0, hint="0 = batch_size, or the largest batch bucket")
+        self.weights()
+
+    def decode_slots(self) -> int:
+        """Continuous mode's pool size: `slots`, else `batch_size`, else the largest batch bucket."""
+        return self.slots or self.batch_size or self.batch_buckets[-1]
+
+    def weights(self) -> RolloutWeightsConfig:
+        """The sampler's rollout weights settings (`dtype`, `sharding`; the implementation by platform)."""
+        return RolloutWeightsConfig(dtype=self.dtype, sharding=self.sharding)
 
     def sampling(self) -> SamplingConfig:
         """What the sampler takes: this section without `samples_per_prompt`, and `batch_size` as the

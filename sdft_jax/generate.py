@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sdft_jax.checkpoints.hf import load_hf
     from sdft_jax.checkpoints.registry import resolve_model
+    from sdft_jax.sampling.rollout_weights import RolloutWeightsConfig
     from sdft_jax.sampling.sampler import Sampler
     from sdft_jax.tokenization import encode_chat, load_tokenizer, pad_token_id, stop_token_ids
 
@@ -65,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompt gives no tokens")
     with cli.model_errors("--model", args.model):
         model = load_hf(path)
-    # One call: the scanned layers compile much faster than unrolled ones, which only pay off over many calls.
-    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=pad_token_id(tokenizer), unroll_layers=False)
+    # One call: the scanned layers compile much faster than per-layer copies, which only pay off over many calls.
+    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=pad_token_id(tokenizer),
+                      weights=RolloutWeightsConfig(layers="stacked"))
     try:
         out = sampler.generate(model, [prompt_ids], cfg, jax.random.key(args.seed))
     except ValueError as e:  # an overlong prompt, named with its length and the limit

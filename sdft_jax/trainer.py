@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,10 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sdft_jax import distributed, storage
-from sdft_jax.checkpointing import Checkpointer, NonFiniteStateError
+from sdft_jax.checkpointing import CheckpointError, Checkpointer, NonFiniteStateError
 from sdft_jax.checkpoints.hf import load_hf, save_hf
 from sdft_jax.checkpoints.registry import resolve_model
-from sdft_jax.config import ConfigError, TrainConfig, check_fit, to_dict
+from sdft_jax.config import ConfigError, TrainConfig, check_fit, load_train_config, to_dict
 from sdft_jax.data import offline_tasks, tasks
 from sdft_jax.data.pipeline import BatchIterator, PipelineConfig
 from sdft_jax.data.prompts import render_prompts, render_sft
@@ -50,6 +50,8 @@ from sdft_jax.eval.runner import evaluate_tasks
 from sdft_jax.metrics import MetricsWriter, truncate_metrics
 from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.sharding import make_mesh
+from sdft_jax.models.transformer import Transformer
+from sdft_jax.sampling.continuous import ContinuousSampler
 from sdft_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, Sampler
 from sdft_jax.tokenization import load_tokenizer, pad_token_id, stop_token_ids
 
@@ -77,7 +79,8 @@ def read_records(cfg: TrainConfig, task: str, split: str) -> ReadResult:
     return tasks.load_task(
         task, split, data_dir=cfg.data.data_dir, offline=_offline_config(cfg), skip_bad_rows=cfg.data.skip_bad_rows,
         thinking_format=cfg.data.thinking_format, purpose="sft" if cfg.method == "sft" else "sdft",
-        keep_system=cfg.data.keep_system)
+        keep_system=cfg.data.keep_system, columns=cfg.data.columns, streaming=cfg.data.streaming,
+        eval_split=cfg.data.eval_split)
 
 
 def load_records(cfg: TrainConfig, task: str, split: str) -> list[Record]:
@@ -99,7 +102,12 @@ class Trainer:
         self.shard = distributed.data_shard(self.mesh)
         self.tokenizer = load_tokenizer(self.model_path)
         self.pad_id = pad_token_id(self.tokenizer)
-        self.sampler = Sampler(stop_ids=stop_token_ids(self.tokenizer), pad_id=self.pad_id, mesh=self.mesh)
+        self.sampler = Sampler(stop_ids=stop_token_ids(self.tokenizer), pad_id=self.pad_id, mesh=self.mesh,
+                               weights=cfg.rollout.weights())
+        # rollout.mode "continuous": the rollouts (not evaluation's greedy calls) refill a pool of decode slots.
+        self.continuous = None if cfg.rollout.mode == "static" else ContinuousSampler(
+            stop_ids=self.sampler.stop_ids, pad_id=self.pad_id, slots=cfg.rollout.decode_slots(), mesh=self.mesh,
+            weights=cfg.rollout.weights())
 
         # Data: rendered prompt items, iterated in a seeded, resumable order.
         read = read_records(cfg, cfg.data.task, cfg.data.split)
@@ -125,7 +133,8 @@ class Trainer:
         # Model and train state.
         model = load_hf(self.model_path, mesh=self.mesh, dtype=DTYPES[cfg.model.dtype],
                         param_dtype=DTYPES[cfg.model.param_dtype], lora=cfg.model.lora.adapters(),
-                        remat=cfg.model.remat, query_block=cfg.model.query_block, seed=cfg.seed)
+                        remat=cfg.model.remat, query_block=cfg.model.query_block, attention=cfg.model.attention,
+                        seed=cfg.seed)
         self.max_seq_len = model.cfg.max_position_embeddings
         self.step_cfg = StepConfig(loss=cfg.loss, teacher=cfg.teacher, optim=cfg.optim, total_steps=cfg.train.steps,
                                    skip_nonfinite=True, micro_batch_size=cfg.train.micro_batch_size)
@@ -139,7 +148,7 @@ class Trainer:
         if cfg.teacher_init_from:
             teacher = load_hf(resolve_model(cfg.teacher_init_from), mesh=self.mesh, dtype=DTYPES[cfg.model.dtype],
                               param_dtype=DTYPES[cfg.model.param_dtype], remat=cfg.model.remat,
-                              query_block=cfg.model.query_block)
+                              query_block=cfg.model.query_block, attention=cfg.model.attention)
             self.state = with_teacher(self.state, teacher)
             del teacher
         self.train_step = make_train_step(self.graphdef, self.state, self.step_cfg, mesh=self.mesh)
@@ -177,7 +186,13 @@ class Trainer:
         students = [list(i.student_ids) for i in items for _ in range(n)]
         teachers = [list(i.teacher_ids) for i in items for _ in range(n)]
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
-        out = self.sampler.generate(student_model(self.graphdef, self.state), students, self.sampling, key)
+        # Once per step: the student's weights cast to rollout.dtype and laid out for sampling (dropped after).
+        if self.continuous is not None:  # makes its own (stacked) rollout weights
+            out = self.continuous.generate(student_model(self.graphdef, self.state), students, self.sampling, key)
+        else:
+            weights = self.sampler.rollout_weights(student_model(self.graphdef, self.state))
+            out = self.sampler.generate(weights, students, self.sampling, key)
+            del weights
         completions = out.completions()
         logprobs = [row[:len(c)].tolist() for row, c in zip(out.model_logprobs, completions)]
         batch = make_step_batch(students, teachers, completions, pad_id=self.pad_id, sampler_logprobs=logprobs,
@@ -198,10 +213,14 @@ class Trainer:
     def _evaluate(self, step: int) -> dict[str, Any]:
         cfg = self.cfg.eval
         out_dir = os.path.join(self.run_dir, "eval", f"step_{step:06d}") if self.primary else None
-        return evaluate_tasks(student_model(self.graphdef, self.state), self.tokenizer, self.sampler,
-                              self.eval_records, limit=cfg.limit, max_new_tokens=cfg.max_new_tokens,
-                              batch_size=cfg.batch_size, prompt_config=self.cfg.prompts, scoring=cfg.scoring,
-                              out_dir=out_dir)
+        summaries = evaluate_tasks(student_model(self.graphdef, self.state), self.tokenizer, self.sampler,
+                                   self.eval_records, limit=cfg.limit, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size, prompt_config=self.cfg.prompts, scoring=cfg.scoring,
+                                   out_dir=out_dir)
+        # Evaluation's KV cache (its own batch and length) and rollout weights serve no rollout: freed
+        # before the checkpoint save and the train step that may follow.
+        self.sampler.clear_cache()
+        return summaries
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -258,7 +277,7 @@ class Trainer:
             items = self._global_items(next(self.iterator))
             batch, stats = self._sft_batch(items) if cfg.method == "sft" else self._rollout_batch(items, step)
             t1 = time.perf_counter()
-            self.sampler.clear_cache()
+            self.sampler.clear_cache()  # the KV cache and the rollout weights, freed before the train step
             self.state, metrics = self.train_step(self.state, self._local_rows(batch))
             metrics = {k: np.asarray(v).item() for k, v in distributed.to_host(metrics).items()}
             t2 = time.perf_counter()
@@ -269,7 +288,8 @@ class Trainer:
             row = {**metrics, **stats, "epoch": self.iterator.epoch, "time/rollout_s": t1 - t0,
                    "time/step_s": t2 - t1,
                    "tokens_per_s": metrics["completion_tokens"] / max(t2 - t0, 1e-9),
-                   "sampler/compilations": self.sampler.compilations}
+                   "sampler/compilations": self.sampler.compilations + (
+                       self.continuous.compilations if self.continuous is not None else 0)}
             if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps and self.eval_records:
                 t = time.perf_counter()
                 evals = self._evaluate(done)
@@ -388,6 +408,70 @@ def _last_params(run_dir: str, like: TrainState):
         source.close()
     log.info("adapters from %s, step %d", run_dir, step)
     return state.params
+
+
+RunWeights = Literal["checkpoint", "export", "base"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunModel:
+    """A run's model loaded for evaluation, with the run's own config (prompts, data settings, dtypes)."""
+
+    model: Transformer
+    config: TrainConfig
+    mesh: jax.sharding.Mesh  # the run's mesh shape on this process's devices; the model lives on it
+    path: str  # the model directory its tokenizer is read from
+    step: int | None  # the checkpoint's step; None for the export or the base model
+
+
+def load_run_model(run_dir: str, weights: RunWeights = "checkpoint") -> RunModel:
+    """The model of the run in `run_dir` (its `config.json` says how it was built).
+
+    `weights`: "checkpoint", the student at the run's latest checkpoint (LoRA adapters on the unchanged
+    base, or every trained weight); "export", its exported HF directory; "base", the model it started
+    from (`init_from`, else `model.name`). Nothing in `run_dir` is changed (a damaged newest checkpoint is
+    an error here, not set aside). CheckpointError naming the directory when it is no run directory or
+    holds no such weights.
+    """
+    config_path = os.path.join(run_dir, "config.json")
+    if not storage.exists(config_path):
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        cfg = load_train_config(storage.read_json(config_path))
+    except ConfigError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    name, key = _model_key(cfg)
+    base_path, _ = model_config_of(name, key)
+    dtypes = {"dtype": DTYPES[cfg.model.dtype], "param_dtype": DTYPES[cfg.model.param_dtype]}
+    mesh = make_mesh(cfg.mesh.shape())
+    if weights == "base":
+        model = load_hf(base_path, mesh=mesh, **dtypes)
+        return RunModel(model=model, config=cfg, mesh=mesh, path=base_path, step=None)
+    if weights == "export":
+        export = os.path.join(run_dir, "export")
+        if not storage.exists(os.path.join(export, "config.json")):  # the export's last file
+            raise CheckpointError(f"{run_dir}: no complete export/ (the run has not finished)")
+        path, _ = model_config_of(export, "export")
+        return RunModel(model=load_hf(path, mesh=mesh, **dtypes), config=cfg, mesh=mesh, path=path, step=None)
+    if weights != "checkpoint":
+        raise ValueError(f"unknown weights {weights!r}; expected checkpoint, export or base")
+    if not storage.exists(os.path.join(run_dir, "checkpoints")):
+        raise CheckpointError(f"{run_dir}: no checkpoints/ (the run saved no checkpoint)")
+    model = load_hf(base_path, mesh=mesh, lora=cfg.model.lora.adapters(), seed=cfg.seed, **dtypes)
+    graphdef, state = init_train_state(model, cfg.optim, seed=cfg.seed, train_router=cfg.model.train_router)
+    del model
+    source = Checkpointer(run_dir, async_save=False)  # (of a run no longer writing: it tidies unfinished saves)
+    try:
+        step = source.latest_step()
+        if step is None:
+            raise CheckpointError(f"{run_dir}: no checkpoint in checkpoints/")
+        try:
+            state, _ = source.restore(step, state)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{run_dir}: its step-{step} checkpoint does not restore: {e}") from None
+    finally:
+        source.close()
+    return RunModel(model=student_model(graphdef, state), config=cfg, mesh=mesh, path=base_path, step=step)
 
 
 def config_fingerprint(cfg: TrainConfig) -> str:

@@ -80,6 +80,8 @@ def test_the_learning_rate_schedule_runs_over_the_train_steps():
     ("rollout.max_new_tokens", 0, r"config\.rollout\.max_new_tokens: SamplingConfig\.max_new_tokens"),
     ("rollout.prompt_buckets", "64,x", r"config\.rollout\.prompt_buckets must be comma-separated integers"),
     ("rollout.prompt_buckets", "128,64", r"config\.rollout\.prompt_buckets: SamplingConfig\.prompt_buckets"),
+    ("rollout.mode", "dynamic", r"config\.rollout\.mode must be one of \['static', 'continuous'\], got 'dynamic'"),
+    ("rollout.slots", -1, r"config\.rollout\.slots: RolloutConfig\.slots must be an integer >= 0"),
     ("eval.batch_size", 0, r"config\.eval\.batch_size: EvalSection\.batch_size"),
     ("eval.every", -1, r"config\.eval\.every"),
     ("eval.scoring", "paper", r"config\.eval\.scoring must be one of \['project', 'recipe'\], got 'paper'"),

@@ -69,6 +69,21 @@ def test_cli_typos_fail_before_compiling(tmp_path):
     assert time.time() - start < 60  # no model was loaded nor compiled
 
 
+def test_evaluation_frees_the_samplers_memory(tiny_model_dir, tmp_path):
+    """An evaluation's KV cache and rollout weights fit no rollout: freed after it, so that the checkpoint
+    save and the train step that follow do not hold them (the run ends with an evaluation)."""
+    from sdft_jax.trainer import Trainer
+
+    trainer = Trainer(load_train_config(tiny_config(tiny_model_dir("llama"), tmp_path / "run", **{"train.steps": 1})))
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.checkpointer.close()
+    assert summary["eval"]["capitals"]["total"] == 2  # the run evaluated, through the sampler
+    assert trainer.sampler.compilations > 0
+    assert trainer.sampler.kept_cache is None and trainer.sampler.kept_weights is None
+
+
 def test_teacher_starts_from_another_model(tiny_model_dir, tmp_path):
     """teacher_init_from: the student starts from one model, the teacher from another of the same shape."""
     from sdft_jax.trainer import Trainer

@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, str] = {
     "scoring": "sdft_jax.bench.scoring_modes",
     "plan": "sdft_jax.bench.plan",
     "chaos": "sdft_jax.bench.chaos",
+    "accel": "sdft_jax.bench.accel",
+    "rollout": "sdft_jax.bench.rollout",
 }
 
 
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from sdft_jax import cli  # a known error (a bad model directory, data, config) in one line; --debug: traceback
-
+    try:
+        from sdft_jax import cli  # a known error (a bad model directory, data, config) in one line; --debug: traceback
+    except ImportError:  # a host without the trainer's config libraries (ml_collections, absl): e.g. `accel` on a
+        sys.exit(main())  # bare GPU machine; errors then end in a traceback
     sys.exit(cli.run(main, prog="python -m sdft_jax.bench"))

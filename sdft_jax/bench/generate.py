@@ -5,8 +5,9 @@
 Every engine samples at temperature 1, top_p 1, top_k 0 (transformers would otherwise apply top_k
 50), from the same random prompts of exactly `--prompt-len` tokens, and is forced to produce
 exactly `--new-tokens` tokens per row (no stop ids for us; `min_new_tokens` for torch). Engines:
-`jax` (our `Sampler` as shipped: on CPU, layers unrolled in the decode loop), `jax_scan` (the same with
-`unroll_layers=False`: layers scanned, the TPU/GPU default) and `torch`.
+`jax` (our `Sampler` as shipped: on CPU, rollout weights as per-layer copies, unrolled in the decode
+loop), `jax_scan` (the same on stacked rollout weights, `RolloutWeightsConfig(layers="stacked")`: layers
+scanned, the TPU/GPU default) and `torch`.
 
 Each engine lives in its own process (so `peak_rss_mb` is its own), loads the model and makes a
 first call, then the timed calls take turns between the engines, one call at a time: load from other
@@ -63,16 +64,17 @@ def _prompts(vocab: int, batch: int, length: int, seed: int):
     return np.random.default_rng(seed).integers(256, vocab, size=(batch, length)).astype(np.int32)
 
 
-def _jax_engine(args: dict, unroll_layers: bool | None):
+def _jax_engine(args: dict, layers: str):
     """A call that samples once, and the figures known after the first call."""
     import jax
 
     from sdft_jax.checkpoints.hf import load_hf
+    from sdft_jax.sampling.rollout_weights import RolloutWeightsConfig
     from sdft_jax.sampling.sampler import Sampler, SamplingConfig
 
     model = load_hf(args["path"])
     prompts = _prompts(model.cfg.vocab_size, args["batch"], args["prompt_len"], args["seed"]).tolist()
-    sampler = Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll_layers)
+    sampler = Sampler(stop_ids=(), pad_id=0, weights=RolloutWeightsConfig(layers=layers))
     cfg = SamplingConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args["new_tokens"],
                          prompt_buckets=(args["prompt_len"],), batch_buckets=(args["batch"],))
     calls = iter(range(1 << 30))
@@ -115,7 +117,7 @@ def _worker(engine: str, args: dict, conn) -> None:
         if engine == "torch":
             call, info = _torch_engine(args)
         else:
-            call, info = _jax_engine(args, unroll_layers=False if engine == "jax_scan" else None)
+            call, info = _jax_engine(args, layers="stacked" if engine == "jax_scan" else "auto")
         start = time.perf_counter()
         call()
         conn.send(("ready", time.perf_counter() - start))

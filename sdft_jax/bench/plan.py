@@ -12,12 +12,15 @@ ahead of time, with no weight loaded (the model is `nnx.eval_shape`d, every inpu
   prompts of `prompts.max_prompt_tokens` rounded up to their bucket, completions of
   `rollout.max_new_tokens`; `train.micro_batch_size` as set);
 - `rollout`: the sampler's program (`sampling.sampler.sample`, prefill and decode loop, the stacked KV
-  cache donated) for one sampler call of the largest batch the config samples, on the student's weights.
+  cache donated) for one sampler call of the largest batch the config samples, on the rollout weights
+  as the chip's trainer makes them (`sampling.rollout_weights.StackedWeights`: cast to `rollout.dtype`,
+  whose "auto" is bfloat16 on these accelerator chips, also the KV cache's dtype; laid out by the
+  rollout sharding rules).
 
 From `compiled.memory_analysis()` each program reports per-device argument, output, temporary and
 aliased bytes (`per_device_bytes`), and its peak: arguments + outputs + temporaries - aliased (the
 donated state is updated in place). The rollout runs while the train state stays on the devices, so its
-peak adds the part of the state it does not take as arguments (optimizer moments, teacher). A program
+peak adds the state less the weights the rollout weights share with it (none once cast). A program
 `fits` when its peak is within the chip's HBM less a headroom (`--headroom`, default 15%: the runtime's
 own buffers and fragmentation); the config fits when both do. The collectives come from the optimised
 HLO (`compiled.as_text()`): per kind, the instructions in the program (`count`, `bytes` of their
@@ -60,6 +63,8 @@ from sdft_jax.bench.harness import in_fresh_process
 GIB = 1024**3
 # HBM per chip (one JAX device), GiB.
 CHIP_HBM_GIB: dict[str, float] = {"v5p": 95.0, "v6e": 32.0, "h100": 80.0, "h200": 141.0}
+# The platform each chip is (what the rollout weights' "auto" settings resolve for).
+CHIP_PLATFORM: dict[str, str] = {"v5p": "tpu", "v6e": "tpu", "h100": "gpu", "h200": "gpu"}
 DEFAULT_HEADROOM = 0.15
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -224,13 +229,13 @@ def rollout_shapes(cfg, mesh) -> dict[str, int]:
             "max_new_tokens": sampling.max_new_tokens, "cache_len": cache_length(prompt, sampling.max_new_tokens)}
 
 
-def abstract_cache(model_cfg, shapes: dict[str, int], dtype, mesh):
+def abstract_cache(model_cfg, shapes: dict[str, int], dtype, mesh, rules=None):
     """The sampler's stacked KV cache (and a hybrid model's Gated DeltaNet states), abstract, laid out as
     `Sampler` lays it out: keys and values over the batch axes and KV heads, the states over the batch."""
     import jax
 
     from sdft_jax.models.attention import KVCache
-    from sdft_jax.models.sharding import logical_sharding
+    from sdft_jax.models.sharding import DEFAULT_RULES, logical_sharding
 
     cache = jax.eval_shape(lambda: KVCache.zeros(model_cfg, shapes["rows"], shapes["cache_len"], dtype))
     axes = {".k": ("layers", "batch", "length", "kv_heads", "head_dim"), ".valid": ("batch", "length"), ".index": ()}
@@ -238,7 +243,7 @@ def abstract_cache(model_cfg, shapes: dict[str, int], dtype, mesh):
 
     def laid(path, x):  # fields by name; the Gated DeltaNet states (`.linear.*`) over the batch
         names = axes.get(jax.tree_util.keystr(path), ("layers", "batch") + (None,) * (x.ndim - 2))
-        return _abstract(x.shape, x.dtype, logical_sharding(names, x.shape, mesh))
+        return _abstract(x.shape, x.dtype, logical_sharding(names, x.shape, mesh, rules or DEFAULT_RULES))
 
     return jax.tree_util.tree_map_with_path(laid, cache)
 
@@ -373,36 +378,44 @@ def _train_step_plan(cfg, model_cfg, graphdef, state, mesh) -> dict:
             "collectives": collectives(compiled.as_text())}
 
 
-def _rollout_plan(cfg, model_cfg, graphdef, state, mesh, state_total: int) -> dict:
-    """One sampler call compiled on the student's weights (`Sampler`'s program: `sample` under the mesh's
-    activation sharding, the cache donated), with the rest of the train state resident beside it."""
+def _rollout_plan(cfg, model_cfg, graphdef, state, mesh, state_total: int, chip: str) -> dict:
+    """One sampler call compiled on the rollout weights (`Sampler`'s program: `sample` under the rollout
+    rules' activation sharding, the cache donated), with the train state resident beside it."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from sdft_jax.models.sharding import DEFAULT_RULES, activation_sharding, logical_sharding
+    from sdft_jax.models.sharding import activation_sharding, logical_sharding
+    from sdft_jax.sampling.rollout_weights import StackedWeights
     from sdft_jax.sampling.sampler import sample
 
     shapes = rollout_shapes(cfg, mesh)
-    student_graphdef, weights = nnx.split(nnx.merge(graphdef, state.params, state.frozen))
+    spec = cfg.rollout.weights().spec(mesh, platform=CHIP_PLATFORM[chip])
+    student = nnx.merge(graphdef, state.params, state.frozen)
+    weights = StackedWeights.make(student, spec)  # abstract, like the model
+    # A weight the rollout weights pass through (same dtype and layout) is the train state's own array.
+    shared = sum(_nbytes(w) for w, x in zip(jax.tree.leaves(weights.state), jax.tree.leaves(nnx.state(student)),
+                                            strict=True)
+                 if w.dtype == x.dtype and w.sharding.is_equivalent_to(x.sharding, len(x.shape)))
     sampling = cfg.rollout.sampling()
     rows, prompt = shapes["rows"], shapes["prompt_len"]
-    two = logical_sharding(("batch", "length"), (rows, prompt), mesh)
+    two = logical_sharding(("batch", "length"), (rows, prompt), mesh, spec.rules)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    cache = abstract_cache(model_cfg, shapes, jnp.dtype(cfg.model.dtype), mesh)
+    cache = abstract_cache(model_cfg, shapes, jnp.dtype(spec.dtype), mesh, spec.rules)
     args = (weights, _abstract((rows, prompt), jnp.int32, two), _abstract((rows, prompt), jnp.bool_, two),
-            _abstract((rows,), jnp.int32, logical_sharding(("batch",), (rows,), mesh)),
+            _abstract((rows,), jnp.int32, logical_sharding(("batch",), (rows,), mesh, spec.rules)),
             _abstract(key.shape, key.dtype, NamedSharding(mesh, PartitionSpec())), cache)
 
     def rollout(weights, tokens, mask, row_ids, key, cache):
-        with activation_sharding(mesh, DEFAULT_RULES):
-            return sample(student_graphdef, weights, tokens, mask, key, cfg=sampling, stop_ids=(0,), pad_id=0,
-                          row_ids=row_ids, cache=cache)
+        with activation_sharding(mesh, spec.rules):
+            return sample(weights, tokens, mask, key, cfg=sampling, stop_ids=(0,), pad_id=0, row_ids=row_ids,
+                          cache=cache)
 
     compiled, seconds = _compiled(jax.jit(rollout, donate_argnums=(5,)), *args)
-    return {"shapes": shapes, **seconds,
-            "per_device_bytes": memory_of(compiled, resident=state_total - tree_bytes(weights)),
+    return {"shapes": shapes, **seconds, "dtype": jnp.dtype(spec.dtype).name,
+            "weights_bytes": tree_bytes(weights.state),
+            "per_device_bytes": memory_of(compiled, resident=state_total - shared),
             "cache_bytes": tree_bytes(cache), "collectives": collectives(compiled.as_text())}
 
 
@@ -436,7 +449,7 @@ def plan(a: dict) -> dict:
     state_bytes["total"] = sum(state_bytes.values())
     programs = {"train_step": _train_step_plan(cfg, model_cfg, graphdef, state, mesh)}
     if cfg.method == "sdft" and not a.get("skip_rollout"):
-        programs["rollout"] = _rollout_plan(cfg, model_cfg, graphdef, state, mesh, state_bytes["total"])
+        programs["rollout"] = _rollout_plan(cfg, model_cfg, graphdef, state, mesh, state_bytes["total"], a["chip"])
     row = {"bench": "plan", "config": a["config"], "set": list(a.get("set", ())), "devices": a["devices"],
            "backend": jax.default_backend(),
            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "chip": a["chip"], "model_config": model_json,

@@ -161,6 +161,7 @@ def load_hf(
     lora: lora_lib.LoraConfig | None = None,
     remat: RematPolicy = "none",
     query_block: int = DEFAULT_QUERY_BLOCK,
+    attention: str = "auto",
     seed: int = 0,
 ) -> Transformer:
     """Loads an HF model directory (safetensors only) into a Transformer, sharded over `mesh` if given."""
@@ -168,7 +169,7 @@ def load_hf(
     path = os.fspath(path)
     tensors = SafetensorsDir(path)
     make = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,  # noqa: E731
-                               lora=lora, remat=remat, query_block=query_block)
+                               lora=lora, remat=remat, query_block=query_block, attention=attention)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     flat_abstract = nnx.to_flat_state(abstract)
     expert_layout, layout = _layouts(tensors, path)

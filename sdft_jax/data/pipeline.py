@@ -50,7 +50,9 @@ class PipelineConfig:
 class BatchIterator(Generic[T]):
     """This host's slices of successive global batches, with a saveable position.
 
-    `next()` returns a list of `global_batch_size // process_count` items.
+    `next()` returns a list of `global_batch_size // process_count` items. `items` is any random-access
+    source with a length: a list, or a `datasets.Dataset` (rows are then read from its memory-mapped
+    Arrow files as batches are made, never all at once).
     """
 
     def __init__(self, items: Sequence[T], config: PipelineConfig, *, process_index: int | None = None,

@@ -1,10 +1,15 @@
-"""Readers for the upstream Self-Distillation data layout and for generic JSONL.
+"""Rows -> records: each task's fields, checked, for the upstream Self-Distillation layout, generic
+JSON Lines, and any dataset `datasets` reads (`sources.py` says where rows come from).
 
 Layout under a user-given `data_dir` (the upstream `data/` folder, spec section 6):
 
-  tooluse_data/{train_data,eval_data}/   `datasets.save_to_disk` Arrow stream shards (ToolAlpaca)
+  tooluse_data/{train_data,eval_data}/   `datasets.save_to_disk` folders (ToolAlpaca)
   tooluse_data/eval_data.json            the older 68-item JSON list of the tool-use test set
-  science_data/{train_data,eval_data}/   Arrow stream shards (SciKnowEval Chemistry L3)
+  science_data/{train_data,eval_data}/   `datasets.save_to_disk` folders (SciKnowEval Chemistry L3)
+
+Generic tasks take their fields from columns named by `Columns` (`config.data.columns`): `jsonl` reads a
+JSON Lines file line by line; `dataset` reads whatever `datasets` does (a save_to_disk folder, JSON /
+JSON Lines / Parquet files, a dataset name in the local cache; optionally streamed).
 
 Every row is validated; a bad row raises a `DataError` naming file, row and field, or (with
 `skip_bad_rows`) is skipped and counted. Besides its fields, a row is refused for what would fail
@@ -16,20 +21,17 @@ A damaged file always raises: its rows cannot be counted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.ipc as ipc
-
 from sdft_jax.data import records as rec
+from sdft_jax.data import sources
 from sdft_jax.data.records import DataError, ReadResult, Record, SkipCounter
-from sdft_jax.validation import check_int, check_literals
+from sdft_jax.validation import check_bool, check_int, check_literals
 
-TASKS = ("tooluse", "science", "tooluse_json", "jsonl")
+TASKS = ("tooluse", "science", "tooluse_json", "jsonl", "dataset")
 SPLITS = ("train", "eval")
 DEFAULT_MAX_ROW_CHARS = 1_000_000
 # No row of any source nests deeper than a few levels (a tool call's arguments inside a list of calls).
@@ -41,13 +43,38 @@ THINKING_SYSTEM_PROMPT = (
     "ONLY the letter (A, B, C, or D) as your final answer."
 )
 
-# Every Arrow IPC stream written to completion ends with this marker; a file cut at a message boundary
-# reads without error in pyarrow, so its absence is how such a truncation is caught.
-_ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
-
 _SCIENCE_DEMO = re.compile(r"\s*<reasoning>(.*)</reasoning>\s*<answer>\s*(.*?)\s*</answer>\s*", re.DOTALL)
 
 Purpose = Literal["sdft", "sft"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Columns:
+    """Which column of a generic task's rows (`jsonl`, `dataset`) holds each field of a record.
+
+    Attributes:
+      question: the user turn (required).
+      demonstration: the golden demonstration the teacher sees (required in the train split).
+      system: an optional system turn; "" = none.
+      answer: what a scorer compares with (`Record.gold`), where the rows have it; "" = none.
+    """
+
+    question: str = "question"
+    demonstration: str = "demonstration"
+    system: str = "system"
+    answer: str = ""
+
+    def __post_init__(self):
+        for name in ("question", "demonstration", "system", "answer"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"Columns.{name} must be a column name, got {value!r}")
+        for name in ("question", "demonstration"):
+            if not getattr(self, name):
+                raise ValueError(f"Columns.{name} must name a column, got ''")
+        used = [v for v in (self.question, self.demonstration, self.system, self.answer) if v]
+        if len(set(used)) != len(used):
+            raise ValueError(f"Columns.question: one column is mapped to two fields: {dataclasses.asdict(self)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +87,10 @@ class ReadConfig:
       purpose: which thinking-format demonstration to build: "sdft" (teacher context) or "sft" (target).
       keep_system: keep the science train system turn (the official code); the recipe drops it.
       max_row_chars: rows with more characters than this (all string fields together) are bad rows.
+      columns: the generic tasks' column names.
+      streaming: `dataset` task: read rows as needed (no Arrow copy in the datasets cache).
+      eval_split: `dataset` task: the name of the "eval" split in a DatasetDict, a dataset loaded by name,
+        or a folder of `{split}.*` files ("train" is "train").
     """
 
     skip_bad_rows: bool = False
@@ -67,10 +98,16 @@ class ReadConfig:
     purpose: Purpose = "sdft"
     keep_system: bool = False
     max_row_chars: int = DEFAULT_MAX_ROW_CHARS
+    columns: Columns = Columns()
+    streaming: bool = False
+    eval_split: str = "test"
 
     def __post_init__(self):
         check_literals(self)
         check_int(f"{type(self).__name__}.max_row_chars", self.max_row_chars, minimum=1)
+        check_bool(f"{type(self).__name__}.streaming", self.streaming)
+        if not isinstance(self.eval_split, str) or not self.eval_split:
+            raise ValueError(f"{type(self).__name__}.eval_split must name a split, got {self.eval_split!r}")
 
 
 def convert_science_demonstration(text: str, purpose: Purpose) -> str:
@@ -100,8 +137,8 @@ _UNSET = object()
 class _Row:
     """A row being validated: field access that raises `DataError`s naming source, row and field."""
 
-    def __init__(self, data: Any, source: str, index: int, label: str):
-        self.source, self.index, self.label = source, index, label
+    def __init__(self, data: Any, source: str, index: int, label: str, task: str):
+        self.source, self.index, self.label, self.task = source, index, label, task
         if not isinstance(data, dict):
             raise self.error(None, f"expected an object, got {type(data).__name__}", rec.WRONG_TYPE)
         self.data = data
@@ -214,9 +251,9 @@ def _tool_calls(row: _Row, field: str) -> tuple[dict[str, str], ...]:
             raise row.error(f"{name}.Action_Input", "missing", rec.MISSING_FIELD)
         row.check(f"{name}.Action_Input", args, str)
         try:
-            parsed = json.loads(args)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, an over-long number, deep nesting
-            raise row.error(f"{name}.Action_Input", f"not JSON ({_json_error(e)})", rec.INVALID_JSON) from None
+            parsed = sources.parse_json(args)
+        except ValueError as e:
+            raise row.error(f"{name}.Action_Input", str(e), rec.INVALID_JSON) from None
         if not isinstance(parsed, dict):
             raise row.error(f"{name}.Action_Input", "not a JSON object", rec.INVALID_VALUE)
         out.append({"Action": action, "Action_Input": args})
@@ -274,22 +311,28 @@ def _science_record(row: _Row, split: str, config: ReadConfig) -> Record:
                   demonstration=demonstration, gold=gold)
 
 
-def _jsonl_record(row: _Row, split: str, config: ReadConfig) -> Record:
-    question = row.text("question")
-    demonstration = row.text("demonstration")
-    system = row.text("system", required=False)
+def _generic_record(row: _Row, split: str, config: ReadConfig) -> Record:
+    """A `jsonl` / `dataset` row, its fields in the columns `config.columns` names."""
+    cols = config.columns
+    question = row.text(cols.question)
+    demonstration = row.text(cols.demonstration, required=split == "train")
+    system = row.text(cols.system, required=False) if cols.system else None
+    gold = row.text(cols.answer, required=split == "eval") if cols.answer else None
     messages = ({"role": "system", "content": system},) if system is not None else ()
     messages += ({"role": "user", "content": question},)
-    return Record(task="jsonl", index=row.index, source=row.source, messages=messages,
-                  demonstration=demonstration, gold=None)
+    return Record(task=row.task, index=row.index, source=row.source, messages=messages,
+                  demonstration=demonstration, gold=gold)
 
 
 _RowParser = Callable[[_Row, str, ReadConfig], Record]
+_PARSERS: dict[str, _RowParser] = {"tooluse": _tooluse_record, "tooluse_json": _tooluse_record,
+                                   "science": _science_record, "jsonl": _generic_record, "dataset": _generic_record}
 
 
-def _collect(rows: Iterator[tuple[int, str, Any]], source: str, split: str, parse: _RowParser,
-             config: ReadConfig) -> ReadResult:
+def _collect(rows: Iterator[sources.Row], source: str, task: str, split: str, config: ReadConfig) -> ReadResult:
     """Parses `(index, label, row)` triples; `label` names the row in errors."""
+    parse = _PARSERS[task]
+    record_task = "tooluse" if task == "tooluse_json" else task
     counter = SkipCounter(source, skip_bad_rows=config.skip_bad_rows)
     out, seen = [], 0
     for index, label, data in rows:
@@ -298,7 +341,7 @@ def _collect(rows: Iterator[tuple[int, str, Any]], source: str, split: str, pars
             if isinstance(data, DataError):  # a row the file layer could not decode
                 raise data
             _check_row(data, source, label, config.max_row_chars)
-            out.append(parse(_Row(data, source, index, label), split, config))
+            out.append(parse(_Row(data, source, index, label, record_task), split, config))
         except DataError as e:
             counter.bad(e)
     counter.warn()
@@ -309,168 +352,39 @@ def _collect(rows: Iterator[tuple[int, str, Any]], source: str, split: str, pars
 
 
 # ---------------------------------------------------------------------------------------------------
-# Files -> rows
-
-
-def _arrow_files(split_dir: str) -> list[str]:
-    state_path = os.path.join(split_dir, "state.json")
-    if os.path.exists(state_path):
-        try:
-            with open(state_path, encoding="utf-8") as f:
-                names = [d["filename"] for d in json.load(f)["_data_files"]]
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
-            raise DataError(state_path, f"unreadable datasets state file ({e!r})", reason=rec.BAD_FILE) from None
-        for name in names:
-            # A shard is a file of this split's folder: never a path that leads out of it.
-            if not isinstance(name, str) or not name or os.path.isabs(name) or os.sep in name or "/" in name:
-                raise DataError(state_path, f"_data_files names {name!r}, not a file name in this folder",
-                                reason=rec.BAD_FILE)
-    elif os.path.isdir(split_dir):
-        names = sorted(n for n in os.listdir(split_dir) if n.endswith(".arrow"))
-    else:
-        raise DataError(split_dir, "no such directory: give the upstream Self-Distillation data/ folder",
-                        reason=rec.BAD_FILE)
-    paths = [os.path.join(split_dir, n) for n in names]
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing or not paths:
-        raise DataError(
-            missing[0] if missing else split_dir,
-            "Arrow shard missing. This split's data file is not distributed with sdft-jax: supply it "
-            "(the upstream github.com/idanshen/Self-Distillation data/ folder) at this path.",
-            reason=rec.BAD_FILE,
-        )
-    return paths
-
-
-def _arrow_rows(paths: list[str]) -> Iterator[tuple[int, str, Any]]:
-    index = 0
-    for path in paths:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - len(_ARROW_EOS)))
-            complete = f.read() == _ARROW_EOS
-        if not complete:
-            raise DataError(path, "truncated Arrow stream (no end-of-stream marker): re-copy the file",
-                            reason=rec.BAD_FILE)
-        try:
-            reader = ipc.open_stream(pa.memory_map(path))
-            batches = list(reader)
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(path, f"truncated or corrupt Arrow stream ({e})", reason=rec.BAD_FILE) from None
-        for batch in batches:
-            try:
-                rows = batch.to_pylist()
-            except UnicodeDecodeError:
-                rows = [_decode_arrow_row(batch, i, path, index + i) for i in range(batch.num_rows)]
-            for row in rows:
-                yield index, str(index), row
-                index += 1
-
-
-def _decode_arrow_row(batch: pa.RecordBatch, i: int, path: str, index: int) -> Any:
-    try:
-        return batch.slice(i, 1).to_pylist()[0]
-    except UnicodeDecodeError as e:
-        return DataError(path, f"invalid UTF-8 ({e})", row=str(index), reason=rec.INVALID_UTF8)
-
-
-def _json_error(error: Exception) -> str:
-    """What `json.loads` refused: a syntax error, a number of more than 4,300 digits (ValueError), or
-    nesting deeper than the interpreter's recursion limit (RecursionError)."""
-    if isinstance(error, RecursionError):
-        return "nested too deeply to parse"
-    return str(error)
-
-
-def _read_bytes_as_text(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(path, "file not found", reason=rec.BAD_FILE) from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"invalid UTF-8 at byte {e.start} ({e.reason})", reason=rec.INVALID_UTF8) from None
-
-
-def _json_list_rows(path: str) -> Iterator[tuple[int, str, Any]]:
-    text = _read_bytes_as_text(path)
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise DataError(path, f"not JSON ({_json_error(e)})", reason=rec.INVALID_JSON) from None
-    if not isinstance(data, list):
-        raise DataError(path, f"expected a JSON list of rows, got {type(data).__name__}", reason=rec.WRONG_TYPE)
-    for i, row in enumerate(data):
-        yield i, str(i), row
-
-
-def _jsonl_rows(path: str, max_row_chars: int) -> Iterator[tuple[int, str, Any]]:
-    # A UTF-8 character is at most 4 bytes: reading at most this much per line bounds memory even for a
-    # file that is one giant line, and anything longer is over the character limit for sure.
-    max_bytes = 4 * max_row_chars + 1
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(path, "file not found", reason=rec.BAD_FILE) from None
-    with f:
-        i = -1
-        while True:
-            raw = f.readline(max_bytes)
-            if not raw:
-                return
-            i += 1
-            where = f"{i} (line {i + 1})"
-            if len(raw) == max_bytes and not raw.endswith(b"\n"):
-                while (rest := f.readline(max_bytes)) and not rest.endswith(b"\n"):
-                    pass  # skip the remainder of the oversized line
-                yield i, where, DataError(path, f"line longer than {max_bytes:,} bytes (max_row_chars="
-                                       f"{max_row_chars:,})", row=where, reason=rec.ROW_TOO_LARGE)
-                continue
-            if not raw.strip():
-                continue  # blank lines are layout, not rows
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield i, where, DataError(path, f"invalid UTF-8 at byte {e.start} of the line ({e.reason})",
-                                       row=where, reason=rec.INVALID_UTF8)
-                continue
-            try:
-                data = json.loads(text)
-            except (ValueError, RecursionError) as e:
-                data = DataError(path, f"not JSON ({_json_error(e)})", row=where, reason=rec.INVALID_JSON)
-            yield i, where, data
-
-
-# ---------------------------------------------------------------------------------------------------
 # Entry points
 
 
-def read_jsonl(path: str | os.PathLike, *, config: ReadConfig = ReadConfig()) -> ReadResult:
-    """Records of a generic JSONL file: `{"question", "demonstration", optional "system"}` per line."""
+def read_jsonl(path: str | os.PathLike, split: str = "train", *, config: ReadConfig = ReadConfig()) -> ReadResult:
+    """Records of a generic JSON Lines file, read line by line: `config.columns` (by default
+    `{"question", "demonstration", optional "system"}`) per line."""
     path = os.fspath(path)
-    return _collect(_jsonl_rows(path, config.max_row_chars), path, "train", _jsonl_record, config)
+    return _collect(sources.jsonl_rows(path, config.max_row_chars), path, "jsonl", split, config)
 
 
 def read_tooluse_json(path: str | os.PathLike, *, config: ReadConfig = ReadConfig()) -> ReadResult:
     """Records of the older JSON-list tool-use test set (`tooluse_data/eval_data.json`)."""
     path = os.fspath(path)
-    return _collect(_json_list_rows(path), path, "eval", _tooluse_record, config)
+    return _collect(sources.json_list_rows(path), path, "tooluse_json", "eval", config)
 
 
-def read_arrow_split(split_dir: str | os.PathLike, task: str, split: str, *,
+def read_saved_split(split_dir: str | os.PathLike, task: str, split: str, *,
                      config: ReadConfig = ReadConfig()) -> ReadResult:
-    """Records of one `datasets.save_to_disk` split directory of the tool-use or science task."""
-    parsers = {"tooluse": _tooluse_record, "science": _science_record}
-    if task not in parsers:
-        raise ValueError(f"unknown Arrow task {task!r}; expected one of {sorted(parsers)}")
-    split_dir = os.fspath(split_dir)
-    paths = _arrow_files(split_dir)
-    # Rows are named by the shard they came from only when there is one shard (the upstream layout).
-    source = paths[0] if len(paths) == 1 else split_dir
-    return _collect(_arrow_rows(paths), source, split, parsers[task], config)
+    """Records of one `datasets.save_to_disk` split folder of the tool-use or science task."""
+    if task not in ("tooluse", "science"):
+        raise ValueError(f"unknown upstream task {task!r}; expected 'tooluse' or 'science'")
+    source, rows = sources.saved_rows(os.fspath(split_dir))
+    return _collect(rows, source, task, split, config)
+
+
+def read_dataset(path: str | os.PathLike, split: str, *, config: ReadConfig = ReadConfig()) -> ReadResult:
+    """Records of split `split` ("train" or "eval") of anything `datasets` reads (`sources.open_rows`:
+    a save_to_disk folder, a JSON / JSON Lines / Parquet file or a folder of them, a cached dataset
+    name), their fields in `config.columns`."""
+    name = "train" if split == "train" else config.eval_split
+    source, rows = sources.open_rows(os.fspath(path), name, streaming=config.streaming,
+                                     max_row_chars=config.max_row_chars)
+    return _collect(rows, source, "dataset", split, config)
 
 
 def read_task(
@@ -483,28 +397,33 @@ def read_task(
     purpose: Purpose = "sdft",
     keep_system: bool = False,
     max_row_chars: int = DEFAULT_MAX_ROW_CHARS,
+    columns: Columns = Columns(),
+    streaming: bool = False,
+    eval_split: str = "test",
 ) -> ReadResult:
-    """Records of one task split from the upstream layout under `data_dir`.
+    """Records of one task split from `data_dir`.
 
-    Tasks: "tooluse" and "science" (Arrow splits "train" and "eval"), "tooluse_json" (the older
-    `tooluse_data/eval_data.json`, split "eval"), and "jsonl" (`data_dir` is the .jsonl file itself,
-    or a folder holding `{split}.jsonl`). See `ReadConfig` for the options; `keep_system` concerns the
-    science train split only (the science eval prompts always keep their system turn, as both
-    reference implementations do).
+    Tasks: "tooluse" and "science" (the upstream layout's save_to_disk splits "train" and "eval"),
+    "tooluse_json" (the older `tooluse_data/eval_data.json`, split "eval"), "jsonl" (`data_dir` is the
+    .jsonl file itself, or a folder holding `{split}.jsonl`) and "dataset" (`read_dataset`). See
+    `ReadConfig` for the options; `keep_system` concerns the science train split only (the science eval
+    prompts always keep their system turn, as both reference implementations do).
     """
     config = ReadConfig(skip_bad_rows=skip_bad_rows, thinking_format=thinking_format, purpose=purpose,
-                        keep_system=keep_system, max_row_chars=max_row_chars)
+                        keep_system=keep_system, max_row_chars=max_row_chars, columns=columns,
+                        streaming=streaming, eval_split=eval_split)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     data_dir = os.fspath(data_dir)
     if task in ("tooluse", "science"):
-        return read_arrow_split(os.path.join(data_dir, f"{task}_data", f"{split}_data"), task, split,
-                                config=config)
+        return read_saved_split(os.path.join(data_dir, f"{task}_data", f"{split}_data"), task, split, config=config)
     if task == "tooluse_json":
         if split != "eval":
             raise ValueError("tooluse_json has only the 'eval' split")
         return read_tooluse_json(os.path.join(data_dir, "tooluse_data", "eval_data.json"), config=config)
     if task == "jsonl":
         path = data_dir if os.path.isfile(data_dir) else os.path.join(data_dir, f"{split}.jsonl")
-        return read_jsonl(path, config=config)
+        return read_jsonl(path, split, config=config)
+    if task == "dataset":
+        return read_dataset(data_dir, split, config=config)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from sdft_jax.models import fused_attention
 from sdft_jax.models.config import ModelConfig, RopeScaling
 from sdft_jax.models.gated_deltanet import DeltaNetState
 from sdft_jax.pytrees import pytree_dataclass
@@ -100,8 +101,14 @@ class CacheSlots:
 
     def reserve(self: CacheT, input_mask: Bool[Array, "B T"]) -> tuple[CacheT, Visibility]:
         """Marks the next T slots valid where `input_mask` is (False: padding, never seen), and says
-        which slots each of the T new tokens sees: its own and the valid ones before it."""
+        which slots each of the T new tokens sees: its own and the valid ones before it.
+
+        One new token (T = 1, a decode step) sees every valid slot of its row: a cache holds only a
+        row's earlier tokens, in whatever slots. So a cache may be used as a ring, its index wrapped
+        round (`sampling.continuous`), where a row's earlier tokens also lie after the index."""
         valid = jax.lax.dynamic_update_slice(self.valid, input_mask, (0, self.index))
+        if input_mask.shape[1] == 1:
+            return dataclasses.replace(self, valid=valid), valid[:, None, :]
         visible = causal_visibility(self.index + jnp.arange(input_mask.shape[1]), valid)
         return dataclasses.replace(self, valid=valid), visible
 
@@ -162,9 +169,11 @@ def causal_attention(
     visible: Bool[Array, "B T T"],
     *,
     query_block: int,
+    kernel: fused_attention.Kernel = "plain",
 ) -> Float[Array, "B T Hkv G hd"]:
     """`attention` of a sequence over itself when `visible` is causal (no query sees a later key),
-    computed in blocks of queries, each over only the keys up to its last query.
+    computed in blocks of queries, each over only the keys up to its last query; or, with a `kernel`
+    other than "plain", by that fused kernel (`fused_attention.attend`, `query_block` unused).
 
     The keys after a block are invisible to all of its queries, so skipping them changes nothing
     but the work: about half the scores of a long sequence are never computed, and on XLA:CPU the
@@ -176,6 +185,8 @@ def causal_attention(
     if visible.shape[1:] != (T, k.shape[1]) or k.shape[1] != T:
         raise ValueError(f"causal_attention attends a sequence over itself: queries {T}, keys {k.shape[1]}, "
                          f"visible {visible.shape}")
+    if kernel != "plain":
+        return fused_attention.attend(q, k, v, visible, kernel=kernel, causal=True)
     blocks = query_blocks(T, query_block)
     if len(blocks) == 1:
         return attention(q, k, v, visible)
@@ -201,14 +212,18 @@ def _probs(
 def attend_stacked(
     q: Queries, k: NewKeys, v: NewKeys, visible: Visibility, *,
     k_all: Float[Array, "L B S Hkv hd"], v_all: Float[Array, "L B S Hkv hd"], layer: Int[Array, ""], slot: Int[Array, ""],
+    kernel: fused_attention.Kernel = "plain",
 ) -> tuple[Queries, tuple[Float[Array, "L B S Hkv hd"], Float[Array, "L B S Hkv hd"]]]:
     """A `CacheAttention` over layer `layer` of a `KVCache`'s stacked buffers `k_all`, `v_all`: writes the
-    new keys and values at `slot`, then attends over the layer's slots."""
+    new keys and values at `slot`, then attends over the layer's slots (a prefill of several tokens by
+    the fused `kernel` when it is not "plain"; one decoded token always by the plain path)."""
     start = (layer, 0, slot, 0, 0)
     k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
     v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-    out = attention(q, k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype), visible)
-    return out, (k_all, v_all)
+    keys, values = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
+    if kernel != "plain" and q.shape[1] > 1:
+        return fused_attention.attend(q, keys, values, visible, kernel=kernel, causal=False), (k_all, v_all)
+    return attention(q, keys, values, visible), (k_all, v_all)
 
 
 @pytree_dataclass

@@ -30,6 +30,7 @@ from jaxtyping import Array, Bool, Float
 
 from sdft_jax.models import attention as attn
 from sdft_jax.models import expert_parallel
+from sdft_jax.models import fused_attention
 from sdft_jax.models import gated_deltanet as deltanet_lib
 from sdft_jax.models import lora as lora_lib
 from sdft_jax.models import mlp as mlp_lib
@@ -49,8 +50,8 @@ _PLAIN_GAINS = frozenset({"linear_norm"})  # Gated DeltaNet's gated norm: its we
 @dataclasses.dataclass(frozen=True)
 class TokenMixer:
     """A token mixer: its per-layer weights, and `apply(x, w, rope, visible, cache, *, cfg, lora,
-    query_block, token_mask) -> (out, new cache contents or None)` (see `self_attention.self_attention`,
-    `gated_deltanet.gated_deltanet`)."""
+    query_block, attention, token_mask) -> (out, new cache contents or None)` (see
+    `self_attention.self_attention`, `gated_deltanet.gated_deltanet`)."""
 
     param_shapes: Callable[[ModelConfig], Shapes]
     apply: Callable[..., tuple[Array, tuple[Array, Array] | None]]
@@ -65,13 +66,14 @@ class ChannelMixer:
     apply: Callable[..., tuple[Array, moe_lib.RouterStats | None]]
 
 
-def _attention(x, w, rope, visible, kv, *, cfg, lora, query_block, token_mask):
+def _attention(x, w, rope, visible, kv, *, cfg, lora, query_block, attention, token_mask):
     del token_mask  # `visible` already hides padding
-    return self_attention.self_attention(x, w, rope, visible, kv, cfg=cfg, lora=lora, query_block=query_block)
+    return self_attention.self_attention(x, w, rope, visible, kv, cfg=cfg, lora=lora, query_block=query_block,
+                                         attention=attention)
 
 
-def _deltanet(x, w, rope, visible, state, *, cfg, lora, query_block, token_mask):
-    del rope, visible, query_block  # no positions: the recurrence orders the tokens; padding by `token_mask`
+def _deltanet(x, w, rope, visible, state, *, cfg, lora, query_block, attention, token_mask):
+    del rope, visible, query_block, attention  # no positions: the recurrence orders the tokens; padding by `token_mask`
     return deltanet_lib.gated_deltanet(x, w, cfg.deltanet, mask=token_mask, state=state, lora=lora)
 
 
@@ -262,6 +264,7 @@ class DecoderStack(nnx.Module):
         dtype,
         remat: RematPolicy,
         query_block: int,
+        attention: fused_attention.Kernel = "plain",
     ) -> tuple[Float[Array, "B T D"], CacheBuffers | None, moe_lib.RouterStats | None]:
         """`decoder_layer` over every layer, one scan per segment (`plan_segments`). In cache mode
         (`cache` holds this call's slots, see `KVCache.reserve`) also returns the cache's new buffers
@@ -269,7 +272,8 @@ class DecoderStack(nnx.Module):
         MoE layers, their router statistics summed over layers (`token_mask` marks the tokens they count).
 
         `remat` rematerialises each layer in the backward of the uncached forward (training); a cached
-        forward is inference and is never rematerialised.
+        forward is inference and is never rematerialised. `attention` is the kernel of the uncached
+        attention and of a cached prefill (`fused_attention.select`'s choice).
         """
         cfg = self.cfg
         stacked = self.weights()
@@ -302,21 +306,22 @@ class DecoderStack(nnx.Module):
                     xs[_cache_index(part)] = first + jnp.arange(
                         count).reshape(segment.repeats, in_period)
             body = functools.partial(self._period, segment.period, where, rope, visible, token_mask,
-                                     cache, dtype, remat, query_block)
+                                     cache, dtype, remat, query_block, attention)
             (x, buffers, stats), _ = jax.lax.scan(body, (x, buffers, stats), xs)
         return x, buffers, stats
 
-    def _period(self, period, where, rope, visible, token_mask, cache, dtype, remat, query_block, carry, xs):
+    def _period(self, period, where, rope, visible, token_mask, cache, dtype, remat, query_block, attention, carry,
+                xs):
         """One scan step: the period's layers, each on its weights from `xs` (and its cache buffers)."""
         h, buffers, stats = carry
         layer = functools.partial(decoder_layer, cfg=self.cfg, lora=self.lora, dtype=dtype, query_block=query_block,
-                                  token_mask=token_mask)
+                                  attention=attention, token_mask=token_mask)
         for r, kind in enumerate(period):
             w = {name: xs[name][where[r][part]] for part in parts_of(kind) for name in self.names_by_part[part]}
             mixer_cache = None
             if cache is not None:
                 index = xs[_cache_index(kind.token_mixer)][where[r][kind.token_mixer]]
-                mixer_cache = _mixer_cache(kind.token_mixer, buffers, index, cache.index)
+                mixer_cache = _mixer_cache(kind.token_mixer, buffers, index, cache.index, attention)
             step = functools.partial(layer, kind=kind)
             if remat != "none" and cache is None:
                 policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -348,11 +353,12 @@ def _cache_index(mixer: str) -> str:
     return f"__{mixer}_cache_index__"
 
 
-def _mixer_cache(mixer: str, buffers: CacheBuffers, index, slot):
+def _mixer_cache(mixer: str, buffers: CacheBuffers, index, slot, kernel: fused_attention.Kernel):
     """What a token mixer of one layer gets in cache mode: attention a `CacheAttention` over its slice
-    of the stacked keys and values; Gated DeltaNet its layer's state."""
+    of the stacked keys and values (a prefill by `kernel`); Gated DeltaNet its layer's state."""
     if mixer == "attention":
-        return functools.partial(attn.attend_stacked, k_all=buffers.k, v_all=buffers.v, layer=index, slot=slot)
+        return functools.partial(attn.attend_stacked, k_all=buffers.k, v_all=buffers.v, layer=index, slot=slot,
+                                 kernel=kernel)
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), buffers.linear)
 
 
@@ -382,6 +388,7 @@ def decoder_layer(
     lora: lora_lib.LoraConfig | None,
     dtype,
     query_block: int = 0,
+    attention: fused_attention.Kernel = "plain",
     token_mask: Bool[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | deltanet_lib.DeltaNetState | None,
            moe_lib.RouterStats | None]:
@@ -389,7 +396,8 @@ def decoder_layer(
     the token mixer, then the channel mixer, each added to the residual stream `h`. `rope` is the
     forward's `Transformer.rope_tables`, `visible` which keys each query sees.
 
-    `kv` is None (no cache: attend among this call's tokens, in blocks of `query_block` queries) or the
+    `kv` is None (no cache: attend among this call's tokens, in blocks of `query_block` queries, or by
+    the fused kernel `attention`, `fused_attention.select`'s choice) or the
     layer's part of a cache (attention: an `attention.CacheAttention`; Gated DeltaNet: its
     `DeltaNetState`); its new contents are returned beside `h` (for Gated DeltaNet also without a
     cache: the state after these tokens), with the channel
@@ -399,7 +407,7 @@ def decoder_layer(
     norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps, zero_centered=cfg.zero_centered_norms)
     mixed, new_kv = TOKEN_MIXERS[kind.token_mixer].apply(
         norm(h, w["input_layernorm"]), w, rope, visible, kv, cfg=cfg, lora=lora, query_block=query_block,
-        token_mask=token_mask)
+        attention=attention, token_mask=token_mask)
     h = h + mixed
     channel, stats = CHANNEL_MIXERS[kind.channel_mixer].apply(
         norm(h, w["post_attention_layernorm"]), w, cfg=cfg, lora=lora, token_mask=token_mask)

@@ -14,6 +14,7 @@ import jax
 from jaxtyping import Array, Float
 
 from sdft_jax.models import attention as attn
+from sdft_jax.models import fused_attention
 from sdft_jax.models import lora as lora_lib
 from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.norm import rms_norm
@@ -46,12 +47,14 @@ def param_shapes(cfg: ModelConfig) -> Shapes:
 
 def self_attention(x: Float[Array, "B T D"], w: Mapping[str, Array], rope: attn.RopeTables, visible: attn.Visibility,
                    kv: attn.CacheAttention | None, *, cfg: ModelConfig, lora: lora_lib.LoraConfig | None,
-                   query_block: int) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None]:
+                   query_block: int, attention: fused_attention.Kernel = "plain",
+                   ) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None]:
     """Self-attention of the normed `x` by one layer's weights `w`.
 
-    `kv` is None (attend among this call's tokens, causally, in blocks of `query_block` queries; see
-    `attention.causal_attention`) or a cache's `attention.CacheAttention`, which writes the new keys and
-    values and attends over the cache; its new buffers are returned beside the output.
+    `kv` is None (attend among this call's tokens, causally, in blocks of `query_block` queries, or by
+    the fused kernel `attention`; see `attention.causal_attention`) or a cache's
+    `attention.CacheAttention`, which writes the new keys and values and attends over the cache; its
+    new buffers are returned beside the output.
     """
     B, T, _ = x.shape
     q, k, v = (lora_lib.project_named(x, w, name, lora) for name in ("q_proj", "k_proj", "v_proj"))
@@ -64,7 +67,7 @@ def self_attention(x: Float[Array, "B T D"], w: Mapping[str, Array], rope: attn.
     k = attn.apply_rope(k, rope)
     q = q.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
     if kv is None:
-        out, new_kv = attn.causal_attention(q, k, v, visible, query_block=query_block), None
+        out, new_kv = attn.causal_attention(q, k, v, visible, query_block=query_block, kernel=attention), None
     else:
         out, new_kv = kv(q, k, v, visible)
     out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)

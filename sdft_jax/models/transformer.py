@@ -11,6 +11,9 @@ Two modes share one code path:
 - KV cache: tokens are written at the cache's shared slot index (prefill a batch, then decode one
   token per call); positions are per row, so left-padded prompts of different lengths decode together.
 
+The attention of the uncached forward and of a prefill runs the kernel the `attention` setting selects
+for the platform (`fused_attention`: cuDNN on GPU, splash on TPU, the plain einsums on CPU).
+
 Every forward is built from the same public parts, which a caller that runs the layers its own way
 (the sampler's unrolled decode step) uses too: `Transformer.embed_tokens`, `Transformer.rope_tables`,
 `decoder.decoder_layer` (one layer, on one layer's weights), `Transformer.normalize` (the final norm) and
@@ -27,6 +30,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from sdft_jax.models import attention as attn
+from sdft_jax.models import fused_attention
 from sdft_jax.models import lora as lora_lib
 from sdft_jax.models import moe as moe_lib
 from sdft_jax.models.config import ModelConfig
@@ -34,7 +38,7 @@ from sdft_jax.models.decoder import DecoderStack, RematPolicy
 from sdft_jax.models.norm import rms_norm
 from sdft_jax.models.sharding import constrain
 from sdft_jax.pytrees import pytree_dataclass
-from sdft_jax.validation import check_int
+from sdft_jax.validation import check_choice, check_int
 
 __all__ = ["DEFAULT_QUERY_BLOCK", "ModelOutput", "RematPolicy", "Transformer", "positions_from_mask"]
 
@@ -66,12 +70,15 @@ class Transformer(nnx.Module):
         lora: lora_lib.LoraConfig | None = None,
         remat: RematPolicy = "none",
         query_block: int = DEFAULT_QUERY_BLOCK,
+        attention: fused_attention.Implementation = "auto",
     ):
         check_int("query_block", query_block, minimum=0, hint="0 = one block")
+        check_choice("attention", attention, fused_attention.IMPLEMENTATIONS)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
         self.query_block = query_block
+        self.attention = attention  # resolved per platform when traced: `attention_kernel`
         self.embed = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
             axes=("vocab", "embed"),
@@ -115,13 +122,19 @@ class Transformer(nnx.Module):
         else:
             cache, visible = cache.reserve(input_mask)
         x, new_kv, stats = self.layers(x, self.rope_tables(positions), visible, cache, token_mask=input_mask,
-                                       dtype=self.dtype, remat=self.remat, query_block=self.query_block)
+                                       dtype=self.dtype, remat=self.remat, query_block=self.query_block,
+                                       attention=self.attention_kernel())
         if cache is not None:
             cache = cache.commit(new_kv.k, new_kv.v, count=T, linear=new_kv.linear)
         aux = jnp.zeros((), jnp.float32)
         if stats is not None and self.cfg.moe.load_balance_coef:
             aux = self.cfg.moe.load_balance_coef * moe_lib.balance_loss(stats)
         return ModelOutput(hidden=self.normalize(x), cache=cache, router_stats=stats, aux_loss=aux)
+
+    def attention_kernel(self) -> fused_attention.Kernel:
+        """The attention kernel of the uncached forward and of a prefill: the `attention` setting on the
+        platform this program is traced for (`fused_attention.select`)."""
+        return fused_attention.select(self.attention, platform=jax.default_backend(), dtype=self.dtype)
 
     def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
         """The input embeddings of `tokens`, in the compute dtype."""

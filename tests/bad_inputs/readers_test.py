@@ -19,10 +19,11 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import datasets
 import gguf
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import save_file
 
@@ -138,15 +139,13 @@ ARROW_SCHEMA = pa.schema([("prompt", pa.string()), ("golden_answer", pa.list_(
 
 
 def _arrow_split(tmp_path: pathlib.Path, state: Any = "default", table: pa.Table | None = None) -> pathlib.Path:
+    """A `save_to_disk` split of the upstream layout, its `state.json` replaced by `state` (None: removed)."""
     split = tmp_path / "tooluse_data" / "eval_data"
-    split.mkdir(parents=True)
-    shard = split / "data-00000-of-00001.arrow"
     table = table if table is not None else pa.Table.from_pylist([_tool_row()], schema=ARROW_SCHEMA)
-    with ipc.new_stream(str(shard), table.schema) as writer:
-        writer.write_table(table)
-    if state == "default":
-        state = {"_data_files": [{"filename": shard.name}]}
-    if state is not None:
+    datasets.Dataset(table).save_to_disk(str(split))
+    if state is None:
+        os.remove(split / "state.json")
+    elif state != "default":
         (split / "state.json").write_text(state if isinstance(state, str) else json.dumps(state))
     return split
 
@@ -191,7 +190,75 @@ def _all_rows_bad(tmp_path):
         str(path), "all 2 rows are bad", "'invalid_utf8': 1", "'invalid_json': 1"]
 
 
+def _read_dataset(path: pathlib.Path, split: str = "train", **columns: str) -> Callable[[], Any]:
+    return lambda: readers.read_task(path, "dataset", split, columns=readers.Columns(**columns))
+
+
+def _parquet_missing_column(tmp_path):
+    path = tmp_path / "skills.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Q", "response": "D"}]), path)
+    return _read_dataset(path, question="prompt", demonstration="answer_text"), [
+        f"{path}: row 0: field 'answer_text': missing"]
+
+
+def _parquet_wrong_type(tmp_path):
+    path = tmp_path / "skills.parquet"
+    pq.write_table(pa.Table.from_pylist([{"q": 1, "d": "D"}, {"q": 2, "d": "D"}]), path)
+    return _read_dataset(path, question="q", demonstration="d"), [f"{path}: row 0: field 'q': expected str, got int"]
+
+
+def _empty_file(name: str) -> Callable:
+    def make(tmp_path):
+        path = tmp_path / name
+        if name.endswith(".parquet"):  # a valid Parquet file of no rows
+            pq.write_table(pa.table({"question": pa.array([], pa.string()), "demonstration": pa.array([], pa.string())}),
+                           path)
+        else:
+            path.write_bytes(b"")
+        return _read_dataset(path), [str(path), "no rows"]
+    return make
+
+
+def _dataset_jsonl_cut_line(tmp_path):
+    path = tmp_path / "skills.jsonl"
+    path.write_bytes(GOOD_LINE + b"\n" + b'{"question": "Q", "demonstr' + b"\n")
+    return _read_dataset(path), [f"{path}: row 1 (line 2): not JSON"]
+
+
+def _dataset_dict_without_the_split(tmp_path):
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD])}).save_to_disk(str(tmp_path / "dd"))
+    return _read_dataset(tmp_path / "dd", "eval"), [str(tmp_path / "dd"), "no split 'test' in this DatasetDict",
+                                                     "['train']"]
+
+
+def _name_not_cached(tmp_path):
+    return _read_dataset(pathlib.Path("someone/not-cached")), [
+        "someone/not-cached: not a file, a folder, or a loadable dataset name (HF_HUB_OFFLINE is set"]
+
+
+def _unknown_file_type(tmp_path):
+    path = tmp_path / "skills.csv"
+    path.write_text("question,demonstration\nQ,D\n")
+    return _read_dataset(path), [str(path), "unknown file type '.csv'"]
+
+
+def _saved_split_without_info(tmp_path):
+    split = _arrow_split(tmp_path)
+    os.remove(split / "dataset_info.json")
+    return (lambda: readers.read_task(tmp_path, "tooluse", "eval")), [str(split), "no dataset_info.json"]
+
+
 DATA_FILES = [
+    Case("dataset_parquet_missing_column", _parquet_missing_column, DataError),
+    Case("dataset_parquet_column_of_wrong_type", _parquet_wrong_type, DataError),
+    Case("dataset_empty_jsonl", _empty_file("empty.jsonl"), DataError),
+    Case("dataset_empty_json", _empty_file("empty.json"), DataError),
+    Case("dataset_parquet_of_no_rows", _empty_file("empty.parquet"), DataError),
+    Case("dataset_jsonl_cut_line", _dataset_jsonl_cut_line, DataError),
+    Case("dataset_dict_without_the_split", _dataset_dict_without_the_split, DataError),
+    Case("dataset_name_not_in_the_cache", _name_not_cached, DataError),
+    Case("dataset_unknown_file_type", _unknown_file_type, DataError),
+    Case("saved_split_without_dataset_info", _saved_split_without_info, DataError),
     Case("jsonl_missing", _missing_jsonl, DataError),
     Case("jsonl_only_blank_lines", _blank_jsonl, DataError),
     Case("jsonl_every_row_bad_while_skipping", _all_rows_bad, DataError),

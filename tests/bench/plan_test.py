@@ -84,15 +84,19 @@ def test_train_state_and_arguments_match_hand_counts_on_8_devices(config_file, t
     rollout = row["programs"]["rollout"]
     assert rollout["shapes"] == {"rows": 8, "calls": 1, "prompt_len": 32, "max_new_tokens": 8, "cache_len": 39}
     r = rollout["per_device_bytes"]
-    assert r["resident"] == state["total"] - params  # optimizer and teacher stay on the device
+    assert r["resident"] == state["total"]  # the train state stays on the device beside the rollout weights
+    # The rollout weights on an accelerator chip: every weight in bf16 (half its fp32 bytes), whole on
+    # every device (the rollout rules replicate over fsdp; the tensor axis is 1).
+    weights = by_hand_fsdp_bytes(tiny_model_dir("qwen3"), 1) // 2
+    assert rollout["dtype"] == "bfloat16" and rollout["weights_bytes"] == weights
     # Arguments: the weights, one row's prompt tokens (int32), mask and id, the key (2 x uint32), and the
-    # donated cache's keys and values (2 layers, 1 row, 39 slots, 2 KV heads of 16, fp32); its slot
-    # bookkeeping (`valid`, `index`), which `sample` resets, jit drops.
-    keys_values = 2 * (2 * 1 * 39 * 2 * 16 * 4)
+    # donated cache's keys and values (2 layers, 1 row, 39 slots, 2 KV heads of 16, bf16 like the weights);
+    # its slot bookkeeping (`valid`, `index`), which `sample` resets, jit drops.
+    keys_values = 2 * (2 * 1 * 39 * 2 * 16 * 2)
     assert rollout["cache_bytes"] == keys_values + 39 + 4
-    assert r["arguments"] == params + 32 * 4 + 32 + 4 + 8 + keys_values
+    assert r["arguments"] == weights + 32 * 4 + 32 + 4 + 8 + keys_values
     assert r["aliased"] == keys_values  # updated in place
-    assert rollout["collectives"]["all-gather"]["count"] > 0
+    assert "all-gather" not in rollout["collectives"]  # the weights are whole: nothing gathered per decoded token
     assert row["fits"] and row["per_device_bytes"] == max(memory["peak"], r["peak"])
     assert row["parameters"] == row["trained_parameters"] == by_hand_fsdp_bytes(tiny_model_dir("qwen3"), 1) // 4
 

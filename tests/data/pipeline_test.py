@@ -2,6 +2,7 @@
 
 import json
 
+import datasets
 import pytest
 
 from sdft_jax.data.pipeline import BatchIterator, PipelineConfig
@@ -113,3 +114,23 @@ def test_bad_pipeline_arguments():
 def test_defaults_to_this_process():
     it = BatchIterator(ITEMS, PipelineConfig(global_batch_size=2))
     assert (it.process_index, it.process_count, it.per_host) == (0, 1, 2)
+
+
+@pytest.mark.parametrize("num_epochs", [2, None])
+def test_resume_over_a_datasets_source_gives_the_same_batches(tmp_path, num_epochs):
+    """A `datasets.Dataset` (memory-mapped from disk, as `load_from_disk` gives it) is the source: a
+    resumed iterator, on a freshly loaded copy, continues with exactly the batches of an unbroken one."""
+    datasets.Dataset.from_list([{"question": f"Q{i}", "n": i} for i in range(10)]).save_to_disk(str(tmp_path / "d"))
+    config = PipelineConfig(global_batch_size=4, seed=7, num_epochs=num_epochs)
+    unbroken = _iterator(config, datasets.load_from_disk(str(tmp_path / "d")))
+    expected = [next(unbroken) for _ in range(5)]
+    assert sorted(row["n"] for batch in expected[:2] for row in batch) != list(range(8))  # shuffled
+    run = _iterator(config, datasets.load_from_disk(str(tmp_path / "d")))
+    first = [next(run), next(run)]
+    state = json.loads(json.dumps(run.get_state()))
+    resumed = _iterator(config, datasets.load_from_disk(str(tmp_path / "d")))
+    resumed.set_state(state)
+    assert first + [next(resumed) for _ in range(3)] == expected
+    # the same order as over the rows held in a list
+    over_a_list = _iterator(config, [{"question": f"Q{i}", "n": i} for i in range(10)])
+    assert [[row["n"] for row in b] for b in expected] == [[row["n"] for row in next(over_a_list)] for _ in range(5)]

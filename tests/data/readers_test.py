@@ -6,8 +6,8 @@ import os
 import pathlib
 import shutil
 
+import datasets
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pytest
 
 from sdft_jax.data import readers
@@ -28,14 +28,10 @@ SCIENCE_TRAIN_SCHEMA = pa.schema([
 SYSTEM = "Given a question and four options, please select the right answer. Respond in the format ..."
 
 
-def _write_arrow(split_dir: pathlib.Path, table: pa.Table, *, state: bool = True) -> pathlib.Path:
-    split_dir.mkdir(parents=True, exist_ok=True)
-    path = split_dir / "data-00000-of-00001.arrow"
-    with ipc.new_stream(str(path), table.schema) as writer:
-        writer.write_table(table)
-    if state:
-        (split_dir / "state.json").write_text(json.dumps({"_data_files": [{"filename": path.name}]}))
-    return path
+def _write_arrow(split_dir: pathlib.Path, table: pa.Table) -> pathlib.Path:
+    """`table` saved as `datasets.save_to_disk` saves a split (the upstream layout); returns its shard."""
+    datasets.Dataset(table).save_to_disk(str(split_dir))
+    return split_dir / "data-00000-of-00001.arrow"
 
 
 QUESTION = "Which is right?\n\nA: a\nB: b\nC: c\nD: d"
@@ -139,7 +135,7 @@ def test_tooluse_train_demonstration_is_joined_golden_response(tmp_path):
 
 def test_science_train_keep_system_and_thinking_format(tmp_path):
     _write_arrow(tmp_path / "science_data" / "train_data",
-                 pa.Table.from_pylist([_science_row()], schema=SCIENCE_TRAIN_SCHEMA), state=False)
+                 pa.Table.from_pylist([_science_row()], schema=SCIENCE_TRAIN_SCHEMA))
     plain = readers.read_task(tmp_path, "science", "train").records[0]
     assert plain.messages == ({"role": "user", "content": QUESTION},)
     assert plain.demonstration == "<reasoning>\nR1\nR2\n</reasoning>\n<answer>\nC\n</answer>"

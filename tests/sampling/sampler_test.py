@@ -18,7 +18,8 @@ from sdft_jax.models.lora import LoraConfig
 from sdft_jax.models.sharding import make_mesh
 from sdft_jax.models.transformer import positions_from_mask
 from sdft_jax.sampling import processors
-from sdft_jax.sampling import sampler as sampler_lib
+from sdft_jax.sampling.layer_copies import LayerCopies
+from sdft_jax.sampling.rollout_weights import RolloutWeightsConfig, StackedWeights
 from sdft_jax.sampling.sampler import Sampler, SamplingConfig
 from sdft_jax.tokenization import encode_chat, load_tokenizer, stop_token_ids
 
@@ -28,6 +29,9 @@ SMALL = dict(prompt_buckets=(16,), batch_buckets=(4,))
 
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=10, **SMALL)
+STACKED = RolloutWeightsConfig(layers="stacked")
+COPIES = RolloutWeightsConfig(layers="copies")
+LAYERS = pytest.mark.parametrize("weights", [COPIES, STACKED], ids=["copies", "stacked"])
 
 
 @functools.cache
@@ -99,28 +103,29 @@ def test_cached_steps_and_logprobs_equal_a_full_forward(sampled_llama, tiny_mode
     np.testing.assert_array_equal(out.sampling_logprobs, out.model_logprobs)
 
 
-def test_scanned_and_unrolled_layers_decode_the_same(sampled_llama, tiny_model_dir, free_sampler):
-    assert free_sampler.unroll_layers  # the default on CPU: the fixtures decode with unrolled layers
+def test_stacked_and_copied_layers_decode_the_same(sampled_llama, tiny_model_dir, free_sampler):
+    # The default on CPU: fp32 per-layer copies, unrolled (the fixtures decode so).
+    assert free_sampler.spec.layers == "copies" and free_sampler.spec.dtype == jnp.float32
     model = tiny_model(tiny_model_dir("llama"))
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, **SMALL)
-    out = Sampler(stop_ids=(), pad_id=0, unroll_layers=False).generate(model, PROMPTS, cfg, jax.random.key(0),
-                                                                       keep_logits=True)
+    out = Sampler(stop_ids=(), pad_id=0, weights=STACKED).generate(model, PROMPTS, cfg, jax.random.key(0),
+                                                                   keep_logits=True)
     np.testing.assert_array_equal(out.tokens, sampled_llama.tokens)
     assert np.abs(out.logits - sampled_llama.logits).max() < 1e-5
-    # Unrolled, the step looks RoPE angles up in tables of the cache's slots, so it must know their count.
-    with pytest.raises(ValueError, match="max_len"):
-        sampler_lib.decode_step(model, unroll_layers=True)
 
 
-@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
-def test_cache_is_handed_to_the_next_call_of_the_same_shape(unroll, tiny_model_dir, greedy_free):
+@LAYERS
+def test_cache_and_weights_are_handed_to_the_next_call(weights, tiny_model_dir, greedy_free):
     model = tiny_model(tiny_model_dir("llama"))
-    sampler = Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll)
+    sampler = Sampler(stop_ids=(), pad_id=0, weights=weights)
     sampler.generate(model, PROMPTS, GREEDY, jax.random.key(0))
     kept = sampler.kept_cache
-    assert isinstance(kept, attention.LayerKVCache if unroll else attention.KVCache)
-    assert (sampler.kept_layer_copies is not None) == unroll and sampler.copies_made == int(unroll)
+    copies = weights.layers == "copies"
+    assert isinstance(kept, attention.LayerKVCache if copies else attention.KVCache)
+    assert isinstance(sampler.kept_weights, LayerCopies if copies else StackedWeights)
+    made = sampler.kept_weights
     out = sampler.generate(model, PROMPTS[:3], GREEDY, jax.random.key(0))  # same buckets: reused
+    assert sampler.weights_made == 1 and sampler.kept_weights is made  # the same weights: made once
     np.testing.assert_array_equal(out.tokens, greedy_free.tokens[:3])
     # The cache's keys and values were donated to the second call.
     assert all(x.is_deleted() for x in jax.tree.leaves((kept.k, kept.v)))
@@ -128,35 +133,7 @@ def test_cache_is_handed_to_the_next_call_of_the_same_shape(unroll, tiny_model_d
     sampler.generate(model, PROMPTS, dataclasses.replace(GREEDY, max_new_tokens=4), jax.random.key(0))
     assert sampler.kept_cache.valid.shape == (4, 16 + 4 - 1)  # another shape: a new cache
     sampler.clear_cache()
-    assert sampler.kept_cache is None and sampler.kept_layer_copies is None
-
-
-def test_layer_copies_are_kept_while_the_weights_stay_the_same(tiny_model_dir, greedy_free):
-    """Unrolled, the per-layer weight copies are made once for many calls on the same weights, made
-    again (into the old copies' memory) when a weight is replaced, and never read stale."""
-    model = load_hf(tiny_model_dir("llama"))  # its own: changed below
-    sampler = Sampler(stop_ids=(), pad_id=0, unroll_layers=True)
-    sampler.generate(model, PROMPTS, GREEDY, jax.random.key(0))
-    copies = sampler.kept_layer_copies
-    graphdef, state = nnx.split(model)  # the train loop's form: the same arrays
-    out = sampler.generate((graphdef, state), PROMPTS, GREEDY, jax.random.key(0))
-    assert sampler.copies_made == 1 and sampler.kept_layer_copies is copies
-    np.testing.assert_array_equal(out.tokens, greedy_free.tokens)
-
-    # A train step hands back new arrays: the copies are made again, into the old ones' memory.
-    w = model.layers.down_proj
-    w[...] = w[...] * 1.5
-    changed = sampler.generate(model, PROMPTS, GREEDY, jax.random.key(0))
-    assert sampler.copies_made == 2 and all(x.is_deleted() for x in jax.tree.leaves(copies))
-    fresh = Sampler(stop_ids=(), pad_id=0, unroll_layers=True).generate(model, PROMPTS, GREEDY, jax.random.key(0))
-    np.testing.assert_array_equal(changed.tokens, fresh.tokens)
-    np.testing.assert_array_equal(changed.model_logprobs, fresh.model_logprobs)
-    assert (changed.model_logprobs != out.model_logprobs).any()
-
-    # A weight donated away (deleted) is never taken for the one the copies were made from.
-    assert sampler.has_layer_copies_of(model)
-    model.layers.down_proj[...].delete()
-    assert not sampler.has_layer_copies_of(model)
+    assert sampler.kept_cache is None and sampler.kept_weights is None
 
 
 def test_processed_logprobs_equal_a_full_forward(tiny_model_dir):
@@ -277,9 +254,9 @@ def test_greedy_smollm2_equals_transformers_generate(smollm2_dir, torch_model):
     assert together == expected
 
 
-@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
+@LAYERS
 @pytest.mark.parametrize("lora", [None, LoraConfig(rank=4, alpha=8.0)], ids=["full", "lora"])
-def test_sharded_greedy_equals_single_device(lora, unroll, tiny_model_dir, free_sampler, greedy_free, caplog):
+def test_sharded_greedy_equals_single_device(lora, weights, tiny_model_dir, free_sampler, greedy_free, caplog):
     assert jax.device_count() == 8
     path = tiny_model_dir("llama")
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -303,7 +280,7 @@ def test_sharded_greedy_equals_single_device(lora, unroll, tiny_model_dir, free_
         ref = free_sampler.generate(merged, PROMPTS, GREEDY, jax.random.key(0))
         assert (ref.tokens != greedy_free.tokens).any()  # the adapters matter
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=10, prompt_buckets=(16,), batch_buckets=(3,))
-    sampler = Sampler(stop_ids=(), pad_id=0, mesh=mesh, unroll_layers=unroll)
+    sampler = Sampler(stop_ids=(), pad_id=0, mesh=mesh, weights=weights)
     with caplog.at_level(logging.INFO, logger="sdft_jax.sampling.sampler"):
         out = sampler.generate(sharded, PROMPTS, cfg, jax.random.key(0))
     np.testing.assert_array_equal(out.tokens, ref.tokens)
@@ -311,31 +288,35 @@ def test_sharded_greedy_equals_single_device(lora, unroll, tiny_model_dir, free_
     # The second call reuses the program and the sharded buffers the first one handed back.
     kept = sampler.kept_cache
     assert not kept.valid.sharding.is_fully_replicated  # split over the batch
-    if unroll:  # each layer's copy of a weight is split like the stacked parameter
-        copy, stacked = sampler.kept_layer_copies[0]["gate_proj"], sharded.layers.gate_proj[...]
-        spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
-        assert spec(copy) == spec(stacked)[1:]
-        assert not copy.sharding.is_fully_replicated
+    # The rollout weights are laid out by the rollout rules: whole over fsdp, split over tensor (the
+    # stacked parameter is also split over fsdp). tests/sampling/rollout_weights_test.py checks every rule.
+    spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
+    assert spec(sharded.layers.gate_proj[...]) == (None, "fsdp", "tensor")
+    made = sampler.kept_weights
+    if weights.layers == "copies":
+        assert spec(made.layers[0]["gate_proj"]) == (None, "tensor")
+    else:
+        assert spec(made.model().layers.gate_proj[...]) == (None, None, "tensor")
     again = sampler.generate(sharded, PROMPTS[:2], cfg, jax.random.key(0))
     np.testing.assert_array_equal(again.tokens, ref.tokens[:2])
     assert sampler.compilations == 1 and all(x.is_deleted() for x in jax.tree.leaves((kept.k, kept.v)))
-    assert sampler.copies_made == int(unroll)  # the same weights: copied once
-    if unroll:  # new weights (as after a train step): copied again, into the sharded old copies
-        w = sharded.layers.down_proj
-        w[...] = w[...] * 1.5
-        changed = sampler.generate(sharded, PROMPTS, cfg, jax.random.key(0))
-        fresh = Sampler(stop_ids=(), pad_id=0, mesh=mesh, unroll_layers=True).generate(sharded, PROMPTS, cfg,
-                                                                                        jax.random.key(0))
-        assert sampler.copies_made == 2
-        np.testing.assert_array_equal(changed.model_logprobs, fresh.model_logprobs)
-        assert (changed.model_logprobs != out.model_logprobs).any()
+    assert sampler.weights_made == 1  # the same weights: made once
+    # New weights (as after a train step): made again (copies: into the sharded old ones).
+    w = sharded.layers.down_proj
+    w[...] = w[...] * 1.5
+    changed = sampler.generate(sharded, PROMPTS, cfg, jax.random.key(0))
+    fresh = Sampler(stop_ids=(), pad_id=0, mesh=mesh, weights=weights).generate(sharded, PROMPTS, cfg,
+                                                                                 jax.random.key(0))
+    assert sampler.weights_made == 2
+    np.testing.assert_array_equal(changed.model_logprobs, fresh.model_logprobs)
+    assert (changed.model_logprobs != out.model_logprobs).any()
     # The batch bucket 3 is rounded up to a multiple of the data-parallel size (data x fsdp = 4).
     assert "batch 4 x prompt 16" in caplog.text
 
 
-@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
+@LAYERS
 @pytest.mark.parametrize("architecture", ["qwen3_moe", "qwen3_5", "qwen3_5_moe"])
-def test_greedy_equals_transformers_generate_for_moe_and_hybrid_models(architecture, unroll, tiny_model_dir,
+def test_greedy_equals_transformers_generate_for_moe_and_hybrid_models(architecture, weights, tiny_model_dir,
                                                                         torch_model):
     """Tiny models made by `transformers`: Qwen3-MoE (a dense layer among sparse ones), Qwen3.5 and
     Qwen3.5-MoE (Gated DeltaNet and gated attention layers): our batched greedy decoding (left-padded,
@@ -353,13 +334,13 @@ def test_greedy_equals_transformers_generate_for_moe_and_hybrid_models(architect
         expected.append(out[0, len(p):].tolist())
     model = tiny_model(path)
     assert model.cfg.moe is not None or model.cfg.linear_layers
-    got = Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll).generate(model, PROMPTS, GREEDY, jax.random.key(0))
+    got = Sampler(stop_ids=(), pad_id=0, weights=weights).generate(model, PROMPTS, GREEDY, jax.random.key(0))
     assert got.completions() == expected
 
 
-def test_moe_sampling_with_lora_equals_a_full_forward_unrolled_or_scanned(tiny_model_dir):
+def test_moe_sampling_with_lora_equals_a_full_forward_copied_or_stacked(tiny_model_dir):
     """LoRA on attention and on every expert: each decode step's logits and log-probs equal an uncached
-    forward over prompt ++ completion, whether the decode loop's layers are unrolled or scanned."""
+    forward over prompt ++ completion, whether the decode loop reads per-layer copies or stacked weights."""
     lora = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "experts_gate_proj", "experts_up_proj",
                                                   "experts_down_proj", "down_proj"))
     model = load_hf(tiny_model_dir("qwen3_moe"), lora=lora)
@@ -369,9 +350,9 @@ def test_moe_sampling_with_lora_equals_a_full_forward_unrolled_or_scanned(tiny_m
         b = getattr(model.layers, f"{name}_lora_b")
         b[...] = 0.05 * jax.random.normal(sub, b.shape)
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=8, **SMALL)
-    outs = [Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll).generate(model, PROMPTS, cfg, jax.random.key(1),
-                                                                          keep_logits=True)
-            for unroll in (True, False)]
+    outs = [Sampler(stop_ids=(), pad_id=0, weights=weights).generate(model, PROMPTS, cfg, jax.random.key(1),
+                                                                     keep_logits=True)
+            for weights in (COPIES, STACKED)]
     check_against_full_forward(model, outs[0], dict(temperature=1.0))
     np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
     assert np.abs(outs[0].logits - outs[1].logits).max() < 1e-5
@@ -379,15 +360,15 @@ def test_moe_sampling_with_lora_equals_a_full_forward_unrolled_or_scanned(tiny_m
 
 def test_hybrid_deltanet_sampling_equals_a_full_forward_and_reuses_its_cache():
     """A tiny Qwen3.5-style hybrid (Gated DeltaNet and gated attention layers, MoE with a shared expert):
-    every step's logits equal an uncached forward, unrolled or scanned; a second call of the same shape,
+    every step's logits equal an uncached forward, copied or stacked layers; a second call of the same shape,
     on the donated cache whose DeltaNet states hold the first call's summaries, samples the same."""
     from sdft_jax.testing.tiny import random_model, tiny_config
 
     model = random_model(tiny_config("qwen3_5_moe"), seed=8)
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=8, **SMALL)
     outs = []
-    for unroll in (True, False):
-        sampler = Sampler(stop_ids=(), pad_id=0, unroll_layers=unroll)
+    for weights in (COPIES, STACKED):
+        sampler = Sampler(stop_ids=(), pad_id=0, weights=weights)
         first = sampler.generate(model, PROMPTS, cfg, jax.random.key(2), keep_logits=True)
         assert sampler.kept_cache is not None and sampler.kept_cache.linear is not None
         again = sampler.generate(model, PROMPTS, cfg, jax.random.key(2), keep_logits=True)

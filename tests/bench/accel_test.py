@@ -1,0 +1,118 @@
+"""`python -m sdft_jax.bench accel --tiny`: on CPU in seconds, its JSON object and each figure's meaning;
+the chip table; `launch/accel_check.sh`, which runs it."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from sdft_jax.bench import accel
+from sdft_jax.bench.step import step_flops
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_row():
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert accel.main(["--tiny", "--json"]) == 0
+    lines = buffer.getvalue().strip().splitlines()
+    assert len(lines) == 1, "one JSON object on one line"
+    return json.loads(lines[0])
+
+
+def test_tiny_run_reports_every_field(tiny_row):
+    row = tiny_row
+    assert row["bench"] == "accel" and row["tiny"] is True and row["platform"] == "cpu"
+    assert row["peak_bf16_tflops"] is None and "H100 SXM 989" in row["peak_note"]
+    assert row["model"]["tied_embeddings"] and row["model"]["weights"] == "random bf16"
+
+    step = row["step"]
+    args = accel.parse_args(["--tiny"])
+    shapes = accel.shapes(args)
+    cfg = accel.model_config(True, shapes["layers"])
+    assert step["step_flops"] == step_flops(cfg, shapes["batch"], shapes["prompt_len"], shapes["teacher_prompt_len"],
+                                            shapes["completion_len"], 128)
+    assert step["attention_kernel"] == "plain"  # auto on CPU
+    assert step["step_s"] > 0 and step["mfu"] is None and step["loss_finite"]
+
+    rollout = row["rollout"]
+    assert rollout["mode"] == "static"
+    assert rollout["new_tokens"] == shapes["rollout_prompts"] * shapes["new_tokens"]  # no stop ids: every row runs
+    assert rollout["tokens_per_s"] == pytest.approx(rollout["new_tokens"] / rollout["seconds"], rel=0.01)
+
+    bf16, fp32 = row["attention_parity"]
+    assert (bf16["dtype"], fp32["dtype"]) == ("bfloat16", "float32")
+    assert bf16["kernel"] == fp32["kernel"] == "xla"  # CPU: the plain path's fused stand-in
+    assert fp32["max_abs_out"] < 1e-5 and fp32["max_abs_grad"] < 1e-5
+    # In bf16 the kernel is no further from the plain path than bf16 rounding puts the plain path from fp32.
+    assert bf16["max_abs_out"] <= bf16["plain_bf16_vs_fp32_out"]
+    assert bf16["max_abs_grad"] <= bf16["plain_bf16_vs_fp32_grad"]
+    assert 0 < bf16["plain_bf16_vs_fp32_out"] < 0.1
+
+
+def test_full_shape_is_qwen3_1_7b():
+    shapes = accel.shapes(accel.parse_args([]))
+    cfg = accel.model_config(False, shapes["layers"])
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (28, 2048, 16, 8, 128)
+    assert (cfg.intermediate_size, cfg.vocab_size, cfg.tie_word_embeddings, cfg.qk_norm) == (6144, 151936, True, True)
+    assert accel.shapes(accel.parse_args(["--batch", "3", "--layers", "4"]))["batch"] == 3
+
+
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
+                                        ("NVIDIA A100-SXM4-80GB", None), ("cpu", None)])
+def test_chip_peak(kind, peak):
+    assert accel.chip_peak_tflops(kind) == peak
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sdft_jax.sampling.continuous") is None,
+                    reason="this tree has no continuous batching (sdft_jax/sampling/continuous.py) yet")
+def test_continuous_mode_generates_every_row():
+    """`--rollout-mode continuous` plugs in `sampling.continuous`: with no stop ids, every row runs to the end."""
+    args = accel.parse_args(["--tiny", "--rollout-mode", "continuous", "--slots", "3"])
+    shapes = accel.shapes(args)
+    cfg = accel.model_config(True, shapes["layers"])
+    row = accel.run_rollout(cfg, shapes, mode="continuous", attention="auto")
+    assert row["slots"] == 3 and row["new_tokens"] == shapes["rollout_prompts"] * shapes["new_tokens"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sdft_jax.sampling.continuous") is not None,
+                    reason="this tree has continuous batching")
+def test_continuous_mode_without_its_module_is_refused_by_name():
+    with pytest.raises(ValueError, match="needs sdft_jax/sampling/continuous.py"):
+        accel.rollout_fn("continuous", slots=4)
+
+
+def test_runs_without_grain_or_ml_collections():
+    """A GPU host may have neither: with both unimportable, `python -m sdft_jax.bench accel` starts, and
+    every module the bench imports (lazily, per part) imports."""
+    code = """
+import runpy, sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("grain", "ml_collections"):
+            raise ImportError(f"no module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, Missing())
+import sdft_jax.bench.accel, sdft_jax.bench.step, sdft_jax.distill.train_step, sdft_jax.distill.batch
+import sdft_jax.sampling.sampler, sdft_jax.models.fused_attention
+sys.argv = ["python -m sdft_jax.bench", "accel", "--help"]
+runpy.run_module("sdft_jax.bench", run_name="__main__")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False,
+                          timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "--rollout-mode" in proc.stdout
+
+
+def test_launch_script_runs_the_bench(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "launch" / "accel_check.sh"), "--dry-run", "--skip", "rollout"],
+                          capture_output=True, text=True, check=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.stdout.split() == ["python3", "-m", "sdft_jax.bench", "accel", "--json", "--skip", "rollout"]
