@@ -109,3 +109,61 @@ def test_decoding_writes_items_and_summary(tiny_model_dir, tmp_path, capsys):
     assert [i["index"] for i in items] == [0, 1, 2]
     assert all({"completion", "correct", "prediction", "expected", "reason"} <= set(i) for i in items)
     assert json.loads((tmp_path / "capitals.student.summary.json").read_text()) == summary
+
+
+def _logits(model):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sdft_jax.models.transformer import positions_from_mask
+
+    tokens = jnp.asarray([[5, 17, 3, 40, 9, 22, 31, 8]])
+    mask = jnp.ones(tokens.shape, bool)
+    return np.asarray(model.logits(model.forward(tokens, positions_from_mask(mask), mask).hidden))
+
+
+def test_a_runs_teacher_from_its_checkpoint_export_or_base_with_its_prompts(tiny_model_dir, tmp_path, capsys):
+    """`--run` of a LoRA run: the adapters of its last checkpoint on the base (= its merged export), or the base
+    model, with the run's own teacher template; completions equal hand-rendered prompts decoded by hand."""
+    import numpy as np
+
+    from sdft_jax import trainer
+    from sdft_jax.checkpoints.hf import load_hf
+    from sdft_jax.config import load_train_config
+    from sdft_jax.testing.configs import tiny_config
+    from sdft_jax.tokenization import load_tokenizer
+    from tests.continual.teacher_eval_test import TEMPLATE, hand_completions
+
+    model_dir = tiny_model_dir("llama")
+    run_dir = tmp_path / "run"
+    cfg = load_train_config(tiny_config(model_dir, run_dir, **{
+        "model.lora.rank": 4, "optim.learning_rate": 5e-2, "train.steps": 2, "prompts.teacher_template": TEMPLATE}))
+    trainer.train(cfg)
+    completions, summaries = {}, {}
+    for weights in ("checkpoint", "export", "base"):
+        assert evaluate.main(["--run", str(run_dir), "--weights", weights, "--task", "elements", "--prompt", "teacher",
+                              "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path / weights)]) == 0
+        summaries[weights] = json.loads(capsys.readouterr().out)
+        rows = (tmp_path / weights / "elements.teacher.jsonl").read_text().splitlines()
+        completions[weights] = [json.loads(r)["completion"] for r in rows]
+    assert {w: (s["prompt"], s["total"], s["step"]) for w, s in summaries.items()} == {
+        "checkpoint": ("teacher", 3, 2), "export": ("teacher", 3, None), "base": ("teacher", 3, None)}
+    records = trainer.load_records(cfg, "elements", "eval")[:3]
+    export = load_hf(str(run_dir / "export"))
+    tokenizer = load_tokenizer(model_dir)
+    assert completions["checkpoint"] == completions["export"] == hand_completions(export, tokenizer, records, 4)
+    assert completions["base"] == hand_completions(load_hf(model_dir), tokenizer, records, 4)
+    # The checkpoint's student is the trained one: the merged export's function, not the base model's.
+    loaded = trainer.load_run_model(str(run_dir), "checkpoint")
+    np.testing.assert_allclose(_logits(loaded.model), _logits(export), rtol=0, atol=1e-5)
+    assert np.abs(_logits(export) - _logits(load_hf(model_dir))).max() > 1e-3
+
+
+def test_run_mode_errors(tmp_path, capsys):
+    from sdft_jax.checkpointing import CheckpointError
+
+    with pytest.raises(SystemExit):
+        evaluate.main(["--run", str(tmp_path), "--model", "x", "--task", "capitals"])
+    assert "give exactly one of --model or --run (decode) or --predictions (score)" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        evaluate.main(["--run", str(tmp_path), "--task", "capitals"])

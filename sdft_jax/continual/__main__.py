@@ -1,7 +1,9 @@
 """`python -m sdft_jax.continual --config=configs/continual.py[:VARIANT] --config.methods=sft,sdft_topk ... [--debug]`
 
 Evaluates the base model, runs stage 1 (task A) and stage 2 (task B, continuing stage 1) for every
-method x learning rate x seed, and writes results.csv, results.md and results.png into `out_dir`.
+method x learning rate x seed, and writes results.csv, results.md, results.png and the frontier's
+files (frontier.png, frontier.csv, frontier_seeds.csv) into `out_dir`. Before each stage it prints one
+line: the stage, its method, LR and seed, and the time left estimated from the stages trained so far.
 Started again, finished stages are skipped and an interrupted one resumes from its checkpoint. Every
 stage's config is checked against the base model (its config.json) and the devices before the base
 model loads. Errors end as in `python -m sdft_jax.train` (one line, the status of their class).
@@ -29,7 +31,7 @@ def _main(argv: list[str]) -> int:
     check_plan_fits(plan.base_config, [run.config for run in plan.runs])
     print(f"{len(plan.runs)} stage runs; results in {plan.out_dir}", flush=True)
     report = run_plan(plan, compilation_cache=bool(_CONFIG.value.compilation_cache))
-    print(f"results: {report} (results.csv, results.png beside it)")
+    print(f"results: {report} (results.csv, results.png, frontier.png, frontier.csv beside it)")
     return 0
 
 

@@ -16,6 +16,14 @@ adapters off (`teacher.source = "base"`, a static teacher).
 
 `per_method` holds trainer keys that differ by method, e.g. the recipe's SFT keeps the science system
 prompt and its SDFT does not: `per_method = {"sft": {"data": {"keep_system": True}}}`.
+
+A sweep: `method_learning_rates` gives a method its own grid (`{"sft": "5e-6,1.5e-5,5e-5"}`; a method
+not named there uses `learning_rates`), and `repeat_lr` + `repeat_seeds` repeat one learning rate of a
+method with more seeds (`repeat_lr = {"sft": 1.5e-5}`, `repeat_seeds = "1,2"`; 0 = no repeat), after
+the grid: the run-to-run noise of the chosen setting, without repeating the whole grid.
+`diagnose_teacher`: before stage 2 of an SDFT cell, evaluate task B with the demonstration in the prompt,
+with the stage-1 student (stage 2's teacher as it starts) and, once, with the base model
+(`continual/teacher_eval.py`).
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ class Plan:
     probe_tasks: tuple[str, ...]
     base_config: TrainConfig  # the shared settings; evaluates the base model
     runs: tuple[Run, ...]  # stage 1 of a cell always precedes its stage 2
+    diagnose_teacher: bool = False  # teacher-with-demonstration accuracy on task B at stage 2's start
 
     @property
     def eval_tasks(self) -> tuple[str, ...]:
@@ -77,6 +86,12 @@ class Plan:
 
 def run_name(method: str, learning_rate: float, seed: int) -> str:
     return f"{method}_lr{learning_rate:g}_seed{seed}"
+
+
+def teacher_eval_dir(stage_dir: str) -> str:
+    """Where the teacher-with-demonstration evaluations of `diagnose_teacher` live: under the base
+    directory (the base model as teacher) or a cell's stage-2 directory (the stage-1 student as teacher)."""
+    return os.path.join(stage_dir, "teacher_eval")
 
 
 def _split(value: Any, key: str) -> list[str]:
@@ -108,8 +123,47 @@ def _numbers(value: Any, key: str, kind: type) -> list:
 
 
 _KEYS = {"out_dir", "task_a", "task_b", "probe_tasks", "methods", "learning_rates", "seeds", "stage2_teacher",
-         "stage2_steps", "compilation_cache", "per_method", "train"}
-_OPTIONAL_KEYS = {"per_method"}
+         "stage2_steps", "compilation_cache", "per_method", "method_learning_rates", "repeat_lr", "repeat_seeds",
+         "diagnose_teacher", "train"}
+_OPTIONAL_KEYS = {"per_method", "method_learning_rates", "repeat_lr", "repeat_seeds", "diagnose_teacher"}
+
+
+def _by_method(raw: Any, key: str) -> dict[str, Any]:
+    """A method -> value mapping (`method_learning_rates`, `repeat_lr`), its methods checked."""
+    if isinstance(raw, ml_collections.ConfigDict):
+        raw = raw.to_dict()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config.{key} must map methods to values, got {raw!r}")
+    for method in raw:
+        if method not in METHODS:
+            raise ConfigError(f"config.{key}: unknown method {method!r} (choose from {', '.join(METHODS)})")
+    return raw
+
+
+def _cells(raw: dict, methods: list[str]) -> list[tuple[str, float, int]]:
+    """(method, learning rate, seed) of every cell: each method's grid x seeds, then the repeats."""
+    lrs = _numbers(raw["learning_rates"], "learning_rates", float)
+    seeds = _numbers(raw["seeds"], "seeds", int)
+    grids = {}
+    for method, value in _by_method(raw.get("method_learning_rates", {}), "method_learning_rates").items():
+        if str(value).strip():
+            grids[method] = _numbers(value, f"method_learning_rates.{method}", float)
+    cells = [(m, lr, s) for m in methods for lr in grids.get(m, lrs) for s in seeds]
+    repeats = {m: v for m, v in _by_method(raw.get("repeat_lr", {}), "repeat_lr").items() if v not in (0, "0", "")}
+    if not repeats:
+        return cells
+    extra = [s for s in _numbers(raw.get("repeat_seeds", ""), "repeat_seeds", int) if s not in seeds]
+    repeat_lrs = {}
+    for method, value in repeats.items():
+        try:
+            repeat_lrs[method] = lr = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config.repeat_lr.{method}: {value!r} is not a number") from None
+        grid = grids.get(method, lrs)
+        if lr not in grid:
+            raise ConfigError(f"config.repeat_lr.{method} = {lr:g} is not one of {method}'s learning rates "
+                              f"({', '.join(f'{x:g}' for x in grid)})")
+    return cells + [(m, repeat_lrs[m], s) for m in methods if m in repeat_lrs for s in extra]
 
 
 def _per_method(raw: Any, train: dict) -> dict[str, dict]:
@@ -163,8 +217,7 @@ def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
             raise ConfigError(f"config.methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
     if not methods:
         raise ConfigError("config.methods is empty")
-    lrs = _numbers(raw["learning_rates"], "learning_rates", float)
-    seeds = _numbers(raw["seeds"], "seeds", int)
+    cells = _cells(raw, methods)
     task_a, task_b = str(raw["task_a"]), str(raw["task_b"])
     probes = tuple(_split(raw["probe_tasks"], "probe_tasks"))
     for key, task in (("task_a", task_a), ("task_b", task_b), *(("probe_tasks", p) for p in probes)):
@@ -178,6 +231,7 @@ def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
         teacher = check_choice("config.stage2_teacher", raw["stage2_teacher"], typing.get_args(Stage2Teacher))
         stage2_steps = check_int("config.stage2_steps", raw["stage2_steps"], minimum=0, hint="0 = train.steps")
         check_bool("config.compilation_cache", raw["compilation_cache"])
+        diagnose = check_bool("config.diagnose_teacher", raw.get("diagnose_teacher", False))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     out_dir = raw["out_dir"]
@@ -223,14 +277,10 @@ def make_plan(c: ml_collections.ConfigDict | dict) -> Plan:
                     d["teacher_init_from"] = base_model
         return _validated(d)
 
-    runs = []
-    for method in methods:
-        for lr in lrs:
-            for seed in seeds:
-                runs += [Run(method=method, learning_rate=lr, seed=seed, stage=s, config=stage_config(method, lr, seed, s))
-                         for s in (1, 2)]
+    runs = [Run(method=method, learning_rate=lr, seed=seed, stage=s, config=stage_config(method, lr, seed, s))
+            for method, lr, seed in cells for s in (1, 2)]
     return Plan(out_dir=out_dir, task_a=task_a, task_b=task_b, probe_tasks=probes, base_config=base_config,
-                runs=tuple(runs))
+                runs=tuple(runs), diagnose_teacher=diagnose)
 
 
 def _validated(d: dict) -> TrainConfig:

@@ -1,10 +1,19 @@
-"""The continual experiment's report: results.csv, results.md (Stage-1 and Stage-2 tables) and results.png.
+"""The continual experiment's report: results.csv, results.md (Stage-1 and Stage-2 tables) and results.png,
+and the learning-vs-retention frontier: frontier.png, frontier.csv (per method x LR) and
+frontier_seeds.csv (per method x LR x seed).
 
 Everything is read back from the run directories (per-item eval rows), so a report can be rebuilt at
 any time. Noise: every accuracy difference comes with a 95% paired bootstrap interval that resamples
 *clusters* of eval items sharing a gold answer (the offline tasks ask each trained fact several times
 in different words, so items of one fact are not independent). A difference whose interval excludes
 0 (a retention whose interval excludes 1) is marked `*`.
+
+The frontier pools a method x LR's seeds: its accuracies are the seeds' mean, its A retention the
+seeds' task-A items right after stage 2 over those right after stage 1 (a ratio of means, defined
+while any seed learned A), and its intervals the same cluster bootstrap over the seeds' items together
+(a resampled fact brings its items of every seed), so they carry the item noise of the seed mean; the
+spread between seeds is reported beside them (each seed's point in the plot, their standard deviation
+in the CSV). A method's frontier is its points, one per LR, in the plane (A retention, B after stage 2).
 """
 
 from __future__ import annotations
@@ -20,10 +29,12 @@ from typing import Any
 import numpy as np
 
 from sdft_jax import storage
-from sdft_jax.continual.plan import Plan
+from sdft_jax.continual.plan import Plan, teacher_eval_dir
 
 BOOTSTRAP_SAMPLES = 2000
 MIN_RATIO_CLUSTERS = 3  # a ratio's interval needs the denominator's correct items in this many clusters
+KEEP = 0.8  # the frontier's question: at least this much of task A kept ...
+REACH = 0.8  # ... while reaching at least this share of the reference method's best task-B accuracy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +92,27 @@ def bootstrap_difference(after: TaskScores, before: TaskScores, *, samples: int 
     return after.accuracy - before.accuracy, float(lo), float(hi)
 
 
+def bootstrap_accuracy(scores: TaskScores, *, samples: int = BOOTSTRAP_SAMPLES,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """(accuracy, 95% interval low, high) by a cluster bootstrap."""
+    if not scores.correct.size:
+        return math.nan, math.nan, math.nan
+    counts = _cluster_resamples(scores.clusters, np.random.default_rng(seed), samples)
+    sizes = np.bincount(scores.clusters).astype(np.float64)
+    boot = (counts @ _cluster_sums(scores.correct, scores.clusters)) / (counts @ sizes)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return scores.accuracy, float(lo), float(hi)
+
+
+def pooled(scores: list[TaskScores]) -> TaskScores:
+    """Several evaluations of the same items (one per seed) as one: a cluster keeps its label, so a
+    bootstrap that draws it draws its items of every seed."""
+    for other in scores[1:]:
+        _paired(other, scores[0])
+    return TaskScores(correct=np.concatenate([s.correct for s in scores]),
+                      clusters=np.concatenate([s.clusters for s in scores]))
+
+
 def bootstrap_ratio(after: TaskScores, before: TaskScores, *, samples: int = BOOTSTRAP_SAMPLES,
                     seed: int = 0) -> tuple[float, float, float]:
     """(after / before accuracy, 95% interval) by a paired cluster bootstrap; nan when `before` is 0."""
@@ -109,12 +141,20 @@ class Point:
     stage: int
     run_dir: str
     scores: dict[str, TaskScores]
+    # task B with the demonstration in the prompt (`diagnose_teacher`): for the base point the base model as
+    # teacher, for a stage-2 point the stage-1 student as teacher at stage 2's start; None when not measured
+    teacher_scores: TaskScores | None = None
 
 
 def collect(plan: Plan) -> tuple[Point, list[Point]]:
     """(base point, finished run points) read from disk; unfinished runs are left out."""
+    def teacher(stage_dir: str) -> TaskScores | None:
+        path = os.path.join(teacher_eval_dir(stage_dir), f"{plan.task_b}.jsonl")
+        return read_scores(path) if storage.exists(path) else None
+
     base = Point(method="base", learning_rate=None, seed=None, stage=0, run_dir=plan.base_dir,
-                 scores={t: read_scores(os.path.join(plan.base_dir, "eval", f"{t}.jsonl")) for t in plan.eval_tasks})
+                 scores={t: read_scores(os.path.join(plan.base_dir, "eval", f"{t}.jsonl")) for t in plan.eval_tasks},
+                 teacher_scores=teacher(plan.base_dir))
     points = []
     for run in plan.runs:
         run_dir = run.config.run_dir
@@ -126,7 +166,8 @@ def collect(plan: Plan) -> tuple[Point, list[Point]]:
         eval_dir = os.path.join(run_dir, "eval", f"step_{steps:06d}")
         points.append(Point(method=run.method, learning_rate=run.learning_rate, seed=run.seed, stage=run.stage,
                             run_dir=run_dir,
-                            scores={t: read_scores(os.path.join(eval_dir, f"{t}.jsonl")) for t in plan.eval_tasks}))
+                            scores={t: read_scores(os.path.join(eval_dir, f"{t}.jsonl")) for t in plan.eval_tasks},
+                            teacher_scores=teacher(run_dir) if run.stage == 2 else None))
     return base, points
 
 
@@ -276,18 +317,271 @@ def _plot(plan: Plan, base: Point, points: list[Point]) -> bytes:
     return png.getvalue()
 
 
-def write_report(plan: Plan) -> str:
-    """Writes results.csv, results.md and results.png into the plan's out_dir (local or remote); returns
-    results.md's path."""
-    base, points = collect(plan)
-    rows = _rows(plan, base, points)
+# -- the frontier: task B learned against task A kept, per method x learning rate, seeds pooled -------------
+
+Estimate = tuple[float, float, float]  # a value and its 95% interval (low, high); nan where undefined
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Cell:
+    """One (method, learning rate, seed) whose two stages have finished."""
+
+    stage1: Point
+    stage2: Point
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FrontierPoint:
+    """A method at one learning rate, its seeds pooled (see the module docstring)."""
+
+    method: str
+    learning_rate: float
+    seeds: tuple[int, ...]
+    a_stage1: Estimate  # task A after stage 1
+    b_stage2: Estimate  # task B after stage 2
+    retention: Estimate  # task A after stage 2 / after stage 1
+    probe_delta: dict[str, Estimate]  # each probe task after stage 2 minus the base model
+    seed_b_stage2: tuple[float, ...]  # each seed's own values, in `seeds` order
+    seed_retention: tuple[float, ...]
+
+
+def cells(points: list[Point]) -> list[Cell]:
+    """The finished cells, in plan order."""
+    stage1 = _stage1_points(points)
+    return [Cell(stage1=stage1[p.method, p.learning_rate, p.seed], stage2=p) for p in points
+            if p.stage == 2 and (p.method, p.learning_rate, p.seed) in stage1]
+
+
+def _ratio(after: TaskScores, before: TaskScores) -> float:
+    return after.accuracy / before.accuracy if before.accuracy else math.nan
+
+
+def _seed_sd(values: tuple[float, ...]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+def frontier(plan: Plan, base: Point, done: list[Cell]) -> list[FrontierPoint]:
+    """One point per method x learning rate (methods in plan order, learning rates ascending)."""
+    a, b = plan.task_a, plan.task_b
+    groups: dict[tuple[str, float], list[Cell]] = {}
+    for cell in done:
+        groups.setdefault((cell.stage2.method, cell.stage2.learning_rate), []).append(cell)
+    order = list(dict.fromkeys(m for m, _ in groups))
+    out = []
+    for method, lr in sorted(groups, key=lambda k: (order.index(k[0]), k[1])):
+        group = groups[method, lr]
+        a1, a2 = pooled([c.stage1.scores[a] for c in group]), pooled([c.stage2.scores[a] for c in group])
+        probe = {t: bootstrap_difference(pooled([c.stage2.scores[t] for c in group]),
+                                         pooled([base.scores[t]] * len(group))) for t in plan.probe_tasks}
+        out.append(FrontierPoint(
+            method=method, learning_rate=lr, seeds=tuple(c.stage2.seed for c in group),
+            a_stage1=bootstrap_accuracy(a1), b_stage2=bootstrap_accuracy(pooled([c.stage2.scores[b] for c in group])),
+            retention=bootstrap_ratio(a2, a1), probe_delta=probe,
+            seed_b_stage2=tuple(c.stage2.scores[b].accuracy for c in group),
+            seed_retention=tuple(_ratio(c.stage2.scores[a], c.stage1.scores[a]) for c in group)))
+    return out
+
+
+def seed_rows(plan: Plan, base: Point, done: list[Cell]) -> list[dict[str, Any]]:
+    """frontier_seeds.csv: per method x LR x seed, A after stage 1, B after stage 2, A retention (with its
+    cluster-bootstrap interval), each probe's delta vs the base model, and the teacher-with-demonstration
+    accuracies on B where measured (nan where not)."""
+    a, b = plan.task_a, plan.task_b
+    rows = []
+    for cell in done:
+        first, second = cell.stage1, cell.stage2
+        row: dict[str, Any] = {"method": second.method, "learning_rate": second.learning_rate, "seed": second.seed,
+                               f"{a}_stage1": first.scores[a].accuracy, f"{b}_stage1": first.scores[b].accuracy,
+                               f"{b}_stage2": second.scores[b].accuracy}
+        r, lo, hi = bootstrap_ratio(second.scores[a], first.scores[a])
+        row.update({f"{a}_retention": r, f"{a}_retention_lo": lo, f"{a}_retention_hi": hi})
+        for t in plan.probe_tasks:
+            d, lo, hi = bootstrap_difference(second.scores[t], base.scores[t])
+            row.update({f"{t}_delta": d, f"{t}_delta_lo": lo, f"{t}_delta_hi": hi})
+        row[f"teacher_stage1_{b}"] = second.teacher_scores.accuracy if second.teacher_scores else math.nan
+        row[f"teacher_base_{b}"] = base.teacher_scores.accuracy if base.teacher_scores else math.nan
+        rows.append(row)
+    return rows
+
+
+def frontier_rows(plan: Plan, points: list[FrontierPoint]) -> list[dict[str, Any]]:
+    """frontier.csv: per method x LR, the pooled estimates with their intervals and the seeds' spread."""
+    a, b = plan.task_a, plan.task_b
+    rows = []
+    for p in points:
+        row: dict[str, Any] = {"method": p.method, "learning_rate": p.learning_rate,
+                               "seeds": " ".join(map(str, p.seeds)), "n_seeds": len(p.seeds)}
+        for name, (value, lo, hi) in ((f"{a}_stage1", p.a_stage1), (f"{b}_stage2", p.b_stage2),
+                                      (f"{a}_retention", p.retention),
+                                      *((f"{t}_delta", p.probe_delta[t]) for t in plan.probe_tasks)):
+            row.update({name: value, f"{name}_lo": lo, f"{name}_hi": hi})
+        row[f"{b}_stage2_seed_sd"] = _seed_sd(p.seed_b_stage2)
+        row[f"{a}_retention_seed_sd"] = _seed_sd(p.seed_retention)
+        rows.append(row)
+    return rows
+
+
+def best_at_retention(points: list[FrontierPoint], method: str, keep: float = KEEP) -> FrontierPoint | None:
+    """The method's learning rate with the highest task-B accuracy among those keeping >= `keep` of task A
+    (point estimates); None when none does."""
+    kept = [p for p in points if p.method == method and not math.isnan(p.retention[0]) and p.retention[0] >= keep]
+    return max(kept, key=lambda p: p.b_stage2[0], default=None)
+
+
+def _pct0(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def frontier_answer(points: list[FrontierPoint], *, reference: str = "sft") -> tuple[str, str]:
+    """("yes" | "no" | "not measured", one sentence): is there a setting where an SDFT method reaches at
+    least REACH of the reference's best task-B accuracy while keeping at least KEEP of task A? Point
+    estimates (their intervals are in the tables)."""
+    ref = [p for p in points if p.method == reference]
+    sdft = [p for p in points if p.method != reference and p.method.startswith("sdft")]
+    if not ref or not sdft:
+        missing = f"no {reference} runs" if not ref else "no SDFT runs"
+        return "not measured", f"Not measured: {missing} with both stages finished."
+    best_ref = max(ref, key=lambda p: p.b_stage2[0])
+    target = REACH * best_ref.b_stage2[0]
+    best_txt = (f"{reference}'s best task B is {_pct0(best_ref.b_stage2[0])} (lr {best_ref.learning_rate:g}), so "
+                f"the bar is {_pct0(target)}")
+    hits = [p for p in sdft if not math.isnan(p.retention[0]) and p.retention[0] >= KEEP and p.b_stage2[0] >= target]
+    if hits:
+        p = max(hits, key=lambda q: q.b_stage2[0])
+        return "yes", (f"Yes: {p.method} at lr {p.learning_rate:g} reaches {_pct0(p.b_stage2[0])} on task B and keeps "
+                       f"{100 * p.retention[0]:.0f}% of task A; {best_txt}.")
+    why = []
+    for method in dict.fromkeys(p.method for p in sdft):
+        kept = best_at_retention(points, method)
+        top = max((p for p in sdft if p.method == method), key=lambda p: p.b_stage2[0])
+        kept_txt = (f"at >= {KEEP:.0%} A retention its best task B is {_pct0(kept.b_stage2[0])} (lr "
+                    f"{kept.learning_rate:g})" if kept else f"no learning rate keeps {KEEP:.0%} of A")
+        ret = "n/a" if math.isnan(top.retention[0]) else f"{100 * top.retention[0]:.0f}%"
+        why.append(f"{method}: {kept_txt}; its highest task B, {_pct0(top.b_stage2[0])} (lr "
+                   f"{top.learning_rate:g}), keeps {ret} of A")
+    return "no", f"No: {best_txt}; " + "; ".join(why) + "."
+
+
+def _estimate(e: Estimate, *, points: bool = False) -> str:
+    value, lo, hi = e
+    if math.isnan(value):
+        return "n/a"
+    fmt = (lambda x: f"{100 * x:+.1f}") if points else (lambda x: f"{100 * x:.1f}")
+    return f"{fmt(value)} [{'n/a' if math.isnan(lo) else fmt(lo)}, {'n/a' if math.isnan(hi) else fmt(hi)}]"
+
+
+def _frontier_markdown(plan: Plan, base: Point, done: list[Cell], points: list[FrontierPoint]) -> list[str]:
+    a, b = plan.task_a, plan.task_b
+    lines = ["", f"## Frontier: {b} after stage 2 against {a} retention (seeds pooled)", "",
+             "Per method x LR: seed means, 95% cluster-bootstrap intervals over the seeds' items together; "
+             "`frontier.csv` (also the seeds' standard deviation), `frontier_seeds.csv` (each seed), `frontier.png`.",
+             "", _table_head(["method", "lr", "seeds", f"{a} after stage 1", f"{b} after stage 2",
+                              f"{a} retention (%)", *(f"{t} delta vs base" for t in plan.probe_tasks)])]
+    for p in points:
+        cells_ = [p.method, f"{p.learning_rate:g}", " ".join(map(str, p.seeds)), _estimate(p.a_stage1),
+                  _estimate(p.b_stage2), _estimate(p.retention), *(_estimate(p.probe_delta[t], points=True)
+                                                                   for t in plan.probe_tasks)]
+        lines.append("| " + " | ".join(cells_) + " |")
+    lines += ["", f"Best {b} at >= {KEEP:.0%} {a} retention (point estimates):", ""]
+    for method in dict.fromkeys(p.method for p in points):
+        best = best_at_retention(points, method)
+        lines.append(f"- {method}: " + (f"{_pct0(best.b_stage2[0])} at lr {best.learning_rate:g} (retention "
+                                         f"{100 * best.retention[0]:.0f}%)" if best else
+                                         f"none (no learning rate keeps {KEEP:.0%} of {a})"))
+    verdict, sentence = frontier_answer(points)
+    lines += ["", f"**Does SDFT reach >= {REACH:.0%} of SFT's best {b} while keeping >= {KEEP:.0%} of {a}?** "
+              f"({verdict}) {sentence}"]
+    measured = [c for c in done if c.stage2.teacher_scores is not None]
+    if measured or base.teacher_scores is not None:
+        base_teacher = _pct(base.teacher_scores.accuracy) if base.teacher_scores else "n/a"
+        lines += ["", f"## The teacher on {b} with the demonstration in its prompt, at stage 2's start", "",
+                  f"Base model as teacher: {base_teacher}%. Accuracies in %; the student columns are the "
+                  "usual prompt (the question alone).", "",
+                  _table_head(["method", "lr", "seed", f"student {b} after stage 1",
+                               f"teacher (stage-1 student + demonstration) {b}", f"student {b} after stage 2"])]
+        for c in measured:
+            lines.append("| " + " | ".join([c.stage2.method, f"{c.stage2.learning_rate:g}", str(c.stage2.seed),
+                                            _pct(c.stage1.scores[b].accuracy), _pct(c.stage2.teacher_scores.accuracy),
+                                            _pct(c.stage2.scores[b].accuracy)]) + " |")
+    return lines
+
+
+def _frontier_plot(plan: Plan, points: list[FrontierPoint]) -> bytes:
+    """The PNG of the frontier: B after stage 2 against A retention, one point per method x LR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a, b = plan.task_a, plan.task_b
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    methods = list(dict.fromkeys(p.method for p in points))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    right = 110.0
+    for method in methods:
+        mine = [p for p in points if p.method == method and not math.isnan(p.retention[0])]
+        c = colors[method]
+        for p in mine:
+            for r, acc in zip(p.seed_retention, p.seed_b_stage2):  # each seed, faint
+                if not math.isnan(r):
+                    ax.scatter(100 * r, 100 * acc, s=14, color=c, alpha=0.35, zorder=2)
+                    right = max(right, 100 * r + 5)
+            x, y = 100 * p.retention[0], 100 * p.b_stage2[0]
+            xerr = [[0 if math.isnan(p.retention[1]) else x - 100 * p.retention[1]],
+                    [0 if math.isnan(p.retention[2]) else 100 * p.retention[2] - x]]
+            yerr = [[y - 100 * p.b_stage2[1]], [100 * p.b_stage2[2] - y]]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=c, ms=7, capsize=3, lw=1.2, zorder=3)
+            ax.annotate(f"{p.learning_rate:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8,
+                        color=c)
+            right = max(right, (100 * p.retention[2] if not math.isnan(p.retention[2]) else x) + 5)
+        if mine:  # the method's frontier, in learning-rate order
+            ax.plot([100 * p.retention[0] for p in mine], [100 * p.b_stage2[0] for p in mine], color=c, lw=1,
+                    alpha=0.6, zorder=1)
+        ax.scatter([], [], color=c, label=method)
+    ax.axvline(100 * KEEP, color="gray", ls="--", lw=0.8)
+    ref = [p for p in points if p.method == "sft"]
+    if ref:
+        ax.axhline(100 * REACH * max(p.b_stage2[0] for p in ref), color="gray", ls=":", lw=0.8,
+                   label=f"{REACH:.0%} of sft's best {b}")
+    ax.set_xlabel(f"{a} retention (%): after stage 2 / after stage 1")
+    ax.set_ylabel(f"{b} accuracy after stage 2 (%)")
+    ax.set_xlim(-5, right)
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    if methods:
+        ax.legend(fontsize=8, loc="best")
+    ax.set_title("One point per method x LR (label): seed mean, 95% cluster-bootstrap bars; faint: each seed",
+                 fontsize=9)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    return png.getvalue()
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
     fields = list(dict.fromkeys(k for r in rows for k in r))
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    storage.write_text(os.path.join(plan.out_dir, "results.csv"), table.getvalue())
+    return table.getvalue()
+
+
+def write_report(plan: Plan) -> str:
+    """Writes results.csv, results.md, results.png and the frontier's files (frontier.csv,
+    frontier_seeds.csv, frontier.png) into the plan's out_dir (local or remote); returns results.md's path."""
+    base, points = collect(plan)
+    rows = _rows(plan, base, points)
+    storage.write_text(os.path.join(plan.out_dir, "results.csv"), _csv_text(rows))
+    done = cells(points)
+    front = frontier(plan, base, done)
+    storage.write_text(os.path.join(plan.out_dir, "frontier_seeds.csv"), _csv_text(seed_rows(plan, base, done)))
+    storage.write_text(os.path.join(plan.out_dir, "frontier.csv"), _csv_text(frontier_rows(plan, front)))
+    storage.write_bytes(os.path.join(plan.out_dir, "frontier.png"), _frontier_plot(plan, front))
     md = os.path.join(plan.out_dir, "results.md")
-    storage.write_text(md, _markdown(plan, rows, points))
+    frontier_md = "\n".join(_frontier_markdown(plan, base, done, front)) + "\n"
+    storage.write_text(md, _markdown(plan, rows, points) + frontier_md)
     storage.write_bytes(os.path.join(plan.out_dir, "results.png"), _plot(plan, base, points))
     return md

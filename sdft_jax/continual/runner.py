@@ -2,8 +2,11 @@
 
 A stage is finished when its `summary.json` exists (the trainer writes it last, after the export);
 an interrupted stage resumes from its latest checkpoint through the trainer itself. The base
-evaluation is finished when `<out_dir>/base/summary.json` exists. After the runs, the report
-(results.csv, results.md, results.png) is rebuilt from the files on disk.
+evaluation is finished when `<out_dir>/base/summary.json` exists. With `diagnose_teacher`, the
+teacher-with-demonstration evaluations of `teacher_eval.py` run once, the stage-1 one just before its
+cell's stage 2. Before each stage a progress line (`progress_line`) says which stage of how many starts,
+and the time left, from the stages trained so far. After the runs, the report (results.csv, results.md,
+results.png, the frontier files) is rebuilt from the files on disk.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
 from sdft_jax import distributed, storage
+from sdft_jax.continual import teacher_eval
 from sdft_jax.continual.plan import Plan, Run
 from sdft_jax.continual.report import write_report
 
@@ -47,7 +52,8 @@ def evaluate_base(plan: Plan) -> dict[str, Any]:
     model_path = resolve_model(cfg.init_from or cfg.model.name)
     tokenizer = load_tokenizer(model_path)
     model = load_hf(model_path, mesh=mesh, dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype])
-    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=pad_token_id(tokenizer), mesh=mesh)
+    sampler = Sampler(stop_ids=stop_token_ids(tokenizer), pad_id=pad_token_id(tokenizer), mesh=mesh,
+                      weights=cfg.rollout.weights())
     records = {t: load_records(cfg, t, "eval") for t in plan.eval_tasks}
     primary = jax.process_index() == 0
     evals = evaluate_tasks(model, tokenizer, sampler, records, limit=cfg.eval.limit,
@@ -84,8 +90,35 @@ def run_stage(run: Run) -> dict[str, Any]:
     return summary
 
 
-def run_plan(plan: Plan, *, compilation_cache: bool = True) -> str:
-    """Runs the whole plan and writes the report; returns the path of results.md."""
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 5940 else f"{seconds / 3600:.1f} h"
+
+
+def progress_line(index: int, total: int, run: Run, trained_s: Sequence[float], *, skipped: bool = False) -> str:
+    """The line printed as stage `index` (1-based) of `total` starts, e.g.
+    `[3/12] sdft_topk lr 5e-05 seed 0 stage 1: 2 stages trained, 6.0 min each; ETA 1.0 h`.
+
+    The ETA is the mean time of the stages trained so far (in this invocation; skipped stages cost
+    nothing) times the stages left, this one included.
+    """
+    head = f"[{index}/{total}] {run.method} lr {run.learning_rate:g} seed {run.seed} stage {run.stage}"
+    if skipped:
+        return f"{head}: finished before, skipped"
+    if not trained_s:
+        return f"{head}: starting (ETA after the first stage)"
+    mean = sum(trained_s) / len(trained_s)
+    left = total - index + 1
+    return (f"{head}: {len(trained_s)} stage{'s' if len(trained_s) > 1 else ''} trained, {_minutes(mean)} each; "
+            f"ETA {_minutes(mean * left)}")
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_plan(plan: Plan, *, compilation_cache: bool = True, progress: Callable[[str], None] = _print_line) -> str:
+    """Runs the whole plan and writes the report; returns the path of results.md. `progress` receives a
+    line before each stage (`progress_line`)."""
     from sdft_jax.trainer import config_fingerprint
 
     distributed.maybe_initialize(plan.base_config.distributed, fingerprint=config_fingerprint(plan.base_config))
@@ -96,8 +129,21 @@ def run_plan(plan: Plan, *, compilation_cache: bool = True) -> str:
     storage.makedirs(plan.out_dir)
     t0 = time.perf_counter()
     evaluate_base(plan)
-    for run in plan.runs:
+    if plan.diagnose_teacher:
+        teacher_eval.evaluate_base_teacher(plan)
+    trained_s: list[float] = []
+    for index, run in enumerate(plan.runs, 1):
+        finished = storage.exists(os.path.join(run.config.run_dir, "summary.json"))
+        progress(progress_line(index, len(plan.runs), run, trained_s, skipped=finished))
+        start = time.perf_counter()
+        if plan.diagnose_teacher and teacher_eval.needs_stage1_teacher(plan, run):
+            # before stage 2 trains (or, for a stage 2 finished before the switch was on, now)
+            teacher_eval.evaluate_stage1_teacher(plan, run)
+            jax.clear_caches()
+            gc.collect()
         run_stage(run)
+        if not finished:
+            trained_s.append(time.perf_counter() - start)
     log.info("all runs finished in %.0f s", time.perf_counter() - t0)
     if jax.process_index() != 0:
         return os.path.join(plan.out_dir, "results.md")

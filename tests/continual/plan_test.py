@@ -161,3 +161,53 @@ def test_bad_per_method_keys_are_named(per_method, message):
     c.per_method = per_method
     with pytest.raises(ConfigError, match=message):
         make_plan(c)
+
+
+def _cells(plan):
+    return [(r.method, r.learning_rate, r.seed) for r in plan.runs if r.stage == 1]
+
+
+def test_sweep_variant_grids_per_method_then_repeats_the_chosen_settings():
+    c = continual_config("sweep")
+    c.out_dir = "/exp"
+    plan = make_plan(c)
+    assert plan.diagnose_teacher
+    grid = [("sft", 5e-6, 0), ("sft", 1.5e-5, 0), ("sft", 5e-5, 0),
+            ("sdft_topk", 5e-5, 0), ("sdft_topk", 1.5e-4, 0), ("sdft_topk", 5e-4, 0)]
+    assert _cells(plan) == grid
+    assert {r.config.train.steps for r in plan.runs} == {48}  # equal step counts, both stages, both methods
+    assert [r.config.optim.learning_rate for r in plan.runs if r.stage == 2] == [lr for _, lr, _ in grid]
+    # The repeat, on the same out_dir: the grid's cells first (finished: skipped), then the two new seeds.
+    c.repeat_lr.sft, c.repeat_lr.sdft_topk = 1.5e-5, 5e-4
+    plan = make_plan(c)
+    assert _cells(plan) == grid + [("sft", 1.5e-5, 1), ("sft", 1.5e-5, 2), ("sdft_topk", 5e-4, 1),
+                                   ("sdft_topk", 5e-4, 2)]
+    assert plan.runs[-1].config.run_dir == "/exp/sdft_topk_lr0.0005_seed2/stage2"
+
+
+def test_method_learning_rates_and_repeats_without_the_sweep_variant():
+    c = continual_config()
+    assert not make_plan(c).diagnose_teacher  # off by default
+    c.methods, c.learning_rates, c.seeds = "sft,sdft_topk,sdft_is", "1e-4", "0,1"
+    c.method_learning_rates = {"sdft_topk": "1e-4,3e-4", "sdft_full_kl": "1e-3"}  # a method not run: unused
+    c.repeat_lr = {"sdft_topk": 3e-4}
+    c.repeat_seeds = "1,2,3"  # seed 1 is in seeds already: only 2 and 3 are added
+    assert _cells(make_plan(c)) == [("sft", 1e-4, 0), ("sft", 1e-4, 1), ("sdft_topk", 1e-4, 0), ("sdft_topk", 1e-4, 1),
+                                    ("sdft_topk", 3e-4, 0), ("sdft_topk", 3e-4, 1), ("sdft_is", 1e-4, 0),
+                                    ("sdft_is", 1e-4, 1), ("sdft_topk", 3e-4, 2), ("sdft_topk", 3e-4, 3)]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("method_learning_rates", {"sdft": "1e-4"}, r"config\.method_learning_rates: unknown method 'sdft'"),
+    ("method_learning_rates", {"sft": "1e-4,x"}, r"config\.method_learning_rates\.sft: 'x' is not a number"),
+    ("repeat_lr", {"sft": 3e-5}, r"config\.repeat_lr\.sft = 3e-05 is not one of sft's learning rates \(5e-05\)"),
+    ("repeat_lr", {"sft": "fast"}, r"config\.repeat_lr\.sft: 'fast' is not a number"),
+    ("repeat_seeds", "", r"config\.repeat_seeds is empty"),
+    ("diagnose_teacher", 1, r"config\.diagnose_teacher must be true or false"),
+])
+def test_bad_sweep_keys_are_named(key, value, message):
+    c = continual_config().to_dict()
+    c["repeat_lr"] = {"sft": 5e-5}
+    c[key] = value
+    with pytest.raises(ConfigError, match=message):
+        make_plan(c)

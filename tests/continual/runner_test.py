@@ -151,3 +151,56 @@ def test_cli_rejects_a_bad_config_before_compiling(tmp_path):
     assert proc.returncode == 3  # errors.CONFIG
     assert "invalid config: config.methods: unknown method 'sdft_kl'" in proc.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_progress_line_says_the_stage_and_the_time_left():
+    plan = make_plan(tiny_experiment("unused", "/exp", learning_rates="5e-5"))
+    run = plan.runs[3]  # sdft_topk stage 2
+    assert runner.progress_line(1, 4, plan.runs[0], []) == (
+        "[1/4] sft lr 5e-05 seed 0 stage 1: starting (ETA after the first stage)")
+    assert runner.progress_line(4, 4, run, [60.0, 180.0]) == (
+        "[4/4] sdft_topk lr 5e-05 seed 0 stage 2: 2 stages trained, 2.0 min each; ETA 2.0 min")
+    # 3 stages left (this one included) at an hour each
+    assert runner.progress_line(10, 12, run, [3600.0]).endswith("1 stage trained, 60.0 min each; ETA 3.0 h")
+    assert runner.progress_line(2, 4, run, [], skipped=True).endswith("stage 2: finished before, skipped")
+
+
+def test_run_plan_prints_a_line_per_stage_with_the_eta_of_the_stages_trained(tmp_path, monkeypatch):
+    plan = make_plan(tiny_experiment("unused", tmp_path))
+    stage1 = plan.runs[0].config.run_dir
+    os.makedirs(stage1)
+    with open(os.path.join(stage1, "summary.json"), "w") as f:
+        f.write("{}")  # finished before: skipped, and not counted in the ETA
+    clock = [0.0]
+    durations = iter([0.0, 60.0, 180.0, 120.0])  # run_stage itself skips the finished stage 1
+
+    def fake_stage(run):
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(runner, "evaluate_base", lambda plan: {})
+    monkeypatch.setattr(runner, "run_stage", fake_stage)
+    monkeypatch.setattr(runner, "write_report", lambda plan: "results.md")
+    lines = []
+    runner.run_plan(plan, compilation_cache=False, progress=lines.append)
+    assert lines == ["[1/4] sft lr 0.001 seed 0 stage 1: finished before, skipped",
+                     "[2/4] sft lr 0.001 seed 0 stage 2: starting (ETA after the first stage)",
+                     "[3/4] sdft_topk lr 0.001 seed 0 stage 1: 1 stage trained, 1.0 min each; ETA 2.0 min",
+                     "[4/4] sdft_topk lr 0.001 seed 0 stage 2: 2 stages trained, 2.0 min each; ETA 2.0 min"]
+
+
+def test_run_plan_measures_the_teachers_before_stage2_when_asked(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "evaluate_base", lambda plan: calls.append("base eval"))
+    monkeypatch.setattr(runner, "run_stage", lambda run: calls.append(f"{run.method} stage {run.stage}"))
+    monkeypatch.setattr(runner, "write_report", lambda plan: "results.md")
+    monkeypatch.setattr(runner.teacher_eval, "evaluate_base_teacher", lambda plan: calls.append("base teacher"))
+    monkeypatch.setattr(runner.teacher_eval, "evaluate_stage1_teacher",
+                        lambda plan, run: calls.append(f"{run.method} stage-1 teacher"))
+    for diagnose in (False, True):
+        calls.clear()
+        plan = make_plan(tiny_experiment("unused", tmp_path, diagnose_teacher=diagnose))
+        runner.run_plan(plan, compilation_cache=False, progress=lambda line: None)
+        stages = ["sft stage 1", "sft stage 2", "sdft_topk stage 1"]
+        assert calls == (["base eval", "base teacher", *stages, "sdft_topk stage-1 teacher", "sdft_topk stage 2"]
+                         if diagnose else ["base eval", *stages, "sdft_topk stage 2"])
