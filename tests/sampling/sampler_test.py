@@ -314,8 +314,11 @@ def test_sharded_greedy_equals_single_device(lora, weights, tiny_model_dir, free
     assert "batch 4 x prompt 16" in caplog.text
 
 
-@LAYERS
-@pytest.mark.parametrize("architecture", ["qwen3_moe", "qwen3_5", "qwen3_5_moe"])
+# Every family with the CPU default (copies); the scan once, on the family with both kinds of layer and
+# experts (test_stacked_and_copied_layers_decode_the_same checks the two alike on llama).
+@pytest.mark.parametrize("architecture, weights", [("qwen3_moe", COPIES), ("qwen3_5", COPIES),
+                                                   ("qwen3_5_moe", COPIES), ("qwen3_5_moe", STACKED)],
+                         ids=["qwen3_moe-copies", "qwen3_5-copies", "qwen3_5_moe-copies", "qwen3_5_moe-stacked"])
 def test_greedy_equals_transformers_generate_for_moe_and_hybrid_models(architecture, weights, tiny_model_dir,
                                                                         torch_model):
     """Tiny models made by `transformers`: Qwen3-MoE (a dense layer among sparse ones), Qwen3.5 and
