@@ -187,12 +187,10 @@ class Trainer:
         teachers = [list(i.teacher_ids) for i in items for _ in range(n)]
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         # Once per step: the student's weights cast to rollout.dtype and laid out for sampling (dropped after).
-        if self.continuous is not None:  # makes its own (stacked) rollout weights
-            out = self.continuous.generate(student_model(self.graphdef, self.state), students, self.sampling, key)
-        else:
-            weights = self.sampler.rollout_weights(student_model(self.graphdef, self.state))
-            out = self.sampler.generate(weights, students, self.sampling, key)
-            del weights
+        weights = self.sampler.rollout_weights(student_model(self.graphdef, self.state))
+        sampler = self.sampler if self.continuous is None else self.continuous
+        out = sampler.generate(weights, students, self.sampling, key)
+        del weights
         completions = out.completions()
         logprobs = [row[:len(c)].tolist() for row, c in zip(out.model_logprobs, completions)]
         batch = make_step_batch(students, teachers, completions, pad_id=self.pad_id, sampler_logprobs=logprobs,

@@ -54,6 +54,27 @@ def test_three_steps_end_to_end(uninterrupted_run, torch_model):
     assert len([r for r in read_metrics(str(run)) if "loss" in r]) == 3
 
 
+def test_a_continuous_batching_run_trains_as_the_static_run(uninterrupted_run, tmp_path):
+    """rollout.mode = continuous on one slot (each step's two rows one after the other, the slot refilled):
+    the same rows for the same key, so the same steps; log-probs and sums only to fp32 order (the rows'
+    keys lie in other cache slots)."""
+    from sdft_jax.trainer import train
+
+    model_dir, static_run, _ = uninterrupted_run
+    run = tmp_path / "run"
+    train(load_train_config(tiny_config(model_dir, run, **{"rollout.mode": "continuous", "rollout.slots": 1})))
+    static_rows = [r for r in read_metrics(str(static_run)) if "loss" in r]
+    rows = [r for r in read_metrics(str(run)) if "loss" in r]
+    assert [r["step"] for r in rows] == [r["step"] for r in static_rows] == [1, 2, 3]
+    for x, y in zip(static_rows, rows):
+        assert y["rollout/mean_length"] == x["rollout/mean_length"] and y["completion_tokens"] == x["completion_tokens"]
+        for key in ("loss", "kl", "grad_norm", "teacher_entropy"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    ea, eb = SafetensorsDir(static_run / "export"), SafetensorsDir(run / "export")
+    for name in ea.names:
+        np.testing.assert_allclose(np.asarray(eb.read(name)), np.asarray(ea.read(name)), atol=1e-6, err_msg=name)
+
+
 def _cli(*args, env=None, **kwargs):
     return subprocess.run([sys.executable, "-m", "sdft_jax.train", *args], capture_output=True, text=True,
                           env={**os.environ, "XLA_FLAGS": "", **(env or {})}, timeout=120, **kwargs)

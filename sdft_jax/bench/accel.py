@@ -15,7 +15,7 @@ Three figures:
   null on a chip not in the table, e.g. CPU).
 - `rollout`: the sampler's new tokens per second over `--rollout-prompts` prompts (every row runs to
   `--new-tokens`: no stop ids), second call; `--rollout-mode` chooses static batches (`Sampler`) or
-  continuous batching (`sampling.continuous`, where that module exists).
+  continuous batching (`sampling.continuous`).
 - `attention_parity`: the platform's fused attention kernel (`fused_attention.select("auto")`; on CPU,
   where that is the plain path, the "xla" kernel) against the plain path on the model's head shapes,
   rows of ragged length padded as a train step pads them: max absolute difference of the outputs on
@@ -190,20 +190,14 @@ def run_rollout(cfg, s: dict, *, mode: str, attention: str) -> dict:
 
 def rollout_fn(mode: str, *, slots: int):
     """`(model, prompts, sampling, key) -> each row's new-token count` for a rollout mode: static
-    batches (`Sampler`) or continuous batching (`sampling.continuous`, when this tree has it)."""
+    batches (`Sampler`) or continuous batching (`ContinuousSampler`), both on their default rollout
+    weights (bf16 on accelerators)."""
     if mode not in ROLLOUT_MODES:
         raise ValueError(f"rollout mode must be one of {list(ROLLOUT_MODES)}, got {mode!r}")
     if mode == "continuous":
-        import importlib.util
+        from sdft_jax.sampling.continuous import ContinuousSampler
 
-        if importlib.util.find_spec("sdft_jax.sampling.continuous") is None:
-            raise ValueError("rollout mode 'continuous' needs sdft_jax/sampling/continuous.py, which this tree "
-                             "does not have yet; use --rollout-mode static")
-        from sdft_jax.sampling import continuous
-        from sdft_jax.sampling.rollout_weights import RolloutWeightsConfig
-
-        # The static Sampler's default rollout weights (bf16 on accelerators), so the two modes compare.
-        sampler = continuous.ContinuousSampler(stop_ids=(), pad_id=0, slots=slots, weights=RolloutWeightsConfig())
+        sampler = ContinuousSampler(stop_ids=(), pad_id=0, slots=slots)
     else:
         from sdft_jax.sampling.sampler import Sampler
 

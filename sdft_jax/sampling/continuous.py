@@ -32,8 +32,10 @@ and kept with its slot, indexed by the row's own step. So a row's tokens do not 
 count, on which slot or when it ran, or on the mesh, and the same key gives the same tokens as the
 static sampler for the same prompts in the same order and the same `max_new_tokens`.
 
-Decoding uses the scanned step (`sampler.decode_step(model)` on a stacked `KVCache`): the rollout
-weights it reads are `StackedWeights` (cast to the rollout dtype, laid out by the rollout rules).
+Decoding runs on rollout weights like the static sampler's (`RolloutWeights`: cast to the rollout
+dtype, laid out by the rollout rules), with their step and cache layout: the layer scan over a stacked
+`KVCache` (`StackedWeights`, the accelerator default) or the per-layer copies over a `LayerKVCache`
+(`LayerCopies`, the CPU default, where the scan copies every layer's keys and values at every step).
 """
 
 from __future__ import annotations
@@ -53,14 +55,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, Key
 
 from sdft_jax.distributed import put, to_host
-from sdft_jax.models.attention import KVCache
-from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, activation_sharding, constrain
+from sdft_jax.models.attention import KVCache, LayerKVCache
+from sdft_jax.models.sharding import activation_sharding, constrain
 from sdft_jax.models.transformer import Transformer, positions_from_mask
 from sdft_jax.padding import bucket_length, pad_rows
 from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.sampling import processors
-from sdft_jax.sampling.rollout_weights import RolloutWeights, RolloutWeightsConfig, StackedWeights, sharding_key
-from sdft_jax.sampling.sampler import SampleOutput, SamplingConfig, cache_length, decode_step
+from sdft_jax.sampling.rollout_weights import RolloutWeights, RolloutWeightsConfig, sharding_key
+from sdft_jax.sampling.sampler import IMPLEMENTATIONS, SampleOutput, SamplingConfig, cache_length
 from sdft_jax.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class Pool:
     current row, column t once its step t has run.
     """
 
-    cache: KVCache
+    cache: KVCache | LayerKVCache
     noise: Float[Array, "B N 2"] | None  # each slot's row's uniforms for all its steps (None: greedy)
     step: Int[Array, "B"]
     token: Int[Array, "B"]
@@ -92,24 +94,22 @@ class Pool:
     logits: Float[Array, "B N V"] | None  # only with keep_logits
 
 
-def _laid_out(pool: Pool) -> Pool:
+def _laid_out(pool: Pool, weights: RolloutWeights) -> Pool:
     """The pool pinned to its layout under `activation_sharding`: split over the batch axes (the
-    cache also over KV heads, like the model)."""
-    cache = pool.cache
-    axes = ("layers", "batch", "length", "kv_heads", "head_dim")
-    cache = dataclasses.replace(cache, k=constrain(cache.k, axes), v=constrain(cache.v, axes),
-                                valid=constrain(cache.valid, ("batch", "length")), index=constrain(cache.index, ()))
+    cache as `weights` lays out the cache it decodes on)."""
+    cache = weights.pin_cache(pool.cache)
     rows = {f.name: getattr(pool, f.name) for f in dataclasses.fields(pool) if f.name != "cache"}
     rows = {name: x if x is None else constrain(x, ("batch",) + (None,) * (x.ndim - 1)) for name, x in rows.items()}
     return Pool(cache=cache, **rows)
 
 
-def empty_pool(model: Transformer, slots: int, ring: int, cfg: SamplingConfig, keep_logits: bool) -> Pool:
-    """A pool of `slots` free slots, each a ring of `ring` cache slots."""
+def empty_pool(weights: RolloutWeights, slots: int, ring: int, cfg: SamplingConfig, keep_logits: bool) -> Pool:
+    """A pool of `slots` free slots, each a ring of `ring` cache slots (the cache layout `weights` decode on)."""
+    model = weights.model()
     n = cfg.max_new_tokens
     zeros = lambda dtype, *shape: jnp.zeros((slots, *shape), dtype)  # noqa: E731
     return Pool(
-        cache=KVCache.zeros(model.cfg, slots, ring, model.dtype),
+        cache=weights.empty_cache(model, slots, ring),
         noise=None if cfg.temperature == 0 else zeros(jnp.float32, n, 2),
         step=zeros(jnp.int32), token=zeros(jnp.int32), prompt_len=zeros(jnp.int32), limit=zeros(jnp.int32),
         done=jnp.ones((slots,), bool), stopped=zeros(bool), tokens=zeros(jnp.int32, n),
@@ -142,18 +142,19 @@ def _emit(pool: Pool, logits: Float[Array, "B V"], active: Bool[Array, "B"], *, 
 
 
 def insert(
-    graphdef: nnx.GraphDef, state: nnx.State, pool: Pool, prompt_tokens: Int[Array, "K P"],
+    weights: RolloutWeights, pool: Pool, prompt_tokens: Int[Array, "K P"],
     prompt_mask: Bool[Array, "K P"], slots: Int[Array, "K"], row_ids: Int[Array, "K"], limits: Int[Array, "K"],
     key: Key[Array, ""], *, cfg: SamplingConfig, stop_ids: Sequence[int], pad_id: int,
 ) -> Pool:
     """Prefills K LEFT-padded prompts into the pool's slots `slots` and draws each one's first token
     (pure, traceable). A slot index out of range (>= B) drops that row: count padding. `row_ids`
     name each row's random stream, `limits` its most new tokens (<= `cfg.max_new_tokens`)."""
-    model: Transformer = nnx.merge(graphdef, state)
+    model = weights.model()
     k, width = prompt_tokens.shape
     ring = pool.cache.max_len
-    small = KVCache.zeros(model.cfg, k, width, model.dtype)
-    hidden, small = decode_step(model)(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, small)
+    small = weights.empty_cache(model, k, width)
+    hidden, small = weights.decode_step(model, width)(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask,
+                                                      small)
     logits = model.logits(hidden[:, -1])  # left padding: every row's last prompt token
 
     # Column c of the prefill goes to ring slot (index - width + c) mod S: the prompt ends just
@@ -161,15 +162,9 @@ def insert(
     column = (jnp.arange(ring) - (pool.cache.index - width)) % ring
     inside = column < width
     column = jnp.minimum(column, width - 1)
-    place = lambda x: jnp.take(x, column, axis=2)  # [L, K, width, ...] -> [L, K, S, ...]  # noqa: E731
-    cache = pool.cache
+    cache = _put_rows(pool.cache, small, slots, column, model.cfg.num_kv_heads)
     cache = dataclasses.replace(
-        cache,
-        k=cache.k.at[:, slots].set(place(small.k).astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[:, slots].set(place(small.v).astype(cache.v.dtype), mode="drop"),
-        valid=cache.valid.at[slots].set(jnp.take(prompt_mask, column, axis=1) & inside[None], mode="drop"),
-        linear=None if cache.linear is None else jax.tree.map(
-            lambda old, new: old.at[:, slots].set(new.astype(old.dtype), mode="drop"), cache.linear, small.linear))
+        cache, valid=cache.valid.at[slots].set(jnp.take(prompt_mask, column, axis=1) & inside[None], mode="drop"))
 
     n = cfg.max_new_tokens
     set_rows = lambda buffer, value: buffer.at[slots].set(value, mode="drop")  # noqa: E731
@@ -194,13 +189,40 @@ def insert(
     return _emit(pool, all_logits, inserted, cfg=cfg, stop=stop, pad_id=pad_id)
 
 
-def decode(graphdef: nnx.GraphDef, state: nnx.State, pool: Pool, waiting: Bool[Array, ""], *,
+def _put_rows(cache: KVCache | LayerKVCache, small: KVCache | LayerKVCache, slots: Int[Array, "K"],
+              column: Int[Array, "S"], kv_heads: int) -> KVCache | LayerKVCache:
+    """`cache` with rows `slots` (out of range: dropped) holding `small`'s K rows, ring slot s taking
+    `small`'s slot `column[s]`, and their Gated DeltaNet states replaced."""
+    def put(buffer: Array, rows: Array, axis: int = 0) -> Array:  # rows of `buffer` along `axis`
+        at = (slice(None),) * axis + (slots,)
+        return buffer.at[at].set(rows.astype(buffer.dtype), mode="drop")
+
+    if isinstance(cache, KVCache):  # [L, B, S, Hkv, hd]; DeltaNet states [Ld, B, ...]
+        k, v = (put(c, jnp.take(n, column, axis=2), axis=1) for c, n in ((cache.k, small.k), (cache.v, small.v)))
+        linear = None if cache.linear is None else jax.tree.map(
+            lambda old, new: put(old, new, axis=1), cache.linear, small.linear)
+        return dataclasses.replace(cache, k=k, v=v, linear=linear)
+
+    # Per layer: keys [B * Hkv, hd, S], values [B * Hkv, S, hd] (row b's head h at b * Hkv + h);
+    # DeltaNet states [B, ...] per layer.
+    def per_layer(buffer: Array, rows: Array, length_axis: int) -> Array:
+        split = lambda x: x.reshape(x.shape[0] // kv_heads, kv_heads, *x.shape[1:])  # noqa: E731
+        placed = jnp.take(split(rows), column, axis=length_axis + 1)
+        return put(split(buffer), placed).reshape(buffer.shape)
+
+    k = tuple(per_layer(c, n, 2) for c, n in zip(cache.k, small.k, strict=True))
+    v = tuple(per_layer(c, n, 1) for c, n in zip(cache.v, small.v, strict=True))
+    linear = None if cache.linear is None else jax.tree.map(put, cache.linear, small.linear)
+    return dataclasses.replace(cache, k=k, v=v, linear=linear)
+
+
+def decode(weights: RolloutWeights, pool: Pool, waiting: Bool[Array, ""], *,
            cfg: SamplingConfig, stop_ids: Sequence[int], pad_id: int) -> Pool:
     """Decodes every running slot until all are done, or, when prompts are `waiting`, until one is
     (pure, traceable): the static sampler's decode step over the pool, its write index wrapped round."""
-    model: Transformer = nnx.merge(graphdef, state)
-    step_fn = decode_step(model)
+    model = weights.model()
     ring = pool.cache.max_len
+    step_fn = weights.decode_step(model, ring)
     stop = jnp.asarray(sorted(set(int(i) for i in stop_ids)), jnp.int32)
 
     def running(pool: Pool) -> Bool[Array, ""]:
@@ -243,9 +265,9 @@ def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Sam
 class ContinuousSampler:
     """`Sampler.generate`'s contract with continuous batching over a pool of `slots` decode rows.
 
-    `stop_ids`, `pad_id`, `mesh` as `Sampler`'s. `weights` (dtype, layout rules) makes the rollout weights
-    of a model it is handed, as `StackedWeights` whatever its `layers` (the scanned step); None: the
-    model's weights as they are, `rules` the layout traced under. With a mesh the slots are split over its
+    `stop_ids`, `pad_id`, `mesh`, `weights` as `Sampler`'s: `weights` makes the rollout weights of a
+    model it is handed (dtype, layout rules, and the implementation: the layer scan or the per-layer
+    copies, by platform unless set), made anew each call. With a mesh the slots are split over its
     `data` x `fsdp` x `expert` axes (rounded up to a multiple of their size). A call with fewer prompts
     than slots uses the batch bucket of its row count instead. `compilations` counts the programs
     compiled so far (an insert program per count bucket x prompt bucket, a decode program per pool
@@ -254,13 +276,12 @@ class ContinuousSampler:
     """
 
     def __init__(self, *, stop_ids: Sequence[int], pad_id: int, slots: int = 16, mesh: Mesh | None = None,
-                 weights: RolloutWeightsConfig | None = None, rules: LogicalRules = DEFAULT_RULES):
+                 weights: RolloutWeightsConfig = RolloutWeightsConfig()):
         check_int("ContinuousSampler.slots", slots, minimum=1)
         self.stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
         self.pad_id = int(pad_id)
         self.mesh = mesh
-        self.spec = None if weights is None else weights.spec(mesh)
-        self.rules = rules if self.spec is None else self.spec.rules
+        self.spec = weights.spec(mesh)
         self._batch_multiple = 1 if mesh is None else math.prod(
             mesh.shape.get(axis, 1) for axis in ("data", "fsdp", "expert"))
         self.slots = math.ceil(slots / self._batch_multiple) * self._batch_multiple
@@ -268,11 +289,10 @@ class ContinuousSampler:
         self.compile_seconds = 0.0
         self.chunks = self.inserts = 0
         self._programs: dict[tuple, jax.stages.Compiled] = {}
-        static = ("graphdef", "cfg")
         self._jitted = {
-            "insert": jax.jit(self._traced_insert, static_argnames=static, donate_argnames=("pool",)),
-            "decode": jax.jit(self._traced_decode, static_argnames=static, donate_argnames=("pool",)),
-            "empty": jax.jit(self._traced_empty, static_argnames=("graphdef", "cfg", "slots", "ring", "keep_logits")),
+            "insert": jax.jit(self._traced_insert, static_argnames=("cfg",), donate_argnames=("pool",)),
+            "decode": jax.jit(self._traced_decode, static_argnames=("cfg",), donate_argnames=("pool",)),
+            "empty": jax.jit(self._traced_empty, static_argnames=("cfg", "slots", "ring", "keep_logits")),
         }
 
     def clear_cache(self) -> None:
@@ -280,22 +300,21 @@ class ContinuousSampler:
 
     # ---------------------------------------------------------------- traced programs
 
-    def _traced(self, fn, *args, **kwargs):
+    def _traced(self, weights, fn, *args, **kwargs):
         if self.mesh is None:
-            return _laid_out(fn(*args, **kwargs))
-        with activation_sharding(self.mesh, self.rules):
-            return _laid_out(fn(*args, **kwargs))
+            return _laid_out(fn(weights, *args, **kwargs), weights)
+        with activation_sharding(self.mesh, self.spec.rules):
+            return _laid_out(fn(weights, *args, **kwargs), weights)
 
-    def _traced_insert(self, state, pool, tokens, mask, slots, row_ids, limits, key, *, graphdef, cfg):
-        return self._traced(insert, graphdef, state, pool, tokens, mask, slots, row_ids, limits, key, cfg=cfg,
+    def _traced_insert(self, weights, pool, tokens, mask, slots, row_ids, limits, key, *, cfg):
+        return self._traced(weights, insert, pool, tokens, mask, slots, row_ids, limits, key, cfg=cfg,
                             stop_ids=self.stop_ids, pad_id=self.pad_id)
 
-    def _traced_decode(self, state, pool, waiting, *, graphdef, cfg):
-        return self._traced(decode, graphdef, state, pool, waiting, cfg=cfg, stop_ids=self.stop_ids,
-                            pad_id=self.pad_id)
+    def _traced_decode(self, weights, pool, waiting, *, cfg):
+        return self._traced(weights, decode, pool, waiting, cfg=cfg, stop_ids=self.stop_ids, pad_id=self.pad_id)
 
-    def _traced_empty(self, state, *, graphdef, cfg, slots, ring, keep_logits):
-        return self._traced(lambda: empty_pool(nnx.merge(graphdef, state), slots, ring, cfg, keep_logits))
+    def _traced_empty(self, weights, *, cfg, slots, ring, keep_logits):
+        return self._traced(weights, empty_pool, slots, ring, cfg, keep_logits)
 
     def _run(self, name: str, args: tuple, **static) -> Pool:
         """Runs program `name` on `args`, compiling it on first use of their shapes and shardings."""
@@ -309,7 +328,7 @@ class ContinuousSampler:
             self._programs[program_key] = program
             self.compilations += 1
             self.compile_seconds += seconds
-            shapes = ", ".join(f"{k}={v}" for k, v in sorted(static.items()) if k not in ("graphdef", "cfg"))
+            shapes = ", ".join(f"{k}={v}" for k, v in sorted(static.items()) if k != "cfg")
             if name != "empty":
                 shapes = f"slots {args[1].step.shape[0]} x ring {args[1].cache.max_len}"
             if name == "insert":
@@ -333,7 +352,7 @@ class ContinuousSampler:
         """Samples one completion per prompt, as `Sampler.generate` (same errors, same output).
 
         `model`: the module or its `(graphdef, state)` split (its rollout weights made as `weights`
-        says), or rollout weights (their `model()` is decoded with the scanned step).
+        says), or rollout weights (e.g. `Sampler.rollout_weights`'s), decoded as they are.
 
         `max_new_tokens` optionally limits each row to its own number of new tokens (each from 1 to
         `cfg.max_new_tokens`; a row that reaches it ends as by the length limit): a row limited to n
@@ -341,10 +360,9 @@ class ContinuousSampler:
         """
         if isinstance(model, tuple):
             model = nnx.merge(*model)
-        if isinstance(model, RolloutWeights):
-            model = model.model()
-        elif self.spec is not None:
-            model = StackedWeights.make(model, self.spec).model()
+        weights = model if isinstance(model, RolloutWeights) else IMPLEMENTATIONS[self.spec.layers].make(model,
+                                                                                                        self.spec)
+        model = weights.model()
         check_prompts(model, prompts, cfg)
         n_new = cfg.max_new_tokens
         limits = [n_new] * len(prompts) if max_new_tokens is None else [int(n) for n in max_new_tokens]
@@ -356,13 +374,11 @@ class ContinuousSampler:
                                  f"(cfg.max_new_tokens)")
         # The buckets only choose shapes: programs are shared by configs that differ in them alone.
         program_cfg = dataclasses.replace(cfg, prompt_buckets=(1,), batch_buckets=(1,))
-        graphdef, state = nnx.split(model)
         ring = cache_length(bucket_length(max(map(len, prompts)), cfg.prompt_buckets), n_new)
         batch = min(self.slots, bucket_length(min(len(prompts), cfg.batch_buckets[-1]), cfg.batch_buckets))
         batch = math.ceil(batch / self._batch_multiple) * self._batch_multiple
         key = self._place(key)
-        pool = self._run("empty", (state,), graphdef=graphdef, cfg=program_cfg, slots=batch, ring=ring,
-                         keep_logits=keep_logits)
+        pool = self._run("empty", (weights,), cfg=program_cfg, slots=batch, ring=ring, keep_logits=keep_logits)
 
         out = _Outputs(len(prompts), n_new, model.cfg.vocab_size if keep_logits else 0, self.pad_id)
         pending = collections.deque(range(len(prompts)))
@@ -380,18 +396,18 @@ class ContinuousSampler:
                 rows = [pending.popleft() for _ in range(min(len(free), len(pending)))]
                 for b, r in zip(free, rows):
                     slot_row[b] = r
-                pool = self._insert(graphdef, state, pool, program_cfg, cfg, prompts, rows, free[:len(rows)],
-                                    limits, key, batch)
+                pool = self._insert(weights, pool, program_cfg, cfg, prompts, rows, free[:len(rows)], limits, key,
+                                    batch)
             elif all(done):
                 break
             else:
                 waiting = self._place(np.asarray(bool(pending)))
-                pool = self._run("decode", (state, pool, waiting), graphdef=graphdef, cfg=program_cfg)
+                pool = self._run("decode", (weights, pool, waiting), cfg=program_cfg)
                 self.chunks += 1
             done = to_host(pool.done)
         return out.result()
 
-    def _insert(self, graphdef, state, pool: Pool, program_cfg: SamplingConfig, cfg: SamplingConfig,
+    def _insert(self, weights: RolloutWeights, pool: Pool, program_cfg: SamplingConfig, cfg: SamplingConfig,
                 prompts: Sequence[Sequence[int]], rows: list[int], slots: list[int], limits: list[int],
                 key: Key[Array, ""], batch: int) -> Pool:
         """Runs the insert program for prompts `rows` into pool slots `slots` (count and width bucketed)."""
@@ -404,9 +420,9 @@ class ContinuousSampler:
         slot_ids = np.asarray(slots + [batch] * padding, np.int32)  # out of range: dropped
         row_ids = np.asarray(rows + [0] * padding, np.int32)
         row_limits = np.asarray([limits[r] for r in rows] + [1] * padding, np.int32)
-        args = (state, pool, *(self._place(x) for x in (tokens, mask, slot_ids, row_ids, row_limits)), key)
+        args = (weights, pool, *(self._place(x) for x in (tokens, mask, slot_ids, row_ids, row_limits)), key)
         self.inserts += 1
-        return self._run("insert", args, graphdef=graphdef, cfg=program_cfg)
+        return self._run("insert", args, cfg=program_cfg)
 
     def _place(self, x):
         """A host value on the devices: committed to one, or laid out over the mesh (replicated: the

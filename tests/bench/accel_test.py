@@ -1,7 +1,6 @@
 """`python -m sdft_jax.bench accel --tiny`: on CPU in seconds, its JSON object and each figure's meaning;
 the chip table; `launch/accel_check.sh`, which runs it."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -72,8 +71,6 @@ def test_chip_peak(kind, peak):
     assert accel.chip_peak_tflops(kind) == peak
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sdft_jax.sampling.continuous") is None,
-                    reason="this tree has no continuous batching (sdft_jax/sampling/continuous.py) yet")
 def test_continuous_mode_generates_every_row():
     """`--rollout-mode continuous` plugs in `sampling.continuous`: with no stop ids, every row runs to the end."""
     args = accel.parse_args(["--tiny", "--rollout-mode", "continuous", "--slots", "3"])
@@ -81,13 +78,6 @@ def test_continuous_mode_generates_every_row():
     cfg = accel.model_config(True, shapes["layers"])
     row = accel.run_rollout(cfg, shapes, mode="continuous", attention="auto")
     assert row["slots"] == 3 and row["new_tokens"] == shapes["rollout_prompts"] * shapes["new_tokens"]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("sdft_jax.sampling.continuous") is not None,
-                    reason="this tree has continuous batching")
-def test_continuous_mode_without_its_module_is_refused_by_name():
-    with pytest.raises(ValueError, match="needs sdft_jax/sampling/continuous.py"):
-        accel.rollout_fn("continuous", slots=4)
 
 
 def test_runs_without_grain_or_ml_collections():

@@ -10,6 +10,7 @@ import pytest
 from sdft_jax.checkpoints.hf import load_hf
 from sdft_jax.models.sharding import make_mesh
 from sdft_jax.sampling.continuous import ContinuousSampler
+from sdft_jax.sampling.rollout_weights import RolloutWeightsConfig
 from sdft_jax.sampling.sampler import Sampler, SamplingConfig
 from sdft_jax.tokenization import encode_chat, load_tokenizer, stop_token_ids
 
@@ -49,9 +50,11 @@ def assert_same_rows(got, want, atol=1e-5):
     np.testing.assert_allclose(got.sampling_logprobs, want.sampling_logprobs, atol=atol)
 
 
-@pytest.mark.parametrize("slots", [1, 3, 8])
-def test_sampled_rows_do_not_depend_on_the_slot_count(slots, llama, static_sampled):
-    sampler = ContinuousSampler(stop_ids=(), pad_id=0, slots=slots)
+# The CPU default decodes on per-layer copies and a `LayerKVCache`; "stacked" on the layer scan and a
+# stacked `KVCache` (the accelerator default): each layout's insert writes its own buffers.
+@pytest.mark.parametrize("slots, layers", [(1, "copies"), (3, "copies"), (8, "copies"), (3, "stacked")])
+def test_sampled_rows_do_not_depend_on_the_slot_count(slots, layers, llama, static_sampled):
+    sampler = ContinuousSampler(stop_ids=(), pad_id=0, slots=slots, weights=RolloutWeightsConfig(layers=layers))
     out = sampler.generate(llama, PROMPTS, SAMPLED, jax.random.key(7), keep_logits=True)
     assert_same_rows(out, static_sampled)
     assert np.abs(out.logits - static_sampled.logits).max() < 1e-4
@@ -165,16 +168,16 @@ def test_greedy_smollm2_equals_transformers_and_the_static_sampler(smollm2_dir, 
     np.testing.assert_allclose(out.model_logprobs, static.model_logprobs, atol=1e-4)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_hybrid_qwen3_5_continuous_equals_static(temperature, tiny_model_dir):
+@pytest.mark.parametrize("temperature, layers", [(0.0, "copies"), (1.0, "copies"), (1.0, "stacked")])
+def test_hybrid_qwen3_5_continuous_equals_static(temperature, layers, tiny_model_dir):
     """A tiny Qwen3.5 (Gated DeltaNet and gated attention layers, made by `transformers`): a slot's
     recurrent and convolution states are replaced when a new row is prefilled into it."""
     model = tiny_model(tiny_model_dir("qwen3_5"))
     assert model.cfg.linear_layers
     cfg = SamplingConfig(temperature=temperature, max_new_tokens=8, **BUCKETS)
     ref = Sampler(stop_ids=(), pad_id=0).generate(model, PROMPTS, cfg, jax.random.key(3))
-    out = ContinuousSampler(stop_ids=(), pad_id=0, slots=2).generate(model, PROMPTS, cfg, jax.random.key(3),
-                                                                      max_new_tokens=[8, 3, 8, 5, 8, 2, 8, 8, 1])
+    sampler = ContinuousSampler(stop_ids=(), pad_id=0, slots=2, weights=RolloutWeightsConfig(layers=layers))
+    out = sampler.generate(model, PROMPTS, cfg, jax.random.key(3), max_new_tokens=[8, 3, 8, 5, 8, 2, 8, 8, 1])
     # The limited rows free their slots early: later rows start in slots whose states held others'.
     for i, n in enumerate(out.lengths):
         np.testing.assert_array_equal(out.tokens[i, :n], ref.tokens[i, :n])
