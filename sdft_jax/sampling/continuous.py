@@ -62,7 +62,7 @@ from sdft_jax.padding import bucket_length, pad_rows
 from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.sampling import processors
 from sdft_jax.sampling.rollout_weights import RolloutWeights, RolloutWeightsConfig, sharding_key
-from sdft_jax.sampling.sampler import IMPLEMENTATIONS, SampleOutput, SamplingConfig, cache_length
+from sdft_jax.sampling.sampler import IMPLEMENTATIONS, SampleOutput, SamplingConfig, cache_length, check_prompts
 from sdft_jax.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -238,28 +238,6 @@ def decode(weights: RolloutWeights, pool: Pool, waiting: Bool[Array, ""], *,
                      pad_id=pad_id)
 
     return jax.lax.while_loop(running, next_token, pool)
-
-
-def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> None:
-    """Raises ValueError, naming the row, for an empty prompt, one above the largest prompt bucket,
-    prompt + max_new_tokens above the model's max_position_embeddings, or ids outside the vocabulary
-    (the static sampler's rules and messages)."""
-    if not len(prompts):
-        raise ValueError("generate: no prompts")
-    limit = model.cfg.max_position_embeddings
-    vocab = model.cfg.vocab_size
-    for i, p in enumerate(prompts):
-        n = len(p)
-        if n == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-        if n > cfg.prompt_buckets[-1]:
-            raise ValueError(f"prompt {i} has {n} tokens, more than the largest prompt bucket "
-                             f"({cfg.prompt_buckets[-1]}); add a bucket or shorten it")
-        if n + cfg.max_new_tokens > limit:
-            raise ValueError(f"prompt {i}: {n} prompt tokens + max_new_tokens {cfg.max_new_tokens} = "
-                             f"{n + cfg.max_new_tokens}, more than the model's max_position_embeddings ({limit})")
-        if min(p) < 0 or max(p) >= vocab:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
 
 
 class ContinuousSampler:

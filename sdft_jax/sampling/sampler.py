@@ -78,6 +78,29 @@ class _Kept:
             ref() is x and not x.is_deleted() for ref, x in zip(self.source, leaves, strict=True))
 
 
+def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> int:
+    """Raises ValueError, naming the row, for no prompts, an empty prompt, one above the largest prompt
+    bucket, prompt + max_new_tokens above the model's max_position_embeddings, or ids outside the
+    vocabulary; returns the prompt bucket they fit. Both samplers' rules."""
+    if not len(prompts):
+        raise ValueError("generate: no prompts")
+    limit = model.cfg.max_position_embeddings
+    vocab = model.cfg.vocab_size
+    for i, p in enumerate(prompts):
+        n = len(p)
+        if n == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if n > cfg.prompt_buckets[-1]:
+            raise ValueError(f"prompt {i} has {n} tokens, more than the largest prompt bucket "
+                             f"({cfg.prompt_buckets[-1]}); add a bucket or shorten it")
+        if n + cfg.max_new_tokens > limit:
+            raise ValueError(f"prompt {i}: {n} prompt tokens + max_new_tokens {cfg.max_new_tokens} = "
+                             f"{n + cfg.max_new_tokens}, more than the model's max_position_embeddings ({limit})")
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
+    return bucket_length(max(len(p) for p in prompts), cfg.prompt_buckets)
+
+
 class Sampler:
     """Generates from token-id prompts with whatever model (full or LoRA, sharded or not) it is handed.
 
@@ -207,7 +230,7 @@ class Sampler:
         """
         weights = model if isinstance(model, RolloutWeights) else self.rollout_weights(model)
         rollout_model = weights.model()
-        prompt_len = self._check_prompts(rollout_model, prompts, cfg)
+        prompt_len = check_prompts(rollout_model, prompts, cfg)
         largest = max(self._batch_bucket(b, cfg) for b in cfg.batch_buckets)
         parts = []
         for start in range(0, len(prompts), largest):
@@ -220,26 +243,6 @@ class Sampler:
             sampling_logprobs=cat("sampling_logprobs"), model_logprobs=cat("model_logprobs"),
             logits=cat("logits") if keep_logits else None,
         )
-
-    def _check_prompts(self, model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> int:
-        """Validates the prompts; returns the prompt bucket they fit."""
-        if not len(prompts):
-            raise ValueError("generate: no prompts")
-        limit = model.cfg.max_position_embeddings
-        vocab = model.cfg.vocab_size
-        for i, p in enumerate(prompts):
-            n = len(p)
-            if n == 0:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if n > cfg.prompt_buckets[-1]:
-                raise ValueError(f"prompt {i} has {n} tokens, more than the largest prompt bucket "
-                                 f"({cfg.prompt_buckets[-1]}); add a bucket or shorten it")
-            if n + cfg.max_new_tokens > limit:
-                raise ValueError(f"prompt {i}: {n} prompt tokens + max_new_tokens {cfg.max_new_tokens} = "
-                                 f"{n + cfg.max_new_tokens}, more than the model's max_position_embeddings ({limit})")
-            if min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
-        return bucket_length(max(len(p) for p in prompts), cfg.prompt_buckets)
 
     def _batch_bucket(self, batch: int, cfg: SamplingConfig) -> int:
         """The batch bucket of `batch` rows (the largest bucket for more), rounded up to a multiple of
