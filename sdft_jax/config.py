@@ -116,7 +116,10 @@ class DataSection:
     data_dir: str = ""
     split: str = "train"
     columns: readers.Columns = readers.Columns()  # jsonl / dataset: the columns of question, demonstration, ...
-    streaming: bool = False  # dataset: read rows as needed (no Arrow copy in the datasets cache)
+    # the training split read as a stream, never held whole (data/stream.py: window-shuffled, read again each
+    # epoch and on resume; train.steps, not epochs); `dataset` also writes no Arrow copy into the datasets cache
+    streaming: bool = False
+    shuffle_window: int = 10_000  # streaming: items shuffled together (1 = the file's order)
     eval_split: str = "test"  # dataset: what the "eval" split is called in a DatasetDict / cached dataset
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of failing on the first
     thinking_format: bool = False  # science: <think>-style demonstrations for thinking models
@@ -130,6 +133,7 @@ class DataSection:
         if not isinstance(self.eval_split, str) or not self.eval_split:
             raise ValueError(f"DataSection.eval_split must name a split, got {self.eval_split!r}")
         check_int("DataSection.offline_seed", self.offline_seed)
+        check_int("DataSection.shuffle_window", self.shuffle_window, minimum=1, hint="1 = the file's order")
         check_int("DataSection.offline_num_train", self.offline_num_train, minimum=0)
         check_choice("DataSection.task", self.task, TASKS)
         check_choice("DataSection.split", self.split, task_splits(self.task))
@@ -333,6 +337,10 @@ class TrainConfig:
         self._check_vocab_split()
         self._check_prompt_buckets()
         self._check_batch_split()
+        if self.data.streaming and self.train.epochs:
+            raise _rule_error("train.epochs", self.train.epochs,
+                              "a streamed split (data.streaming) has no known size to count epochs in: set "
+                              "train.steps (and train.epochs = 0)")
 
     def _check_loss_fits_method(self) -> None:
         if self.method == "sft" and self.loss.name != "sft":

@@ -39,8 +39,9 @@ from sdft_jax.checkpoints.registry import resolve_model
 from sdft_jax.config import ConfigError, TrainConfig, check_fit, load_train_config, to_dict
 from sdft_jax.data import offline_tasks, tasks
 from sdft_jax.data.pipeline import BatchIterator, PipelineConfig
-from sdft_jax.data.prompts import render_prompts, render_sft
-from sdft_jax.data.records import DataError, ReadResult, Record
+from sdft_jax.data.stream import StreamBatchIterator, StreamConfig
+from sdft_jax.data.prompts import end_of_turn_id, prompt_item, render_prompts, render_sft, sft_item
+from sdft_jax.data.records import DataError, ReadResult, Record, Skip
 from sdft_jax.distill.batch import make_step_batch
 from sdft_jax.distill.train_state import (TrainState, init_train_state, student_model, with_base_teacher,
                                           with_params, with_teacher)
@@ -56,6 +57,9 @@ from sdft_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, Sampler
 from sdft_jax.tokenization import load_tokenizer, pad_token_id, stop_token_ids
 
 log = logging.getLogger(__name__)
+
+# A streamed split's bad rows among its Skips (the others are dropped items).
+_ROW = "row:"
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -74,13 +78,16 @@ def _offline_config(cfg: TrainConfig) -> offline_tasks.OfflineTaskConfig:
     return offline_tasks.OfflineTaskConfig(seed=cfg.data.offline_seed, num_train=cfg.data.offline_num_train)
 
 
+def _read_options(cfg: TrainConfig) -> dict[str, Any]:
+    return dict(data_dir=cfg.data.data_dir, offline=_offline_config(cfg), skip_bad_rows=cfg.data.skip_bad_rows,
+                thinking_format=cfg.data.thinking_format, purpose="sft" if cfg.method == "sft" else "sdft",
+                keep_system=cfg.data.keep_system, columns=cfg.data.columns, streaming=cfg.data.streaming,
+                eval_split=cfg.data.eval_split)
+
+
 def read_records(cfg: TrainConfig, task: str, split: str) -> ReadResult:
     """Records of `task` as the run's config reads or generates them, with the bad rows skipped."""
-    return tasks.load_task(
-        task, split, data_dir=cfg.data.data_dir, offline=_offline_config(cfg), skip_bad_rows=cfg.data.skip_bad_rows,
-        thinking_format=cfg.data.thinking_format, purpose="sft" if cfg.method == "sft" else "sdft",
-        keep_system=cfg.data.keep_system, columns=cfg.data.columns, streaming=cfg.data.streaming,
-        eval_split=cfg.data.eval_split)
+    return tasks.load_task(task, split, **_read_options(cfg))
 
 
 def load_records(cfg: TrainConfig, task: str, split: str) -> list[Record]:
@@ -109,26 +116,15 @@ class Trainer:
             stop_ids=self.sampler.stop_ids, pad_id=self.pad_id, slots=cfg.rollout.decode_slots(), mesh=self.mesh,
             weights=cfg.rollout.weights())
 
-        # Data: rendered prompt items, iterated in a seeded, resumable order.
-        read = read_records(cfg, cfg.data.task, cfg.data.split)
-        records = list(read.records)
-        # Bad rows skipped under data.skip_bad_rows, by "task/split" and reason (for the summary).
-        self.skipped_rows = {f"{cfg.data.task}/{cfg.data.split}": dict(read.skipped)} if read.num_skipped else {}
-        render = render_sft if cfg.method == "sft" else render_prompts
-        rendered = render(self.tokenizer, records, cfg.prompts)
-        self.dropped = dict(rendered.dropped)
-        self.items = rendered.items
-        if not self.items:
-            raise DataError(f"task {cfg.data.task!r} split {cfg.data.split!r}",
-                            f"no training items: {len(records)} records, dropped {self.dropped or 'none'} (an "
-                            "overlong prompt is dropped: see config.prompts.max_prompt_tokens and overlong)")
-        # With train.epochs the step count follows from the data; every later use reads cfg.train.steps.
-        self.cfg = cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, steps=cfg.train.steps_for(len(self.items))))
-        # The pipeline yields this process's item indices; _global_items gathers the whole batch.
-        self.iterator = BatchIterator(range(len(self.items)), PipelineConfig(
-            global_batch_size=cfg.train.prompts_per_step, seed=cfg.seed, num_epochs=None),
-            process_index=self.shard.index, process_count=self.shard.count)
+        # Data: rendered prompt items, iterated in a seeded, resumable order: held whole and indexed, or
+        # (data.streaming) rendered as the split is read.
+        self._skipped_rows: dict[str, dict[str, int]] = {}  # bad rows by "task/split" (the `skipped_rows` property)
+        self._held_dropped: dict[str, int] | None = None  # held items: dropped by reason (streamed: None)
+        if cfg.data.streaming:
+            self._stream_items(cfg)
+        else:
+            self._hold_items(cfg)
+        cfg = self.cfg  # with train.epochs, the step count now follows from the data
 
         # Model and train state.
         model = load_hf(self.model_path, mesh=self.mesh, dtype=DTYPES[cfg.model.dtype],
@@ -159,9 +155,81 @@ class Trainer:
             read = read_records(cfg, t, "eval")
             self.eval_records[t] = list(read.records)
             if read.num_skipped:
-                self.skipped_rows[f"{t}/eval"] = dict(read.skipped)
+                self._skipped_rows[f"{t}/eval"] = dict(read.skipped)
 
     # -- one step --------------------------------------------------------------------------------
+
+    def _hold_items(self, cfg: TrainConfig) -> None:
+        """Every item rendered up front; the pipeline yields this process's indices (`_global_items`)."""
+        read = read_records(cfg, cfg.data.task, cfg.data.split)
+        records = list(read.records)
+        if read.num_skipped:
+            self._skipped_rows[f"{cfg.data.task}/{cfg.data.split}"] = dict(read.skipped)
+        render = render_sft if cfg.method == "sft" else render_prompts
+        rendered = render(self.tokenizer, records, cfg.prompts)
+        self._held_dropped = dict(rendered.dropped)
+        self.items = rendered.items
+        self.num_items = len(self.items)
+        if not self.items:
+            raise DataError(f"task {cfg.data.task!r} split {cfg.data.split!r}",
+                            f"no training items: {len(records)} records, dropped {self.dropped or 'none'} (an "
+                            "overlong prompt is dropped: see config.prompts.max_prompt_tokens and overlong)")
+        # With train.epochs the step count follows from the data; every later use reads cfg.train.steps.
+        self.cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, steps=cfg.train.steps_for(len(self.items))))
+        self.iterator = BatchIterator(range(len(self.items)), PipelineConfig(
+            global_batch_size=cfg.train.prompts_per_step, seed=cfg.seed, num_epochs=None),
+            process_index=self.shard.index, process_count=self.shard.count)
+        self._next_items = lambda: self._global_items(next(self.iterator))
+
+    def _stream_items(self, cfg: TrainConfig) -> None:
+        """data.streaming: items rendered as the split is read, pass after pass (`StreamBatchIterator`);
+        every process reads the same stream and gets the whole global batch. The bad rows and dropped
+        items are counted in the iterator's state: over every pass read, a resumed run as an uninterrupted one."""
+        records = tasks.open_task(cfg.data.task, cfg.data.split, **_read_options(cfg))
+        eot = end_of_turn_id(self.tokenizer) if cfg.method == "sft" else None
+        self.items, self.num_items = None, None
+
+        def open_items():
+            seen, kept = 0, 0
+            for record in records.open():
+                if isinstance(record, Skip):  # a bad row, under data.skip_bad_rows
+                    yield Skip(_ROW + record.reason)
+                    continue
+                seen += 1
+                item = (sft_item(self.tokenizer, record, cfg.prompts, end_of_turn=eot) if eot is not None
+                        else prompt_item(self.tokenizer, record, cfg.prompts))
+                if isinstance(item, str):  # dropped: overlong, or no demonstration
+                    yield Skip(item)
+                    continue
+                kept += 1
+                yield item
+            if not kept:
+                dropped = {k: v for k, v in self.iterator.skipped.items() if not k.startswith(_ROW)}
+                raise DataError(f"task {cfg.data.task!r} split {cfg.data.split!r}",
+                                f"no training items: {seen} records, dropped {dropped or 'none'} (an overlong "
+                                "prompt is dropped: see config.prompts.max_prompt_tokens and overlong)")
+
+        self.iterator = StreamBatchIterator(open_items, StreamConfig(
+            global_batch_size=cfg.train.prompts_per_step, seed=cfg.seed, shuffle_window=cfg.data.shuffle_window))
+        self._next_items = lambda: next(self.iterator)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Items dropped while rendering (overlong, no demonstration), by reason."""
+        if self._held_dropped is not None:
+            return self._held_dropped
+        return {k: v for k, v in self.iterator.skipped.items() if not k.startswith(_ROW)}
+
+    @property
+    def skipped_rows(self) -> dict[str, dict[str, int]]:
+        """Bad rows skipped under data.skip_bad_rows, by "task/split" and reason (the eval splits' too)."""
+        rows = dict(self._skipped_rows)
+        if self._held_dropped is None:
+            train = {k[len(_ROW):]: v for k, v in self.iterator.skipped.items() if k.startswith(_ROW)}
+            if train:
+                rows[f"{self.cfg.data.task}/{self.cfg.data.split}"] = train
+        return rows
 
     def _global_items(self, local: list[int]) -> list:
         """The items of the whole global batch, in order, from this process's block of indices.
@@ -272,7 +340,7 @@ class Trainer:
                    desc=f"{cfg.method} {os.path.basename(self.run_dir.rstrip('/'))}", dynamic_ncols=True)
         for step in bar:
             t0 = time.perf_counter()
-            items = self._global_items(next(self.iterator))
+            items = self._next_items()
             batch, stats = self._sft_batch(items) if cfg.method == "sft" else self._rollout_batch(items, step)
             t1 = time.perf_counter()
             self.sampler.clear_cache()  # the KV cache and the rollout weights, freed before the train step
@@ -330,7 +398,7 @@ class Trainer:
         summary = {"method": cfg.method, "loss": cfg.loss.name, "steps": cfg.train.steps, "eval": evals,
                    "export": export_dir if cfg.export else None, "dropped_items": self.dropped,
                    "skipped_rows": self.skipped_rows,
-                   "train_items": len(self.items), "nonfinite_steps": self.nonfinite_steps}
+                   "train_items": self.num_items, "nonfinite_steps": self.nonfinite_steps}
         writer.flush()  # the summary is written last: a run with one is complete
         if self.primary:
             storage.write_json(os.path.join(self.run_dir, "summary.json"), summary)

@@ -89,6 +89,7 @@ def test_the_learning_rate_schedule_runs_over_the_train_steps():
     ("checkpoint.keep", 0, r"config\.checkpoint\.keep"),
     ("mesh.fsdp", 0, r"config\.mesh\.fsdp: MeshSection\.fsdp must be an integer >= 1 \(or -1"),
     ("data.offline_num_train", -1, r"config\.data\.offline_num_train"),
+    ("data.shuffle_window", 0, r"config\.data\.shuffle_window: DataSection\.shuffle_window must be an integer >= 1"),
     ("data.task", "tooluse", r"config\.data\.data_dir: data_dir is required"),
     ("prompts.overlong", "cut", r"config\.prompts\.overlong"),
     ("seed", -1, r"config\.seed: TrainConfig\.seed"),
@@ -96,6 +97,13 @@ def test_the_learning_rate_schedule_runs_over_the_train_steps():
 def test_invalid_values_fail_naming_the_key(key, value, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         load_train_config(tiny_config("m", tmp_path, **{key: value}))
+
+
+def test_a_streamed_split_takes_steps_not_epochs(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.train\.epochs: .*no known size to count epochs in: set "
+                                          r"train\.steps"):
+        load_train_config(tiny_config("m", tmp_path, **{"data.streaming": True, "train.epochs": 1.0}))
+    assert load_train_config(tiny_config("m", tmp_path, **{"data.streaming": True})).data.shuffle_window == 10_000
 
 
 def test_values_of_the_wrong_type_are_named():

@@ -343,3 +343,35 @@ def test_skipped_bad_rows_are_counted_in_the_summary(tiny_model_dir, tmp_path):
     assert summary["skipped_rows"] == {"jsonl/train": {"invalid_utf8": 1, "wrong_type": 1}}
     assert summary["train_items"] == 3
     assert json.loads((run / "summary.json").read_text())["skipped_rows"] == summary["skipped_rows"]
+
+
+def test_a_streamed_split_counts_what_it_skips_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """data.streaming on a JSON Lines file with a bad row and an overlong prompt: the run reads it pass after
+    pass (window 3), counts both, and a run resumed from its step-2 checkpoint ends as the uninterrupted one."""
+    import shutil
+
+    from sdft_jax.trainer import train
+
+    data = tmp_path / "train.jsonl"
+    rows = [json.dumps({"question": f"What is {i}?", "demonstration": f"It is {i}."}) for i in range(6)]
+    rows[2] = '{"question": 3}'
+    rows[4] = json.dumps({"question": "long " * 600, "demonstration": "x"})  # over max_prompt_tokens
+    data.write_text("\n".join(rows) + "\n")
+    overrides = {"data.task": "jsonl", "data.data_dir": str(data), "data.skip_bad_rows": True,
+                 "data.streaming": True, "data.shuffle_window": 3, "eval.tasks": "", "prompts.max_prompt_tokens": 256}
+    model_dir = tiny_model_dir("llama")
+    straight = tmp_path / "straight"
+    summary = train(load_train_config(tiny_config(model_dir, straight, **overrides)))
+    # 3 steps of 2 of the 4 good items: pass 0 whole (its bad row and overlong prompt), then 2 of pass 1
+    assert summary["steps"] == 3 and summary["train_items"] is None
+    assert summary["skipped_rows"] == {"jsonl/train": {"wrong_type": 1}}
+    assert summary["dropped_items"] == {"student_overlong": 1}
+    assert [r["epoch"] for r in read_metrics(str(straight)) if "loss" in r] == [0.0, 1.0, 1.0]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for name in ("summary.json", "export", "checkpoints/3"):
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["2"]  # resumed from step 2, in the second window
+    train(load_train_config(tiny_config(model_dir, resumed, **overrides)))
+    _same_run(straight, resumed)

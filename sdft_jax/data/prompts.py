@@ -15,7 +15,7 @@ import collections
 import dataclasses
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -149,6 +149,60 @@ def _fit(ids: list[int], config: PromptConfig) -> tuple[list[int], bool] | None:
     return ids[-config.max_prompt_tokens:], True
 
 
+def prompt_item(tokenizer: PreTrainedTokenizerBase, record: Record, config: PromptConfig = PromptConfig(), *,
+                require_teacher: bool = True) -> PromptItem | str:
+    """The student and teacher prompt ids of one record, or the reason it is dropped (`STUDENT_OVERLONG`,
+    `TEACHER_OVERLONG`, `NO_DEMONSTRATION`; see `render_prompts`)."""
+    student = _fit(encode_chat(tokenizer, record.messages, prefill=config.thinking_prefill,
+                               enable_thinking=config.enable_thinking), config)
+    if student is None:
+        return STUDENT_OVERLONG
+    teacher_ids, truncated = None, student[1]
+    if record.demonstration is not None:
+        teacher = _fit(encode_chat(tokenizer, teacher_messages(record, config.teacher_template),
+                                   prefill=config.thinking_prefill, enable_thinking=config.enable_thinking), config)
+        if teacher is None:
+            return TEACHER_OVERLONG
+        teacher_ids, truncated = tuple(teacher[0]), truncated or teacher[1]
+    elif require_teacher:
+        return NO_DEMONSTRATION
+    return PromptItem(record=record, student_ids=tuple(student[0]), teacher_ids=teacher_ids, truncated=truncated)
+
+
+def sft_item(tokenizer: PreTrainedTokenizerBase, record: Record, config: PromptConfig = PromptConfig(), *,
+             end_of_turn: int) -> SftItem | str:
+    """The SFT example of one record, or the reason it is dropped (`NO_DEMONSTRATION`, `STUDENT_OVERLONG`,
+    `TARGET_OVERLONG`; see `render_sft`). `end_of_turn` is `end_of_turn_id(tokenizer)`."""
+    if record.demonstration is None:
+        return NO_DEMONSTRATION
+    prefill = config.thinking_prefill
+    prompt = _fit(encode_chat(tokenizer, record.messages, prefill=prefill, enable_thinking=config.enable_thinking),
+                  config)
+    if prompt is None:
+        return STUDENT_OVERLONG
+    target_text = record.demonstration
+    if prefill and target_text.startswith(prefill):
+        target_text = target_text[len(prefill):]
+    target = tokenizer.encode(target_text, add_special_tokens=False) + [end_of_turn]
+    if len(target) > config.max_target_tokens:
+        return TARGET_OVERLONG
+    return SftItem(record=record, prompt_ids=tuple(prompt[0]), target_ids=tuple(target), truncated=prompt[1])
+
+
+def _render(render_one: Callable[[Record], PromptItem | SftItem | str], records: Iterable[Record],
+            what: str) -> RenderResult:
+    counter, items, total = _Counter(), [], 0
+    for record in records:
+        total += 1
+        item = render_one(record)
+        if isinstance(item, str):
+            counter.dropped[item] += 1
+        else:
+            items.append(item)
+    counter.warn(what, total)
+    return RenderResult(items=tuple(items), dropped=dict(counter.dropped))
+
+
 def render_prompts(tokenizer: PreTrainedTokenizerBase, records: Iterable[Record],
                    config: PromptConfig = PromptConfig(), *, require_teacher: bool = True) -> RenderResult:
     """Student and teacher prompt ids of every record (see the module docstring).
@@ -156,30 +210,8 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, records: Iterable[Record]
     With `require_teacher` (training) a record without a demonstration is dropped and counted; without
     it (evaluation) such records get only the student prompt.
     """
-    counter, items, total = _Counter(), [], 0
-    for record in records:
-        total += 1
-        student = _fit(encode_chat(tokenizer, record.messages, prefill=config.thinking_prefill,
-                                   enable_thinking=config.enable_thinking), config)
-        if student is None:
-            counter.dropped[STUDENT_OVERLONG] += 1
-            continue
-        teacher_ids, truncated = None, student[1]
-        if record.demonstration is not None:
-            teacher = _fit(encode_chat(tokenizer, teacher_messages(record, config.teacher_template),
-                                       prefill=config.thinking_prefill, enable_thinking=config.enable_thinking),
-                           config)
-            if teacher is None:
-                counter.dropped[TEACHER_OVERLONG] += 1
-                continue
-            teacher_ids, truncated = tuple(teacher[0]), truncated or teacher[1]
-        elif require_teacher:
-            counter.dropped[NO_DEMONSTRATION] += 1
-            continue
-        items.append(PromptItem(record=record, student_ids=tuple(student[0]), teacher_ids=teacher_ids,
-                                truncated=truncated))
-    counter.warn("records while rendering prompts", total)
-    return RenderResult(items=tuple(items), dropped=dict(counter.dropped))
+    return _render(lambda r: prompt_item(tokenizer, r, config, require_teacher=require_teacher), records,
+                   "records while rendering prompts")
 
 
 def render_sft(tokenizer: PreTrainedTokenizerBase, records: Iterable[Record],
@@ -191,26 +223,5 @@ def render_sft(tokenizer: PreTrainedTokenizerBase, records: Iterable[Record],
     thinking-format "<think>\\n...") has it removed, so it is not written twice.
     """
     eot = end_of_turn_id(tokenizer)
-    counter, items, total = _Counter(), [], 0
-    prefill = config.thinking_prefill
-    for record in records:
-        total += 1
-        if record.demonstration is None:
-            counter.dropped[NO_DEMONSTRATION] += 1
-            continue
-        prompt = _fit(encode_chat(tokenizer, record.messages, prefill=prefill,
-                                   enable_thinking=config.enable_thinking), config)
-        if prompt is None:
-            counter.dropped[STUDENT_OVERLONG] += 1
-            continue
-        target_text = record.demonstration
-        if prefill and target_text.startswith(prefill):
-            target_text = target_text[len(prefill):]
-        target = tokenizer.encode(target_text, add_special_tokens=False) + [eot]
-        if len(target) > config.max_target_tokens:
-            counter.dropped[TARGET_OVERLONG] += 1
-            continue
-        items.append(SftItem(record=record, prompt_ids=tuple(prompt[0]), target_ids=tuple(target),
-                             truncated=prompt[1]))
-    counter.warn("records while rendering SFT examples", total)
-    return RenderResult(items=tuple(items), dropped=dict(counter.dropped))
+    return _render(lambda r: sft_item(tokenizer, r, config, end_of_turn=eot), records,
+                   "records while rendering SFT examples")

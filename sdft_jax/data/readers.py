@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from sdft_jax.data import records as rec
 from sdft_jax.data import sources
-from sdft_jax.data.records import DataError, ReadResult, Record, SkipCounter
+from sdft_jax.data.records import DataError, ReadResult, Record, Skip, SkipCounter
 from sdft_jax.validation import check_bool, check_int, check_literals
 
 TASKS = ("tooluse", "science", "tooluse_json", "jsonl", "dataset")
@@ -329,26 +329,72 @@ _PARSERS: dict[str, _RowParser] = {"tooluse": _tooluse_record, "tooluse_json": _
                                    "science": _science_record, "jsonl": _generic_record, "dataset": _generic_record}
 
 
-def _collect(rows: Iterator[sources.Row], source: str, task: str, split: str, config: ReadConfig) -> ReadResult:
-    """Parses `(index, label, row)` triples; `label` names the row in errors."""
+def _parse(rows: Iterator[sources.Row], source: str, task: str, split: str, config: ReadConfig,
+           counter: SkipCounter) -> Iterator[Record]:
+    """Parses `(index, label, row)` triples as they come; `label` names the row in errors. A bad row
+    raises, or is counted in `counter` and skipped."""
     parse = _PARSERS[task]
     record_task = "tooluse" if task == "tooluse_json" else task
-    counter = SkipCounter(source, skip_bad_rows=config.skip_bad_rows)
-    out, seen = [], 0
     for index, label, data in rows:
-        seen += 1
         try:
             if isinstance(data, DataError):  # a row the file layer could not decode
                 raise data
             _check_row(data, source, label, config.max_row_chars)
-            out.append(parse(_Row(data, source, index, label, record_task), split, config))
+            record = parse(_Row(data, source, index, label, record_task), split, config)
         except DataError as e:
             counter.bad(e)
+            continue
+        yield record
+
+
+def _collect(rows: Iterator[sources.Row], source: str, task: str, split: str, config: ReadConfig) -> ReadResult:
+    """Every record of `rows` (`_parse`), with the bad rows skipped by reason."""
+    counter = SkipCounter(source, skip_bad_rows=config.skip_bad_rows)
+    out = list(_parse(rows, source, task, split, config, counter))
     counter.warn()
     if not out:
-        detail = "no rows" if not seen else f"all {seen} rows are bad: {counter.counts}"
-        raise DataError(source, detail, reason=rec.BAD_FILE)
+        raise _no_records(source, counter)
     return ReadResult(records=tuple(out), skipped=counter.counts)
+
+
+def _no_records(source: str, counter: SkipCounter) -> DataError:
+    detail = f"all {counter.total} rows are bad: {counter.counts}" if counter.total else "no rows"
+    return DataError(source, detail, reason=rec.BAD_FILE)
+
+
+class RecordStream:
+    """One task split read as a stream: each `open()` reads the source again from its first row and yields
+    its records as they are parsed, so the split is never held whole (`data.streaming` in the trainer).
+
+    A bad row skipped under `skip_bad_rows` is yielded as a `Skip` of its reason, in its place, for the
+    consumer to count; without it, the bad row raises. A pass with no good record raises the same
+    `DataError` as `read_task`.
+    """
+
+    def __init__(self, open_rows: Callable[[], tuple[str, Iterator[sources.Row]]], task: str, split: str,
+                 config: ReadConfig):
+        self._open_rows = open_rows
+        self.task, self.split, self.config = task, split, config
+
+    def open(self) -> Iterator[Record | Skip]:
+        source, rows = self._open_rows()
+        counter = SkipCounter(source, skip_bad_rows=self.config.skip_bad_rows)
+        reported: dict[str, int] = {}
+
+        def skips() -> Iterator[Skip]:  # the rows counted since the last call
+            for reason, n in counter.counts.items():
+                yield from (Skip(reason) for _ in range(n - reported.get(reason, 0)))
+                reported[reason] = n
+
+        found = 0
+        for record in _parse(rows, source, self.task, self.split, self.config, counter):
+            yield from skips()
+            found += 1
+            yield record
+        yield from skips()
+        counter.warn()
+        if not found:
+            raise _no_records(source, counter)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -381,9 +427,7 @@ def read_dataset(path: str | os.PathLike, split: str, *, config: ReadConfig = Re
     """Records of split `split` ("train" or "eval") of anything `datasets` reads (`sources.open_rows`:
     a save_to_disk folder, a JSON / JSON Lines / Parquet file or a folder of them, a cached dataset
     name), their fields in `config.columns`."""
-    name = "train" if split == "train" else config.eval_split
-    source, rows = sources.open_rows(os.fspath(path), name, streaming=config.streaming,
-                                     max_row_chars=config.max_row_chars)
+    source, rows = _task_rows(os.fspath(path), "dataset", split, config)
     return _collect(rows, source, "dataset", split, config)
 
 
@@ -412,18 +456,38 @@ def read_task(
     config = ReadConfig(skip_bad_rows=skip_bad_rows, thinking_format=thinking_format, purpose=purpose,
                         keep_system=keep_system, max_row_chars=max_row_chars, columns=columns,
                         streaming=streaming, eval_split=eval_split)
+    _check_task_split(task, split)
+    source, rows = _task_rows(os.fspath(data_dir), task, split, config)
+    return _collect(rows, source, task, split, config)
+
+
+def stream_task(data_dir: str | os.PathLike, task: str, split: str, **options: Any) -> RecordStream:
+    """The records of one task split from `data_dir` (as `read_task`, with the `ReadConfig` fields as
+    `options`), as a `RecordStream`: read again on every pass, never held whole."""
+    config = ReadConfig(**options)
+    _check_task_split(task, split)
+    data_dir = os.fspath(data_dir)
+    return RecordStream(lambda: _task_rows(data_dir, task, split, config), task, split, config)
+
+
+def _check_task_split(task: str, split: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    data_dir = os.fspath(data_dir)
+    if task == "tooluse_json" and split != "eval":
+        raise ValueError("tooluse_json has only the 'eval' split")
+
+
+def _task_rows(data_dir: str, task: str, split: str, config: ReadConfig) -> tuple[str, Iterator[sources.Row]]:
+    """The source name and rows of one task split (see `read_task`)."""
     if task in ("tooluse", "science"):
-        return read_saved_split(os.path.join(data_dir, f"{task}_data", f"{split}_data"), task, split, config=config)
+        return sources.saved_rows(os.path.join(data_dir, f"{task}_data", f"{split}_data"))
     if task == "tooluse_json":
-        if split != "eval":
-            raise ValueError("tooluse_json has only the 'eval' split")
-        return read_tooluse_json(os.path.join(data_dir, "tooluse_data", "eval_data.json"), config=config)
+        path = os.path.join(data_dir, "tooluse_data", "eval_data.json")
+        return path, sources.json_list_rows(path)
     if task == "jsonl":
         path = data_dir if os.path.isfile(data_dir) else os.path.join(data_dir, f"{split}.jsonl")
-        return read_jsonl(path, split, config=config)
-    if task == "dataset":
-        return read_dataset(data_dir, split, config=config)
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        return path, sources.jsonl_rows(path, config.max_row_chars)
+    name = "train" if split == "train" else config.eval_split  # dataset
+    return sources.open_rows(data_dir, name, streaming=config.streaming, max_row_chars=config.max_row_chars)

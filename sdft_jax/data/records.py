@@ -90,6 +90,14 @@ class DataError(ValueError):
         super().__init__(f"{': '.join(where)}: {detail}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """What a stream yields in place of a row or item it skips (a bad row, a dropped prompt): the stream's
+    consumer counts it by `reason` (`stream.StreamBatchIterator.skipped`)."""
+
+    reason: str
+
+
 class SkipCounter:
     """Raises on the first bad row, or (with `skip_bad_rows`) counts bad rows by reason."""
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from sdft_jax.data import readers
-from sdft_jax.data.records import DataError
+from sdft_jax.data.records import DataError, Skip
 
 DATA_DIR = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "self-distillation"
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"reference data not found at {DATA_DIR}")
@@ -374,3 +374,32 @@ def test_bad_whole_files(tmp_path):
         readers.read_task(tmp_path, "math", "eval")
     with pytest.raises(ValueError, match="unknown split"):
         readers.read_task(tmp_path, "science", "test")
+
+
+# --- read as a stream -----------------------------------------------------------------------------------
+
+
+def test_a_stream_yields_what_read_task_does_on_every_pass(tmp_path):
+    lines = [GOOD, {"question": 1, "demonstration": "D"}, b"{", {**GOOD, "question": "Q2"}]
+    path = _write_jsonl(tmp_path / "mixed.jsonl", lines)
+    held = readers.read_task(path, "jsonl", "train", skip_bad_rows=True)
+    stream = readers.stream_task(path, "jsonl", "train", skip_bad_rows=True)
+    passes = [list(stream.open()), list(stream.open())]
+    # each bad row as a Skip of its reason, in its place
+    assert passes[0] == passes[1] == [held.records[0], Skip("wrong_type"), Skip("invalid_json"), held.records[1]]
+    first = stream.open()
+    assert next(first) == held.records[0]  # parsed as read: nothing further yet
+    with pytest.raises(DataError, match="row 1"):  # without skipping, the bad row stops the pass
+        list(readers.stream_task(path, "jsonl", "train").open())
+
+
+def test_a_stream_of_a_saved_split_and_of_nothing_good(tmp_path):
+    _write_arrow(tmp_path / "science_data" / "train_data",
+                 pa.Table.from_pylist([_science_row(), _science_row(question="Q2")], schema=SCIENCE_TRAIN_SCHEMA))
+    stream = readers.stream_task(tmp_path, "science", "train", keep_system=True)
+    assert list(stream.open()) == list(readers.read_task(tmp_path, "science", "train", keep_system=True).records)
+    junk = _write_jsonl(tmp_path / "junk.jsonl", [b"{", {"question": 2}])
+    with pytest.raises(DataError, match="all 2 rows are bad"):
+        list(readers.stream_task(junk, "jsonl", "train", skip_bad_rows=True).open())
+    with pytest.raises(ValueError, match="unknown split"):
+        readers.stream_task(junk, "jsonl", "test")
