@@ -151,3 +151,32 @@ def test_an_empty_source_fails_instead_of_spinning():
 def test_config_is_checked(field, value):
     with pytest.raises(ValueError, match=f"StreamConfig.{field}"):
         StreamConfig(**{"global_batch_size": 2, field: value})
+
+
+def test_resumes_exactly_over_a_streamed_datasets_source(tmp_path):
+    """The records of a JSON Lines file through `datasets.load_dataset(..., streaming=True)` (task
+    `dataset`), a bad row skipped: resumed at every batch, the batches and counts of an unbroken read."""
+    from sdft_jax.data import readers
+
+    path = tmp_path / "train.jsonl"
+    rows = [{"question": f"Q{i}", "demonstration": f"D{i}"} for i in range(7)]
+    rows[3] = {"question": "", "demonstration": "D3"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = readers.stream_task(path, "dataset", "train", streaming=True, skip_bad_rows=True)
+
+    def questions():
+        for r in records.open():
+            yield r if isinstance(r, Skip) else r.question
+
+    config = StreamConfig(global_batch_size=2, seed=2, num_epochs=2, shuffle_window=3)
+    unbroken = StreamBatchIterator(questions, config)
+    straight = [(b, unbroken.skipped) for b in unbroken]
+    assert sorted(q for b, _ in straight for q in b) == sorted([f"Q{i}" for i in range(7) if i != 3] * 2)
+    assert straight[-1][1] == {"empty_field": 2}
+    for k in range(len(straight)):
+        first = StreamBatchIterator(questions, config)
+        for _ in range(k):
+            next(first)
+        resumed = StreamBatchIterator(questions, config)
+        resumed.set_state(json.loads(json.dumps(first.get_state())))
+        assert [(b, resumed.skipped) for b in resumed] == straight[k:], k
