@@ -14,6 +14,9 @@ while any seed learned A), and its intervals the same cluster bootstrap over the
 (a resampled fact brings its items of every seed), so they carry the item noise of the seed mean; the
 spread between seeds is reported beside them (each seed's point in the plot, their standard deviation
 in the CSV). A method's frontier is its points, one per LR, in the plane (A retention, B after stage 2).
+
+Beside them, what each stage trained on (`signal.py`: signal.csv and stage 2's table): KL, teacher
+entropy, rollout lengths and stop reasons over its first and last steps.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 from sdft_jax import storage
 from sdft_jax.continual.plan import Plan, teacher_eval_dir
+from sdft_jax.continual.signal import signal_markdown, signal_rows
 
 BOOTSTRAP_SAMPLES = 2000
 MIN_RATIO_CLUSTERS = 3  # a ratio's interval needs the denominator's correct items in this many clusters
@@ -570,8 +574,9 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def write_report(plan: Plan) -> str:
-    """Writes results.csv, results.md, results.png and the frontier's files (frontier.csv,
-    frontier_seeds.csv, frontier.png) into the plan's out_dir (local or remote); returns results.md's path."""
+    """Writes results.csv, results.md, results.png, the frontier's files (frontier.csv, frontier_seeds.csv,
+    frontier.png) and each stage's training signal (signal.csv, `signal.py`) into the plan's out_dir (local
+    or remote); returns results.md's path."""
     base, points = collect(plan)
     rows = _rows(plan, base, points)
     storage.write_text(os.path.join(plan.out_dir, "results.csv"), _csv_text(rows))
@@ -580,8 +585,10 @@ def write_report(plan: Plan) -> str:
     storage.write_text(os.path.join(plan.out_dir, "frontier_seeds.csv"), _csv_text(seed_rows(plan, base, done)))
     storage.write_text(os.path.join(plan.out_dir, "frontier.csv"), _csv_text(frontier_rows(plan, front)))
     storage.write_bytes(os.path.join(plan.out_dir, "frontier.png"), _frontier_plot(plan, front))
+    signal = signal_rows(points)
+    storage.write_text(os.path.join(plan.out_dir, "signal.csv"), _csv_text(signal) if signal else "")
     md = os.path.join(plan.out_dir, "results.md")
-    frontier_md = "\n".join(_frontier_markdown(plan, base, done, front)) + "\n"
+    frontier_md = "\n".join(_frontier_markdown(plan, base, done, front) + signal_markdown(signal)) + "\n"
     storage.write_text(md, _markdown(plan, rows, points) + frontier_md)
     storage.write_bytes(os.path.join(plan.out_dir, "results.png"), _plot(plan, base, points))
     return md

@@ -274,3 +274,47 @@ def test_bootstrap_accuracy_and_pooled_seeds():
     assert bootstrap_accuracy(both) == pytest.approx((5 / 8, 1 / 4, 1.0))
     with pytest.raises(ValueError, match="different items"):
         pooled([one, scores([1, 0], [0, 1])])
+
+
+def test_stage_signal_table_and_csv_from_metric_rows(tmp_path):
+    """signal.py: first / last 8 training steps' means of each metric, by hand; SFT rows without KL."""
+    from sdft_jax.continual.signal import stage_signal
+
+    plan = frontier_plan(tmp_path)
+    cell = tmp_path / "sdft_topk_lr0.0001_seed0" / "stage2"
+    # 10 steps: kl = step, teacher entropy 1.0, length 4 then 20 (the last 2 steps), stopped by a stop token
+    # except at steps 9-10; 5 of 8 completion tokens scored; an eval-only row (no loss) left out.
+    with open(cell / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 0, "eval/elements/accuracy": 0.0}) + "\n")
+        for step in range(1, 11):
+            late = step > 8
+            f.write(json.dumps({"step": step, "loss": 0.5, "kl": float(step), "teacher_entropy": 1.0,
+                                "rollout/mean_length": 20.0 if late else 4.0,
+                                "rollout/stop_token_frac": 0.0 if late else 1.0,
+                                "rollout/length_frac": 1.0 if late else 0.0,
+                                "scored_tokens": 5.0, "completion_tokens": 8}) + "\n")
+    sft = tmp_path / "sft_lr1e-05_seed0" / "stage2"
+    with open(sft / "metrics.jsonl", "w") as f:
+        for step in (1, 2):
+            f.write(json.dumps({"step": step, "loss": float(step), "scored_tokens": 4.0, "completion_tokens": 4}) + "\n")
+
+    signal = stage_signal(str(cell))
+    # first 8: kl mean (1..8) = 4.5, length 4, all stopped by a stop token; last 8 (3..10): kl 6.5, length
+    # (6 x 4 + 2 x 20) / 8 = 8, stop token 6/8, length limit 2/8
+    assert signal == pytest.approx({
+        "steps": 10, "loss_first": 0.5, "kl_first": 4.5, "teacher_entropy_first": 1.0, "mean_length_first": 4.0,
+        "stop_token_frac_first": 1.0, "length_frac_first": 0.0, "scored_frac_first": 5 / 8, "loss_last": 0.5,
+        "kl_last": 6.5, "teacher_entropy_last": 1.0, "mean_length_last": 8.0, "stop_token_frac_last": 0.75,
+        "length_frac_last": 0.25, "scored_frac_last": 5 / 8})
+    assert stage_signal(str(sft)) == {"steps": 2, "loss_first": 1.5, "scored_frac_first": 1.0, "loss_last": 1.5,
+                                      "scored_frac_last": 1.0}
+    assert stage_signal(str(tmp_path / "nowhere")) == {}
+
+    md = open(write_report(plan)).read()
+    assert "## Stage 2's training signal" in md
+    assert ("| sdft_topk | 0.0001 | 0 | 0.500 -> 0.500 | 4.500 -> 6.500 | 1.000 -> 1.000 | 4.0 -> 8.0 "
+            "| 1.00 -> 0.75 | 0.00 -> 0.25 | 0.62 -> 0.62 |") in md
+    assert "| sft | 1e-05 | 0 | 1.500 -> 1.500 | n/a | n/a | n/a | n/a | n/a | 1.00 -> 1.00 |" in md
+    with open(tmp_path / "signal.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["stage"], r["seed"]) for r in rows] == [("sft", "2", "0"), ("sdft_topk", "2", "0")]
