@@ -88,6 +88,12 @@ def run_name(method: str, learning_rate: float, seed: int) -> str:
     return f"{method}_lr{learning_rate:g}_seed{seed}"
 
 
+def diverged_path(stage_dir: str) -> str:
+    """The record of a stage that diverged (`trainer.DivergedError`): the runner writes it and goes on with
+    the other cells; the stage (and a stage 2 after it) is then skipped. Delete it to try the stage again."""
+    return os.path.join(stage_dir, "diverged.json")
+
+
 def teacher_eval_dir(stage_dir: str) -> str:
     """Where the teacher-with-demonstration evaluations of `diagnose_teacher` live: under the base
     directory (the base model as teacher) or a cell's stage-2 directory (the stage-1 student as teacher)."""

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from sdft_jax import storage
-from sdft_jax.continual.plan import Plan, teacher_eval_dir
+from sdft_jax.continual.plan import Plan, diverged_path, teacher_eval_dir
 from sdft_jax.continual.signal import signal_markdown, signal_rows
 
 BOOTSTRAP_SAMPLES = 2000
@@ -511,6 +511,21 @@ def _frontier_markdown(plan: Plan, base: Point, done: list[Cell], points: list[F
     return lines
 
 
+def diverged_markdown(plan: Plan) -> list[str]:
+    """The stages that diverged (their `diverged.json`): no point in the tables or plots, listed here."""
+    found = [(run, storage.read_json(diverged_path(run.config.run_dir))) for run in plan.runs
+             if storage.exists(diverged_path(run.config.run_dir))]
+    if not found:
+        return []
+    lines = ["", "## Diverged", "", "Stopped by the trainer (too many consecutive non-finite steps, or a non-finite "
+             "state), nothing exported; the stage 2 after a diverged stage 1 was not run.", "",
+             _table_head(["method", "lr", "seed", "stage", "stopped at step", "non-finite steps"])]
+    for run, record in found:
+        lines.append("| " + " | ".join([run.method, f"{run.learning_rate:g}", str(run.seed), str(run.stage),
+                                        str(record.get("step")), str(record.get("nonfinite_steps"))]) + " |")
+    return lines
+
+
 def _frontier_plot(plan: Plan, points: list[FrontierPoint]) -> bytes:
     """The PNG of the frontier: B after stage 2 against A retention, one point per method x LR."""
     import matplotlib
@@ -588,7 +603,8 @@ def write_report(plan: Plan) -> str:
     signal = signal_rows(points)
     storage.write_text(os.path.join(plan.out_dir, "signal.csv"), _csv_text(signal) if signal else "")
     md = os.path.join(plan.out_dir, "results.md")
-    frontier_md = "\n".join(_frontier_markdown(plan, base, done, front) + signal_markdown(signal)) + "\n"
+    frontier_md = "\n".join(_frontier_markdown(plan, base, done, front) + signal_markdown(signal)
+                            + diverged_markdown(plan)) + "\n"
     storage.write_text(md, _markdown(plan, rows, points) + frontier_md)
     storage.write_bytes(os.path.join(plan.out_dir, "results.png"), _plot(plan, base, points))
     return md

@@ -162,7 +162,8 @@ def test_progress_line_says_the_stage_and_the_time_left():
         "[4/4] sdft_topk lr 5e-05 seed 0 stage 2: 2 stages trained, 2.0 min each; ETA 2.0 min")
     # 3 stages left (this one included) at an hour each
     assert runner.progress_line(10, 12, run, [3600.0]).endswith("1 stage trained, 60.0 min each; ETA 3.0 h")
-    assert runner.progress_line(2, 4, run, [], skipped=True).endswith("stage 2: finished before, skipped")
+    assert runner.progress_line(2, 4, run, [], skipped="finished before").endswith("stage 2: finished before, skipped")
+    assert runner.progress_line(2, 4, run, [], skipped="stage 1 diverged").endswith("stage 2: stage 1 diverged, skipped")
 
 
 def test_run_plan_prints_a_line_per_stage_with_the_eta_of_the_stages_trained(tmp_path, monkeypatch):
@@ -204,3 +205,30 @@ def test_run_plan_measures_the_teachers_before_stage2_when_asked(tmp_path, monke
         stages = ["sft stage 1", "sft stage 2", "sdft_topk stage 1"]
         assert calls == (["base eval", "base teacher", *stages, "sdft_topk stage-1 teacher", "sdft_topk stage 2"]
                          if diagnose else ["base eval", *stages, "sdft_topk stage 2"])
+
+
+def test_a_diverging_stage_is_recorded_and_the_plan_goes_on(tiny_model_dir, tmp_path, caplog):
+    """SFT at a learning rate of 1e39 diverges in stage 1: recorded, its stage 2 skipped, SDFT at 1e-3 still
+    runs; the report lists the divergence; a restart trains nothing."""
+    from sdft_jax.continual.plan import diverged_path
+
+    exp = tiny_experiment(tiny_model_dir("llama"), tmp_path, learning_rates="1e-3",
+                          method_learning_rates=ml_collections.ConfigDict({"sft": "1e39"}))
+    exp.train.train.max_nonfinite_steps = 0
+    plan = make_plan(exp)
+    lines = []
+    md = runner.run_plan(plan, compilation_cache=False, progress=lines.append)
+    sft1, sft2, sdft1, sdft2 = (r.config.run_dir for r in plan.runs)
+    record = json.loads(open(diverged_path(sft1)).read())
+    # step 1's update makes the weights infinite; step 2's loss is not finite: stopped there
+    assert record["step"] == 2 and record["nonfinite_steps"] == 1 and "diverged at step 2" in record["message"]
+    assert not os.path.exists(os.path.join(sft1, "export")) and not os.path.exists(sft2)
+    assert all(os.path.exists(os.path.join(d, "summary.json")) for d in (sdft1, sdft2))
+    assert lines[1] == "[2/4] sft lr 1e+39 seed 0 stage 2: stage 1 diverged, skipped"
+    text = open(md).read()
+    assert "## Diverged" in text and "| sft | 1e+39 | 0 | 1 | 2 | 1 |" in text
+
+    lines.clear()
+    runner.run_plan(plan, compilation_cache=False, progress=lines.append)
+    assert [line.split(": ", 1)[1] for line in lines] == ["diverged before, skipped", "stage 1 diverged, skipped",
+                                                         "finished before, skipped", "finished before, skipped"]
