@@ -1,7 +1,7 @@
 """The continual-learning experiment (spec section 8): learn task A, then task B, and measure what is kept.
 
     python -m sdft_jax.continual --config=configs/continual.py                # CPU scale, offline tasks
-    python -m sdft_jax.continual --config=configs/continual.py:sweep          # issue #21's LR sweep (~1.5 h)
+    python -m sdft_jax.continual --config=configs/continual.py:sweep          # issue #21's LR sweep (~2.5 h)
     python -m sdft_jax.continual --config=configs/continual.py:upstream \\
         --config.train.data.data_dir=/path/to/data --config.train.model.name=/path/to/Qwen2.5-7B-Instruct \\
         --config.methods=sft,sdft_topk --config.learning_rates=1e-5,2e-5
@@ -15,7 +15,7 @@ science_data/), the official recipe's settings, for accelerators.
 `:sweep`: the learning-vs-retention frontier at CPU scale (issue #21): SFT and SDFT top-K, 3 learning
 rates each at equal step counts, the teacher diagnostics on; then the best LR of each with 2 more seeds
 (`--config.repeat_lr.sft=... --config.repeat_lr.sdft_topk=...`, the same out_dir: the grid is skipped).
-docs/results/continual_cpu.md ("Next: the sweep") has the commands and the time they take.
+docs/results/continual_cpu_sweep.md has the commands, the time they took and the results.
 The experiment's own keys are below; the trainer's keys live under `train` (see sdft_jax/config.py).
 Results of this config: docs/results/continual_cpu.md.
 """
