@@ -149,8 +149,8 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "checkpointing": {"storage"},
     "config": {"data", "distill", "distributed", "models", "sampling", "validation"},
     "cli": {"config", "errors"},
-    "continual": {"checkpoints", "cli", "config", "distributed", "eval", "models", "sampling", "storage",
-                  "tokenization", "trainer", "validation"},
+    "continual": {"checkpoints", "cli", "config", "distributed", "eval", "metrics", "models", "sampling",
+                  "storage", "tokenization", "trainer", "validation"},
 }
 TOP_LEVEL = {"trainer", "train", "generate", "evaluate", "score", "convert", "bench", "testing"}
 

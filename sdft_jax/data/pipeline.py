@@ -106,10 +106,7 @@ class BatchIterator(Generic[T]):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Moves to a position from `get_state`; raises ValueError if the pipeline differs from it."""
-        expected = self._fingerprint()
-        got = {k: state.get(k) for k in expected}
-        if got != expected:
-            raise ValueError(f"iterator state is for a different pipeline: {got} vs this {expected}")
+        check_fingerprint(state, self._fingerprint())
         next_batch = state.get("next_batch")
         if not isinstance(next_batch, int) or next_batch < 0 or (
                 self.num_batches is not None and next_batch > self.num_batches):
@@ -120,6 +117,14 @@ class BatchIterator(Generic[T]):
         c = self.config
         return {"num_items": self.num_items, "global_batch_size": c.global_batch_size, "seed": c.seed,
                 "num_epochs": c.num_epochs, "shuffle": c.shuffle}
+
+
+def check_fingerprint(state: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raises ValueError unless iterator `state` was saved by a pipeline with the fingerprint `expected`
+    (what the order of its items depends on)."""
+    got = {k: state.get(k) for k in expected}
+    if got != expected:
+        raise ValueError(f"iterator state is for a different pipeline: {got} vs this {expected}")
 
 
 def _global_batches(items: Sequence[T], config: PipelineConfig) -> grain.MapDataset:

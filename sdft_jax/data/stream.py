@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 import grain
 from grain.experimental import WindowShuffleIterDataset
 
+from sdft_jax.data.pipeline import check_fingerprint
 from sdft_jax.data.records import Skip
 from sdft_jax.validation import check_int
 
@@ -171,10 +172,7 @@ class StreamBatchIterator(Generic[T]):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Moves to a position from `get_state`; raises ValueError if the pipeline differs from it."""
-        expected = self._fingerprint()
-        got = {k: state.get(k) for k in expected}
-        if got != expected:
-            raise ValueError(f"iterator state is for a different pipeline: {got} vs this {expected}")
+        check_fingerprint(state, self._fingerprint())
         next_batch = state.get("next_batch")
         if not isinstance(next_batch, int) or next_batch < 0 or not isinstance(state.get("stream"), dict):
             raise ValueError(f"invalid streamed iterator state {state!r}")
