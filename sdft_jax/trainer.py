@@ -171,9 +171,7 @@ class Trainer:
         self.items = rendered.items
         self.num_items = len(self.items)
         if not self.items:
-            raise DataError(f"task {cfg.data.task!r} split {cfg.data.split!r}",
-                            f"no training items: {len(records)} records, dropped {self.dropped or 'none'} (an "
-                            "overlong prompt is dropped: see config.prompts.max_prompt_tokens and overlong)")
+            raise self._no_items(len(records))
         # With train.epochs the step count follows from the data; every later use reads cfg.train.steps.
         self.cfg = dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, steps=cfg.train.steps_for(len(self.items))))
@@ -205,14 +203,17 @@ class Trainer:
                 kept += 1
                 yield item
             if not kept:
-                dropped = {k: v for k, v in self.iterator.skipped.items() if not k.startswith(_ROW)}
-                raise DataError(f"task {cfg.data.task!r} split {cfg.data.split!r}",
-                                f"no training items: {seen} records, dropped {dropped or 'none'} (an overlong "
-                                "prompt is dropped: see config.prompts.max_prompt_tokens and overlong)")
+                raise self._no_items(seen)
 
         self.iterator = StreamBatchIterator(open_items, StreamConfig(
             global_batch_size=cfg.train.prompts_per_step, seed=cfg.seed, shuffle_window=cfg.data.shuffle_window))
         self._next_items = lambda: next(self.iterator)
+
+    def _no_items(self, records: int) -> DataError:
+        data = self.cfg.data
+        return DataError(f"task {data.task!r} split {data.split!r}",
+                         f"no training items: {records} records, dropped {self.dropped or 'none'} (an overlong "
+                         "prompt is dropped: see config.prompts.max_prompt_tokens and overlong)")
 
     @property
     def dropped(self) -> dict[str, int]:

@@ -30,12 +30,16 @@ def load_task(
     by reason (logged with their counts)."""
     if task in offline_tasks.TASK_NAMES:
         return ReadResult(records=offline_tasks.make_task(task, split, offline))
-    if not data_dir:
-        raise ValueError(f"task {task!r} needs a data directory (the folder holding {task}_data/)")
+    _check_data_dir(task, data_dir)
     result = read_task(storage.local_copy(data_dir), task, split, **read_options)
     if result.num_skipped:
         log.warning("%s/%s: skipped %d bad rows %s", task, split, result.num_skipped, dict(result.skipped))
     return result
+
+
+def _check_data_dir(task: str, data_dir: str | os.PathLike | None) -> None:
+    if not data_dir:
+        raise ValueError(f"task {task!r} needs a data directory (the folder holding {task}_data/)")
 
 
 def load_records(task: str, split: str, **options: Any) -> list[Record]:
@@ -70,6 +74,5 @@ def open_task(
     the source again from its start (an offline task's generated records are held: they are small)."""
     if task in offline_tasks.TASK_NAMES:
         return _Generated(offline_tasks.make_task(task, split, offline))
-    if not data_dir:
-        raise ValueError(f"task {task!r} needs a data directory (the folder holding {task}_data/)")
+    _check_data_dir(task, data_dir)
     return stream_task(storage.local_copy(data_dir), task, split, **read_options)
