@@ -289,7 +289,10 @@ class DecoderStack(nnx.Module):
             for r, kind in enumerate(segment.period):
                 where.append({})
                 for part in parts_of(kind):
-                    where[r][part] = sum(part in parts_of(k) for k in segment.period[:r])
+                    # None: the part's one layer in the period, its stack scanned as it is (a reshape to
+                    # (repeats, 1, ...) costs XLA:CPU a copy of every stacked weight per forward).
+                    single = sum(part in parts_of(k) for k in segment.period) == 1
+                    where[r][part] = None if single else sum(part in parts_of(k) for k in segment.period[:r])
             for part, part_names in self.names_by_part.items():
                 in_period = sum(part in parts_of(k) for k in segment.period)
                 if not in_period:
@@ -300,11 +303,11 @@ class DecoderStack(nnx.Module):
                 for name in part_names:
                     w = stacked[name]
                     w = w if count == w.shape[0] else jax.lax.slice_in_dim(w, first, first + count)
-                    xs[name] = w.reshape(segment.repeats, in_period, *w.shape[1:])
+                    xs[name] = w if in_period == 1 else w.reshape(segment.repeats, in_period, *w.shape[1:])
                 if part in CACHED_MIXERS:
                     # Each of the period's `part` layers' index in the cache's stack of such layers.
-                    xs[_cache_index(part)] = first + jnp.arange(
-                        count).reshape(segment.repeats, in_period)
+                    index = first + jnp.arange(count)
+                    xs[_cache_index(part)] = index if in_period == 1 else index.reshape(segment.repeats, in_period)
             body = functools.partial(self._period, segment.period, where, rope, visible, token_mask,
                                      cache, dtype, remat, query_block, attention)
             (x, buffers, stats), _ = jax.lax.scan(body, (x, buffers, stats), xs)
@@ -317,10 +320,11 @@ class DecoderStack(nnx.Module):
         layer = functools.partial(decoder_layer, cfg=self.cfg, lora=self.lora, dtype=dtype, query_block=query_block,
                                   attention=attention, token_mask=token_mask)
         for r, kind in enumerate(period):
-            w = {name: xs[name][where[r][part]] for part in parts_of(kind) for name in self.names_by_part[part]}
+            w = {name: _in_period(xs[name], where[r][part])
+                 for part in parts_of(kind) for name in self.names_by_part[part]}
             mixer_cache = None
             if cache is not None:
-                index = xs[_cache_index(kind.token_mixer)][where[r][kind.token_mixer]]
+                index = _in_period(xs[_cache_index(kind.token_mixer)], where[r][kind.token_mixer])
                 mixer_cache = _mixer_cache(kind.token_mixer, buffers, index, cache.index, attention)
             step = functools.partial(layer, kind=kind)
             if remat != "none" and cache is None:
@@ -332,6 +336,11 @@ class DecoderStack(nnx.Module):
             if layer_stats is not None:
                 stats = jax.tree.map(jnp.add, stats, layer_stats)
         return (h, buffers, stats), None
+
+
+def _in_period(x: Array, r: int | None) -> Array:
+    """A scan step's slice for the period's `r`-th layer of a part (`x` itself when the part has one)."""
+    return x if r is None else x[r]
 
 
 @pytree_dataclass
