@@ -12,7 +12,7 @@
    `n` blocks of tokens, and each runs the grouped matmuls of its own experts only. Its assignments
    are sorted with its own experts' first (the rest after them, in no group: the grouped matmul gives
    those rows zeros, and their routing weight is zeroed too), so it spends the FLOPs of its experts'
-   assignments (on CPU's tiled loop exactly; `ragged_dot` may touch every row).
+   assignments (exactly with the tiled loop of CPU and GPU; `ragged_dot` may touch every row).
 3. Each device's partial outputs (its experts' contributions to all `n` blocks) are scatter-added to
    their tokens and summed over `expert` by `psum_scatter`, which leaves each device the sum for its
    own block of tokens: the layout it entered with.

@@ -1,9 +1,11 @@
 """Grouped matmul: rows of `lhs` in contiguous groups, group g multiplied by `rhs[g]` (MoE experts).
 
 One interface, `grouped_matmul`, with the platform's implementation behind it:
-- `ragged_grouped_matmul`: `jax.lax.ragged_dot`, where XLA has a ragged dot (TPU, GPU);
-- `tiled_grouped_matmul`, for CPU, where `ragged_dot` expands its input to [G, M, K] and multiplies
-  every group (G times the FLOPs and the memory): a loop over the groups and, within each, over windows
+- `ragged_grouped_matmul`: `jax.lax.ragged_dot`, on TPU, where XLA has a ragged dot;
+- `tiled_grouped_matmul`, on CPU, where `ragged_dot` expands its input to [G, M, K] and multiplies
+  every group (G times the FLOPs and the memory), and on GPU, where XLA:GPU (JAX 0.11.2) expanded it
+  likewise at Qwen3.5-35B-A3B's size (a bf16[98304, 256, 2048] operand, 96 GiB: the step did not
+  compile on an H200, docs/benchmarks.md): a loop over the groups and, within each, over windows
   of `tile` rows, one dense [tile, K] @ [K, N] matmul per window, with its backward written out as the
   same loop. tests/models/grouped_matmul_test.py checks it against `ragged_dot` (values, gradients).
 """
@@ -111,7 +113,7 @@ _tiled.defvjp(_tiled_fwd, _tiled_bwd)
 def grouped_matmul(lhs: Float[Array, "M K"], rhs: Float[Array, "G K N"],
                    group_sizes: Int[Array, "G"]) -> Float[Array, "M N"]:
     """Rows of group g of `lhs` (groups contiguous, in order) times `rhs[g]`: the platform's grouped matmul
-    (`tiled_grouped_matmul` on CPU, `jax.lax.ragged_dot` elsewhere)."""
-    if jax.default_backend() == "cpu":
-        return tiled_grouped_matmul(lhs, rhs, group_sizes)
-    return ragged_grouped_matmul(lhs, rhs, group_sizes)
+    (`jax.lax.ragged_dot` on TPU, `tiled_grouped_matmul` on CPU and GPU)."""
+    if jax.default_backend() == "tpu":
+        return ragged_grouped_matmul(lhs, rhs, group_sizes)
+    return tiled_grouped_matmul(lhs, rhs, group_sizes)

@@ -35,8 +35,8 @@ Two paths compute the routed experts, with one signature (`ExpertsFn`):
 Under an `activation_sharding` mesh whose `expert` axis is > 1, the decoder runs the grouped path split
 over that axis instead (`expert_parallel.expert_parallel_experts`: each device `local_experts`, its own).
 
-The grouped matmul is the platform's (`grouped_matmul.py`: `jax.lax.ragged_dot` on TPU / GPU, a
-tiled loop on CPU, where `ragged_dot` would multiply every group).
+The grouped matmul is the platform's (`grouped_matmul.py`: `jax.lax.ragged_dot` on TPU, a tiled loop
+on CPU and GPU, where `ragged_dot` multiplies every group).
 
 Router statistics (`RouterStats`) are sums over tokens, so the decoder can add them over layers;
 `balance_loss` of the sum is then exactly `transformers`' `load_balancing_loss_func` over those

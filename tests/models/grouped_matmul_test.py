@@ -19,13 +19,18 @@ def assert_close(actual, expected, rel=1e-5, what=""):
     assert err <= rel * scale, f"{what}: max abs error {err:.3g} > {rel} * {scale:.3g}"
 
 
-def test_grouped_matmul_picks_the_tiled_loop_on_cpu(monkeypatch):
+def test_grouped_matmul_picks_ragged_dot_on_tpu_only(monkeypatch):
     calls = []
     monkeypatch.setattr(grouped_matmul, "tiled_grouped_matmul", lambda *a: calls.append("tiled") or a[0])
     monkeypatch.setattr(grouped_matmul, "ragged_grouped_matmul", lambda *a: calls.append("ragged") or a[0])
     x = jnp.ones((2, 3))
     grouped_matmul.grouped_matmul(x, jnp.ones((1, 3, 3)), jnp.array([2], jnp.int32))
-    assert calls == (["tiled"] if jax.default_backend() == "cpu" else ["ragged"])
+    assert calls == (["ragged"] if jax.default_backend() == "tpu" else ["tiled"])
+    for platform, picked in (("tpu", "ragged"), ("gpu", "tiled"), ("cpu", "tiled")):
+        calls.clear()
+        monkeypatch.setattr(grouped_matmul.jax, "default_backend", lambda p=platform: p)
+        grouped_matmul.grouped_matmul(x, jnp.ones((1, 3, 3)), jnp.array([2], jnp.int32))
+        assert calls == [picked], platform
 
 
 @pytest.mark.parametrize("tile", [1, 3, 8, 64])
