@@ -61,6 +61,10 @@ def _parse(argv):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--engines", default="jax,torch")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timed calls, trace one more of our steps with jax.profiler into DIR "
+                        "(a Perfetto trace, perfetto_trace.json.gz, and the compiled HLO as step_hlo.txt: "
+                        "each op's events map to the HLO op_name that says what it computes)")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 
@@ -172,6 +176,12 @@ def run_jax(a: dict) -> dict:
 
     first, times = timed(call, a["runs"])
     step_s = statistics.median(times)
+    if a.get("profile"):
+        os.makedirs(a["profile"], exist_ok=True)
+        with open(os.path.join(a["profile"], "step_hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
+        with jax.profiler.trace(a["profile"], create_perfetto_trace=True):
+            call()
     peak = _matmul_peak_gflops()
     flops = step_flops(_model_config(a["path"]), a["batch"], a["prompt_len"], a["teacher_prompt_len"],
                        a["completion_len"], a["query_block"])
@@ -257,9 +267,11 @@ def _bench(args, model_name: str, path: str) -> int:
     shared = dict(path=path, batch=args.batch, prompt_len=args.prompt_len, teacher_prompt_len=args.teacher_prompt_len,
                   completion_len=args.completion_len, loss=args.loss, lora_rank=args.lora_rank, remat=args.remat,
                   query_block=args.query_block, vocab_chunk_size=args.vocab_chunk_size,
-                  runs=args.runs, threads=args.threads, vocab=ModelConfig.from_hf(path).vocab_size)
+                  runs=args.runs, threads=args.threads, vocab=ModelConfig.from_hf(path).vocab_size,
+                  profile=args.profile)
     tokens = args.batch * args.completion_len
-    row: dict = {"bench": "step", **{k: v for k, v in shared.items() if k != "path"}, "model": model_name,
+    row: dict = {"bench": "step", **{k: v for k, v in shared.items() if k not in ("path", "profile")},
+                 **({"profile": args.profile} if args.profile else {}), "model": model_name,
                  "loadavg_start": round(os.getloadavg()[0], 2)}
     engines = args.engines.split(",")
     for engine in engines:

@@ -82,3 +82,27 @@ def test_random_adapters_are_our_models_adapters():
     assert {k: (a.shape, b.shape) for k, (a, b) in theirs["adapters"].items()} == ours
     a, b = theirs["adapters"][(0, "linear_out_proj")]  # fan-in Hv * Dv = 32
     assert 0 < np.abs(a).max() <= 32**-0.5 and not b.any()
+
+
+def test_profile_writes_a_trace_whose_ops_are_in_the_hlo(tiny_model_dir, tmp_path, capsys):
+    """--profile: one more traced call of our step; its op events are named as the compiled HLO's ops."""
+    import glob
+    import gzip
+    import json
+    import re
+
+    from sdft_jax.bench.step import main
+
+    out = tmp_path / "profile"
+    assert main(["--model", tiny_model_dir("llama"), "--engines", "jax", "--runs", "1", "--batch", "2",
+                 "--prompt-len", "8", "--teacher-prompt-len", "12", "--completion-len", "4",
+                 "--profile", str(out), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["profile"] == str(out)
+    hlo = (out / "step_hlo.txt").read_text()
+    ops = set(re.findall(r"^\s*(?:ROOT )?%(\S+) = ", hlo, re.M))
+    trace, = glob.glob(str(out / "**" / "perfetto_trace.json.gz"), recursive=True)
+    events = json.load(gzip.open(trace))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    named = {e["name"] for e in events if e.get("ph") == "X"} & ops
+    assert any(name.startswith(("dot", "ynn_fusion", "fusion")) for name in named), sorted(named)[:20]
