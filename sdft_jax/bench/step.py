@@ -58,6 +58,9 @@ def _parse(argv):
                    help="our rematerialisation policy (default dots: the fastest on CPU, see docs/benchmarks.md)")
     p.add_argument("--query-block", type=int, default=DEFAULT_QUERY_BLOCK,
                    help=f"queries per attention block (default {DEFAULT_QUERY_BLOCK}, the library's; 0 = one block)")
+    p.add_argument("--micro-batch-size", type=int, default=0,
+                   help="our step (not torch's) accumulates gradients over micro-batches of this many rows "
+                        "(0 = the whole batch at once); the JSON's step_bytes is our compiled step's memory")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--engines", default="jax,torch")
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -149,6 +152,7 @@ def _channel_macs(cfg, mixer: str) -> int:
 def run_jax(a: dict) -> dict:
     import jax
 
+    from sdft_jax.bench.plan import memory_of
     from sdft_jax.checkpoints.hf import load_hf
     from sdft_jax.distill.losses import LossConfig
     from sdft_jax.distill.teacher import TeacherConfig
@@ -160,7 +164,8 @@ def run_jax(a: dict) -> dict:
     model = load_hf(a["path"], lora=lora, remat=a["remat"], query_block=a["query_block"])
     chunking = {} if a["vocab_chunk_size"] is None else {"vocab_chunk_size": a["vocab_chunk_size"]}
     cfg = StepConfig(loss=LossConfig(name=a["loss"], **chunking), teacher=TeacherConfig(mode="ema"),
-                     optim=OptimConfig(learning_rate=1e-5, schedule="constant", warmup_ratio=0.0))
+                     optim=OptimConfig(learning_rate=1e-5, schedule="constant", warmup_ratio=0.0),
+                     micro_batch_size=a["micro_batch_size"])
     graphdef, state = init_train_state(model, cfg.optim)
     del model
     batch = shard_batch(_batch(a["vocab"], a), None)
@@ -185,8 +190,8 @@ def run_jax(a: dict) -> dict:
     peak = _matmul_peak_gflops()
     flops = step_flops(_model_config(a["path"]), a["batch"], a["prompt_len"], a["teacher_prompt_len"],
                        a["completion_len"], a["query_block"])
-    return dict(step_s=step_s, first_call_s=first, compile_s=compile_s, step_flops=flops,
-                matmul_peak_gflops=round(peak, 1), mfu=round(flops / step_s / (peak * 1e9), 4),
+    return dict(step_s=step_s, first_call_s=first, compile_s=compile_s, step_bytes=memory_of(compiled),
+                step_flops=flops, matmul_peak_gflops=round(peak, 1), mfu=round(flops / step_s / (peak * 1e9), 4),
                 peak_rss_mb=peak_rss_mb())
 
 
@@ -267,8 +272,8 @@ def _bench(args, model_name: str, path: str) -> int:
     shared = dict(path=path, batch=args.batch, prompt_len=args.prompt_len, teacher_prompt_len=args.teacher_prompt_len,
                   completion_len=args.completion_len, loss=args.loss, lora_rank=args.lora_rank, remat=args.remat,
                   query_block=args.query_block, vocab_chunk_size=args.vocab_chunk_size,
-                  runs=args.runs, threads=args.threads, vocab=ModelConfig.from_hf(path).vocab_size,
-                  profile=args.profile)
+                  micro_batch_size=args.micro_batch_size, runs=args.runs, threads=args.threads,
+                  vocab=ModelConfig.from_hf(path).vocab_size, profile=args.profile)
     tokens = args.batch * args.completion_len
     row: dict = {"bench": "step", **{k: v for k, v in shared.items() if k not in ("path", "profile")},
                  **({"profile": args.profile} if args.profile else {}), "model": model_name,
