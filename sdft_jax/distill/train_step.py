@@ -228,7 +228,7 @@ def train_step(
     if cfg.skip_nonfinite:
         # A cond, not a select of the new state against the old: for the select XLA copies every optimizer
         # moment and teacher weight first, since it reads the old values the update overwrites in place
-        # (1.5 GB of the SmolLM2 full fine-tune's temporaries on XLA:CPU).
+        # (the SmolLM2 full fine-tune step's temporaries on XLA:CPU: 1.45 GB with the select, 1.08 without).
         params, opt_state, teacher_params = jax.lax.cond(finite, update, lambda *old: old, *old)
     else:
         params, opt_state, teacher_params = update(*old)
