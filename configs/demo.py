@@ -5,11 +5,11 @@
 The student starts at 0% on the invented facts while the same model shown the demonstration (the
 teacher) answers most of them. Measured with this exact config (LoRA rank 32, the recipe's way to
 train): capitals 0/32 -> 6/32 (step 32) -> 20/32 (step 48); the probe of what the model already knew
-went 20/32 -> 22/32, i.e. nothing was forgotten; peak resident memory 3.7 GB (docs/benchmarks.md,
+went 20/32 -> 22/32, i.e. nothing was forgotten; peak resident memory 3.6-3.8 GB (docs/benchmarks.md,
 "Demo memory"). On-policy sampling amplifies fp32 rounding differences over 48 steps, so a rerun on
 other hardware may differ by a few items (6 items are 1.5 of the 8 facts). Full fine-tuning
 (`--config.model.lora.rank=0 --config.optim.learning_rate=5e-5`) learns about as much (18/32) but holds
-the weights, two AdamW moments and the EMA teacher in fp32: an 8.6 GB peak.
+the weights, two AdamW moments and the EMA teacher in fp32: a 7.7 GB peak.
 Every key and its meaning: `sdft_jax/config.py` (`base_config()` lists them all with defaults).
 """
 
