@@ -30,7 +30,9 @@ def random_batch(seed=0, rows=4, vocab=300):
     teacher = [rng.integers(3, vocab, n).tolist() for n in lens(8, 15)]
     completions = [rng.integers(3, vocab, n).tolist() for n in lens(5, 12)]
     completions[-1] = completions[-1][:2]  # shorter than skip_first_tokens: a row with nothing scored
-    return make_step_batch(student, teacher, completions, pad_id=0,
+    # Buckets give every seed the same padded shapes (student prompts 8, teacher 16, completions 12), as the
+    # trainer's buckets do: a test's steps compile once.
+    return make_step_batch(student, teacher, completions, pad_id=0, prompt_buckets=(8, 16), completion_buckets=(12,),
                            sampler_logprobs=[list(-rng.random(len(c))) for c in completions])
 
 
