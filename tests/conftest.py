@@ -6,7 +6,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 from jaxtyping import install_import_hook
@@ -16,6 +19,27 @@ from jaxtyping import install_import_hook
 # The hook must be installed before anything imports these packages.
 CHECKED_PACKAGES = ("sdft_jax.models", "sdft_jax.distill", "sdft_jax.sampling")
 install_import_hook(CHECKED_PACKAGES, "beartype.beartype")
+
+
+def _shared_compilation_cache() -> str:
+    """One persistent compilation cache for the whole run, shared by the xdist workers: tests (and the
+    stages of a continual plan, which drop in-memory caches between them) compile many identical
+    programs. The first process to import this file (pytest's main process) makes the directory and
+    hands it to the workers through the environment; it removes it at exit. `SDFT_TEST_JAX_CACHE=`
+    (empty) turns it off. Set with jax.config, not JAX_* variables, so that the subprocesses tests
+    start (and kill) never write to it."""
+    directory = os.environ.get("SDFT_TEST_JAX_CACHE")
+    if directory is None:
+        directory = os.environ["SDFT_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="sdft-jax-test-cache-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+if _cache_dir := _shared_compilation_cache():
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", _cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "self-distillation"
 
