@@ -3,12 +3,15 @@ the same prompts rendered by hand (the chat template applied to the filled templ
 plain forward loop without a KV cache, and scored."""
 
 import dataclasses
+import functools
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sdft_jax import trainer
 from sdft_jax.checkpoints.hf import load_hf
@@ -22,13 +25,25 @@ from tests.continual.runner_test import tiny_experiment
 TEMPLATE = "Fact: {demonstration}\nQuestion: {question}\nAnswer in one word."
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _next_token(graphdef, state, tokens, length):
+    """The argmax after the first `length` tokens of a right-padded row: a full forward (no cache); causal
+    attention keeps the padding after `length` out of it."""
+    model = nnx.merge(graphdef, state)
+    mask = jnp.arange(tokens.shape[1])[None] < length
+    logits = model.logits(model.forward(tokens, positions_from_mask(mask), mask).hidden)
+    return jnp.argmax(logits[0, length - 1])
+
+
 def greedy(model, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
-    """Greedy decoding by full forwards over the growing sequence (no cache, no sampler)."""
+    """Greedy decoding by full forwards over the growing sequence (no cache, no sampler), right-padded to
+    one width so that it compiles once."""
+    graphdef, state = nnx.split(model)
+    width = -(-(len(prompt) + max_new) // 64) * 64
     tokens = list(prompt)
     for _ in range(max_new):
-        x = jnp.asarray([tokens])
-        mask = jnp.ones(x.shape, bool)
-        nxt = int(np.argmax(np.asarray(model.logits(model.forward(x, positions_from_mask(mask), mask).hidden))[0, -1]))
+        x = jnp.asarray([tokens + [0] * (width - len(tokens))])
+        nxt = int(_next_token(graphdef, state, x, len(tokens)))
         if nxt in stops:
             break
         tokens.append(nxt)
