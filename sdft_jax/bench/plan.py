@@ -100,7 +100,11 @@ def load_config_file(spec: str, overrides: tuple[str, ...] = ()):
             node = node[name]
         if last not in node:
             raise ConfigError(f"--set {item!r}: unknown config key {key}")
-        node[last] = value
+        try:
+            node[last] = value
+        except TypeError:  # ml_collections keeps a key's type (a tuple field is a comma-joined string)
+            raise ConfigError(f"--set {item!r}: {key} takes a {type(node[last]).__name__}, not "
+                              f"{type(value).__name__} {value!r}") from None
     return load_train_config(raw)
 
 

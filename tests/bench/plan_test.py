@@ -127,6 +127,11 @@ def test_bad_arguments_fail_in_one_line(config_file, capsys):
                        "--set", "train.no_such_key=1", "--json"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.no_such_key" in err[0]
+    # A value of another type than the key's (a tuple field is a comma-joined string in the config).
+    assert bench_main(["plan", f"--config={config_file}:one", "--devices", "1", "--chip", "v5p",
+                       "--set", "rollout.sharding=('embed=fsdp',)", "--json"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rollout.sharding takes a str, not tuple" in err[0], err
 
 
 HLO = """HloModule step
