@@ -110,6 +110,11 @@ def parts_of(kind: LayerKind) -> tuple[str, str, str]:
     return NORMS, kind.token_mixer, kind.channel_mixer
 
 
+def _layers_with(part: str, kinds: tuple[LayerKind, ...]) -> int:
+    """How many of the layers `kinds` have the weight part `part`."""
+    return sum(part in parts_of(k) for k in kinds)
+
+
 def part_shapes(cfg: ModelConfig) -> dict[str, Shapes]:
     """Part -> its per-layer weight name -> (shape without the layers axis, logical axes), for the
     parts this model's layers have. Weight names are unique across parts."""
@@ -286,16 +291,15 @@ class DecoderStack(nnx.Module):
         buffers = None if cache is None else CacheBuffers(k=cache.k, v=cache.v, linear=cache.linear)
         for segment in plan_segments(cfg.layer_kinds):
             xs, where = {}, []
-            layers_in = lambda part, kinds: sum(part in parts_of(k) for k in kinds)  # noqa: E731
             for r, kind in enumerate(segment.period):
                 where.append({})
                 for part in parts_of(kind):
                     # None: the part's one layer in the period, its stack scanned as it is (a reshape to
                     # (repeats, 1, ...) costs XLA:CPU a copy of every stacked weight per forward).
-                    single = layers_in(part, segment.period) == 1
-                    where[r][part] = None if single else layers_in(part, segment.period[:r])
+                    single = _layers_with(part, segment.period) == 1
+                    where[r][part] = None if single else _layers_with(part, segment.period[:r])
             for part, part_names in self.names_by_part.items():
-                in_period = layers_in(part, segment.period)
+                in_period = _layers_with(part, segment.period)
                 if not in_period:
                     continue
                 first = layers[part].index(next(i for i in range(segment.start, segment.stop)

@@ -32,7 +32,8 @@ def random_batch(seed=0, rows=4, vocab=300):
     completions[-1] = completions[-1][:2]  # shorter than skip_first_tokens: a row with nothing scored
     # Buckets give every seed the same padded shapes (student prompts 8, teacher 16, completions 12), as the
     # trainer's buckets do: a test's steps compile once.
-    return make_step_batch(student, teacher, completions, pad_id=0, prompt_buckets=(8, 16), completion_buckets=(12,),
+    return make_step_batch(student, teacher, completions, pad_id=0,
+                           prompt_buckets=(8, 16), completion_buckets=(12,),
                            sampler_logprobs=[list(-rng.random(len(c))) for c in completions])
 
 
