@@ -33,13 +33,18 @@ directory (or a registered name), else `--model-config FILE`, else `models/<base
 beside the config file (configs/models/ holds those of Qwen3-8B, Qwen3-30B-A3B and Qwen3.5-35B-A3B,
 written from the architectures' published facts).
 
-The figures are XLA:CPU's unless `--native` compiles for the machine's own GPU or TPU devices. Argument,
-output and aliased bytes are the same for every compiler (the inputs' shapes and shardings decide
-them); temporaries are not. XLA:CPU computes bf16 matmuls in fp32 and fuses less, and platform-specific
-pieces take their CPU implementation (a MoE layer's tiled grouped matmul instead of `ragged_dot`), so its
-temporaries are an over-estimate: for Qwen3-8B LoRA on one device, 2.3x the H200 compiler's for the
-train step (whose own figure was within 1% of the peak measured running it) and 23x for the rollout
-(docs/benchmarks.md).
+Which compiler (`--compiler`): `cpu` (the default) compiles for N fake CPU devices with XLA:CPU;
+`tpu` compiles ahead of time with the TPU compiler itself for the chip's slice (`--topology`, by default
+the standard slice shape of N chips, e.g. v5p:2x4x4 for 32), on a machine with no TPU: it needs the
+`libtpu` package that `pip install 'sdft-jax[tpu]'` brings, and traces the TPU pieces (`ragged_dot`,
+the splash attention kernel); `native` (or `--native`) compiles for the machine's own GPU or TPU
+devices. Argument, output and aliased bytes are the same for every compiler (the inputs' shapes and
+shardings decide them) but for a TPU's tiling (arrays laid out in tiles of 8 x 128 elements: small
+dimensions pad); temporaries are not. XLA:CPU computes bf16 matmuls in fp32 and fuses less, and
+platform-specific pieces take their CPU implementation (a MoE layer's tiled grouped matmul instead of
+`ragged_dot`), so its temporaries are an over-estimate: for Qwen3-8B LoRA on one device, 2.3x the H200
+compiler's for the train step (whose own figure was within 1% of the peak measured running it) and 23x
+for the rollout (docs/benchmarks.md). For a TPU chip, `--compiler tpu` is the figure to trust.
 The evaluation's sampler calls (`eval.batch_size`) are not planned.
 """
 
@@ -66,7 +71,47 @@ CHIP_HBM_GIB: dict[str, float] = {"v5p": 95.0, "v6e": 32.0, "h100": 80.0, "h200"
 # The platform each chip is (what the rollout weights' "auto" settings resolve for).
 CHIP_PLATFORM: dict[str, str] = {"v5p": "tpu", "v6e": "tpu", "h100": "gpu", "h200": "gpu"}
 DEFAULT_HEADROOM = 0.15
+COMPILERS = ("cpu", "tpu", "native")
+# A TPU slice's chips per host (`--compiler tpu`'s topology): 2x2 for both generations.
+TPU_HOST_BOUNDS: dict[str, tuple[int, int, int]] = {"v5p": (2, 2, 1), "v6e": (2, 2, 1)}
+TPU_TOPOLOGY_RANK: dict[str, int] = {"v5p": 3, "v6e": 2}  # a 3-D torus, a 2-D one
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def tpu_topology(chip: str, devices: int) -> str:
+    """The standard slice shape of `devices` chips of a TPU `chip` as libtpu names it ("v5p:2x4x4",
+    "v6e:4x8"): from one host's 2x2 (1 or 2 chips: 1x1, 1x2), each doubling grows the last of the
+    smallest dimensions (v5p: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ...; v6e: 2x2, 2x4, 4x4, 4x8, ...)."""
+    if chip not in TPU_TOPOLOGY_RANK:
+        raise ValueError(f"--compiler tpu: --chip {chip} is not a TPU (TPU chips: {sorted(TPU_TOPOLOGY_RANK)})")
+    if devices < 1 or devices & (devices - 1):
+        raise ValueError(f"--compiler tpu: a {chip} slice of {devices} chips has no standard shape (a power of two); "
+                         "pass --topology, e.g. v5p:2x2x3")
+    rank = TPU_TOPOLOGY_RANK[chip]
+    dims = [1] * rank
+    if devices >= 4:
+        dims[:2] = [2, 2]
+    elif devices == 2:
+        dims[1] = 2
+    while math.prod(dims) < devices:
+        smallest = min(dims)
+        dims[max(i for i, d in enumerate(dims) if d == smallest)] *= 2
+    return f"{chip}:" + "x".join(map(str, dims))
+
+
+def topology_devices(topology: str) -> list:
+    """The devices of a TPU slice `topology` ("v5p:2x4x4") for ahead-of-time compilation in this process,
+    which has no TPU (`jax.experimental.topologies`; libtpu's compiler, no TPU runtime)."""
+    from jax.experimental import topologies
+
+    chip, _, shape = topology.partition(":")
+    dims = [int(d) for d in shape.split("x")] if re.fullmatch(r"\d+(x\d+){1,2}", shape) else None
+    if chip not in TPU_HOST_BOUNDS or dims is None:
+        raise ValueError(f"--topology {topology!r}: expected CHIP:AxB[xC] with CHIP one of {sorted(TPU_HOST_BOUNDS)}")
+    host = tuple(min(h, d) for h, d in zip(TPU_HOST_BOUNDS[chip], dims + [1] * (3 - len(dims)), strict=True))
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
+                                        chips_per_host_bounds=host, num_slices=1, wrap=(False, False, False))
+    return list(desc.devices)
 
 
 # -- the config and the model's shapes -------------------------------------------------------------
@@ -278,6 +323,20 @@ _CALLEES = re.compile(r"\b(?:condition|body|calls|to_apply|true_computation|fals
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_SCALAR_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*[su](?:32|64)\[\]\S*\s+constant\((\d+)\)")
+_COUNTER_BELOW = re.compile(r"^\s*ROOT\s.*\bcompare\(%?[\w.\-]+,\s*%?([\w.\-]+)\),\s*direction=LT\b")
+
+
+def _counted_below(lines: list[str]) -> int | None:
+    """N when a loop condition's computation is `counter < N` with N a constant (how a TPU program's loops
+    read: unlike XLA:CPU's, they carry no known trip count; the counters JAX's loops make start at 0)."""
+    constants = dict(m.groups() for m in map(_SCALAR_CONSTANT.match, lines) if m)
+    for line in lines:
+        m = _COUNTER_BELOW.match(line)
+        if m and m.group(1) in constants:
+            return int(constants[m.group(1)])
+    return None
 
 
 def _bytes_of(shapes: list[tuple[str, str]]) -> int:
@@ -293,8 +352,9 @@ def shape_bytes(text: str) -> int:
 def collectives(hlo: str) -> dict[str, dict[str, int]]:
     """The collectives of an optimised HLO module's text, by kind (`COLLECTIVES`): `count` instructions
     whose results total `bytes`, and how often they run, `executed` times moving `executed_bytes`
-    (multiplied by the trip counts of the loops around them where XLA knows them). An async pair counts
-    once, at its `-start`, by its output (the second half of its result tuple)."""
+    (multiplied by the trip counts of the loops around them where XLA knows them, or where a loop's
+condition compares a counter with a constant). An async pair counts
+    once, at its `-start`, by its output (the second half of its result tuple, less scalar contexts)."""
     computations: dict[str, list[str]] = {}
     entry, current = "", None
     for line in hlo.splitlines():
@@ -315,13 +375,16 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     for name, lines in computations.items():
         for line in lines:
             trips = _TRIP_COUNT.search(line)
-            body = _BODY.search(line)
+            body, condition = _BODY.search(line), _CONDITION.search(line)
+            trip_count = int(trips.group(1)) if trips else None
+            if trip_count is None and body and condition:
+                trip_count = _counted_below(computations.get(condition.group(1), []))
             callees = _CALLEES.findall(line)
             branches = _BRANCHES.search(line)
             if branches:
                 callees += [c.strip().lstrip("%") for c in branches.group(1).split(",") if c.strip()]
             for callee in callees:
-                factor = int(trips.group(1)) if trips and body and body.group(1) == callee else 1
+                factor = trip_count if trip_count and body and body.group(1) == callee else 1
                 calls[name].append((callee, factor))
                 callers[callee] += 1
     runs: dict[str, int] = defaultdict(int)
@@ -345,7 +408,8 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
             if kind not in found or op.endswith("-done"):
                 continue
             shapes = _SHAPE.findall(m.group("shape"))
-            if op.endswith("-start") and len(shapes) > 1:
+            if op.endswith("-start"):  # (operands, results[, u32[] contexts: a TPU collective-permute's])
+                shapes = [x for x in shapes if x[1] or x[0] not in ("u32", "s32")] or shapes
                 shapes = shapes[len(shapes) // 2:]
             size = _bytes_of(shapes)
             times = max(runs.get(name, 0), 1)
@@ -435,13 +499,15 @@ def plan(a: dict) -> dict:
     from sdft_jax.models.sharding import make_mesh
     from sdft_jax.models.transformer import Transformer
 
-    if len(jax.devices()) != a["devices"]:
-        raise RuntimeError(f"plan: {len(jax.devices())} devices in this process, {a['devices']} asked for "
+    devices = topology_devices(a["topology"]) if a.get("topology") else jax.devices()
+    if len(devices) != a["devices"]:
+        where = f"slice {a['topology']}" if a.get("topology") else "this process"
+        raise RuntimeError(f"plan: {len(devices)} devices in {where}, {a['devices']} asked for "
                            "(set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported)")
     cfg = load_config_file(a["config"], tuple(a.get("set", ())))
     model_json = model_config_path(cfg, a["config"].partition(":")[0], a.get("model_config"))
     model_cfg = ModelConfig.from_hf(model_json)
-    mesh = make_mesh(cfg.mesh.shape())
+    mesh = make_mesh(cfg.mesh.shape(), devices)
     model = nnx.eval_shape(lambda: Transformer(
         model_cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype),
         lora=cfg.model.lora.adapters(), remat=cfg.model.remat, query_block=cfg.model.query_block))
@@ -455,7 +521,7 @@ def plan(a: dict) -> dict:
     if cfg.method == "sdft" and not a.get("skip_rollout"):
         programs["rollout"] = _rollout_plan(cfg, model_cfg, graphdef, state, mesh, state_bytes["total"], a["chip"])
     row = {"bench": "plan", "config": a["config"], "set": list(a.get("set", ())), "devices": a["devices"],
-           "backend": jax.default_backend(),
+           "backend": devices[0].platform, "compiler": a.get("compiler", "cpu"), "topology": a.get("topology"),
            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "chip": a["chip"], "model_config": model_json,
            "architecture": model_cfg.architecture,
            "parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model))),
@@ -491,9 +557,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override before validation, e.g. train.micro_batch_size=4 (repeatable)")
     p.add_argument("--skip-rollout", action="store_true", help="plan the train step only")
-    p.add_argument("--native", action="store_true",
-                   help="compile for this machine's own devices (a GPU or TPU host; --devices must be their "
-                        "count) instead of N fake CPU devices: that compiler's own memory figures")
+    p.add_argument("--compiler", choices=COMPILERS, default=None,
+                   help="cpu: XLA:CPU on N fake devices (default); tpu: the TPU compiler, ahead of time for the "
+                        "chip's slice, no TPU needed (needs libtpu: pip install 'sdft-jax[tpu]'); native: this "
+                        "machine's own GPU or TPU devices (--devices must be their count)")
+    p.add_argument("--topology", default=None,
+                   help="--compiler tpu: the slice, e.g. v5p:2x4x4 (default: the standard shape of --devices chips)")
+    p.add_argument("--native", action="store_true", help="the same as --compiler native")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     args = p.parse_args(argv)
     if args.devices < 1:
@@ -502,7 +572,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         p.error("--hbm-gib must be > 0")
     if not 0 <= args.headroom < 1:
         p.error("--headroom must be in [0, 1)")
+    if args.native and args.compiler not in (None, "native"):
+        p.error(f"--native and --compiler {args.compiler} disagree")
+    args.compiler = "native" if args.native else args.compiler or "cpu"
+    if args.topology is not None and args.compiler != "tpu":
+        p.error("--topology is for --compiler tpu")
     return args
+
+
+# libtpu looks for a TPU VM's metadata when it loads, and takes a lock that keeps other processes from
+# loading it; these say there is no TPU VM (a slice of the plan's chip is described to it instead) and
+# that plans may run side by side.
+_NO_TPU_VM = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+_TPU_CORES_PER_CHIP = {"v5p": 2, "v6e": 1}  # what accelerator type names count (v5p-64: 32 chips)
 
 
 def cpu_model() -> str:
@@ -545,19 +627,30 @@ def _print_summary(row: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     a = {"config": args.config, "devices": args.devices, "chip": args.chip, "model_config": args.model_config,
-         "hbm_gib": args.hbm_gib, "headroom": args.headroom, "set": args.set, "skip_rollout": args.skip_rollout}
+         "hbm_gib": args.hbm_gib, "headroom": args.headroom, "set": args.set, "skip_rollout": args.skip_rollout,
+         "compiler": args.compiler}
     try:  # a bad config or model config fails here, in a second, before anything compiles
         cfg = load_config_file(args.config, tuple(args.set))
         model_config_path(cfg, args.config.partition(":")[0], args.model_config)
+        if args.compiler == "tpu":
+            a["topology"] = args.topology or tpu_topology(args.chip, args.devices)
+            if importlib.util.find_spec("libtpu") is None:
+                raise ValueError("--compiler tpu needs the TPU compiler, the libtpu package: "
+                                 "pip install 'sdft-jax[tpu]' (it runs on a machine without a TPU)")
     except (OSError, ValueError) as e:
         print(f"plan: {e}", file=sys.stderr)
         return 1
-    # The child sees N fake CPU devices: the flags must be in its environment before it imports jax.
-    saved = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    if not args.native:
+    # The child's devices: N fake CPU ones (the flags must be in its environment before it imports jax),
+    # or a CPU one beside the TPU slice it compiles for, where libtpu is told it runs on no TPU VM.
+    saved = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE", *_NO_TPU_VM)}
+    if args.compiler != "native":
+        count = args.devices if args.compiler == "cpu" else 1
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", saved["XLA_FLAGS"] or "").strip()
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
+    if args.compiler == "tpu":
+        cores = _TPU_CORES_PER_CHIP[args.chip] * args.devices
+        os.environ.update({**_NO_TPU_VM, "TPU_ACCELERATOR_TYPE": f"{args.chip}-{cores}"})
     loadavg_start = round(os.getloadavg()[0], 2)
     try:
         row = in_fresh_process(plan, a)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from sdft_jax.models.sharding import target_platform
+
 DEFAULT_TILE = 128  # rows per window of `tiled_grouped_matmul`
 
 
@@ -113,7 +115,8 @@ _tiled.defvjp(_tiled_fwd, _tiled_bwd)
 def grouped_matmul(lhs: Float[Array, "M K"], rhs: Float[Array, "G K N"],
                    group_sizes: Int[Array, "G"]) -> Float[Array, "M N"]:
     """Rows of group g of `lhs` (groups contiguous, in order) times `rhs[g]`: the platform's grouped matmul
-    (`jax.lax.ragged_dot` on TPU, `tiled_grouped_matmul` on CPU and GPU)."""
-    if jax.default_backend() == "tpu":
+    (`jax.lax.ragged_dot` on TPU, `tiled_grouped_matmul` on CPU and GPU; the platform traced for,
+    `sharding.target_platform`)."""
+    if target_platform() == "tpu":
         return ragged_grouped_matmul(lhs, rhs, group_sizes)
     return tiled_grouped_matmul(lhs, rhs, group_sizes)

@@ -131,6 +131,17 @@ def activation_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iter
         _ACTIVATION_CONTEXT.reset(token)
 
 
+def target_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") the program being traced is for: that of the enclosing
+    `activation_sharding` mesh's devices, else JAX's default backend. The two differ only when a program
+    is compiled ahead of time for devices this process does not run (`bench plan --compiler tpu`), where
+    the platform-specific pieces (the grouped matmul, the attention kernel) must be the target's."""
+    ctx = _ACTIVATION_CONTEXT.get()
+    if ctx is not None:
+        return ctx[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical axes; a no-op outside `activation_sharding`."""
     ctx = _ACTIVATION_CONTEXT.get()

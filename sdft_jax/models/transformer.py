@@ -36,7 +36,7 @@ from sdft_jax.models import moe as moe_lib
 from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.decoder import DecoderStack, RematPolicy
 from sdft_jax.models.norm import rms_norm
-from sdft_jax.models.sharding import constrain
+from sdft_jax.models.sharding import constrain, target_platform
 from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.validation import check_choice, check_int
 
@@ -134,7 +134,7 @@ class Transformer(nnx.Module):
     def attention_kernel(self) -> fused_attention.Kernel:
         """The attention kernel of the uncached forward and of a prefill: the `attention` setting on the
         platform this program is traced for (`fused_attention.select`)."""
-        return fused_attention.select(self.attention, platform=jax.default_backend(), dtype=self.dtype)
+        return fused_attention.select(self.attention, platform=target_platform(), dtype=self.dtype)
 
     def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
         """The input embeddings of `tokens`, in the compute dtype."""

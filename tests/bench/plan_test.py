@@ -11,7 +11,7 @@ from flax import nnx
 
 from sdft_jax.bench.__main__ import main as bench_main
 from sdft_jax.bench.plan import (CHIP_HBM_GIB, GIB, collectives, judged, load_config_file, model_config_path, plan,
-                                 shape_bytes)
+                                 shape_bytes, tpu_topology)
 from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.transformer import Transformer
 
@@ -101,6 +101,33 @@ def test_train_state_and_arguments_match_hand_counts_on_8_devices(config_file, t
     assert row["parameters"] == row["trained_parameters"] == by_hand_fsdp_bytes(tiny_model_dir("qwen3"), 1) // 4
 
 
+@pytest.mark.slow
+def test_tpu_compiler_plans_a_v5p_slice_with_the_same_state_and_arguments(config_file, tiny_model_dir, monkeypatch):
+    """`--compiler tpu`: libtpu's compiler, ahead of time for a v5p slice of 8 chips, in this CPU process.
+    The state is what the XLA:CPU plan's test counts by hand; the compiler's argument bytes are at least
+    that (a TPU lays arrays out in tiles of 8 x 128 elements: this tiny model's small dimensions pad)."""
+    pytest.importorskip("libtpu", reason="the TPU compiler; the test extra installs it")
+    for key, value in {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                       "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_ACCELERATOR_TYPE": "v5p-16"}.items():
+        monkeypatch.setenv(key, value)
+    row = plan({"config": config_file + ":fsdp", "devices": 8, "chip": "v5p", "headroom": 0.15,
+                "compiler": "tpu", "topology": tpu_topology("v5p", 8)})
+    assert (row["backend"], row["compiler"], row["topology"]) == ("tpu", "tpu", "v5p:2x2x2")
+    params = by_hand_fsdp_bytes(tiny_model_dir("qwen3"), 8)
+    assert row["state_bytes_per_device"]["total"] == 4 * params + 8 + 12
+    step = row["programs"]["train_step"]["per_device_bytes"]
+    batch = 2 * (40 * 4 + 40) + 8
+    assert step["arguments"] >= row["state_bytes_per_device"]["total"] + batch
+    assert row["state_bytes_per_device"]["total"] <= step["aliased"] < step["arguments"]  # the state, donated
+    assert step["peak"] == step["arguments"] + step["outputs"] + step["temporaries"] - step["aliased"]
+    assert step["temporaries"] > 0 and step["generated_code"] > 0  # a TPU program: its code is on the device
+    rollout = row["programs"]["rollout"]
+    weights = by_hand_fsdp_bytes(tiny_model_dir("qwen3"), 1) // 2  # bf16, whole on every chip
+    assert rollout["dtype"] == "bfloat16" and rollout["weights_bytes"] == weights
+    assert rollout["per_device_bytes"]["arguments"] >= weights + 32 * 4 + 32 + 4 + 8 + 2 * (2 * 1 * 39 * 2 * 16 * 2)
+    assert row["fits"]
+
+
 def test_fits_follows_the_capacity():
     row = {"programs": {"train_step": {"per_device_bytes": {"peak": 10 * GIB}},
                         "rollout": {"per_device_bytes": {"peak": 6 * GIB}}}}
@@ -171,6 +198,63 @@ def test_collectives_count_loop_iterations_and_async_pairs_once():
         "collective-permute": {"count": 1, "bytes": 64, "executed": 1, "executed_bytes": 64},
     }
     assert shape_bytes("(bf16[2,3]{1,0}, s32[], pred[5])") == 12 + 4 + 5
+
+
+# A TPU program's loops: no known trip count, a condition `counter < constant`; an async
+# collective-permute whose result tuple ends in two u32[] contexts.
+TPU_HLO = """HloModule step
+
+%windowed_cond (p: (bf16[2,8], u32[])) -> pred[] {
+  %four = u32[]{:T(128)} constant(4)
+  %p = (bf16[2,8], u32[]) parameter(0)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=1
+  ROOT %lt = pred[]{:T(512)} compare(%i, %four), direction=LT
+}
+
+%windowed_body (p: (bf16[2,8], u32[])) -> (bf16[2,8], u32[]) {
+  %p = (bf16[2,8], u32[]) parameter(0)
+  %x = bf16[2,8]{1,0:T(8,128)(2,1)} get-tuple-element(%p), index=0
+  %cps = (bf16[2,8]{1,0}, bf16[2,8]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%x), channel_id=4, source_target_pairs={{0,1},{1,0}}
+  %cpd = bf16[2,8]{1,0} collective-permute-done(%cps)
+  ROOT %t = (bf16[2,8], u32[]) tuple(%cpd, %i)
+}
+
+%layers_cond (p: (s32[], bf16[2,8])) -> pred[] {
+  %n = s32[]{:T(128)} constant(36)
+  %p = (s32[], bf16[2,8]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
+}
+
+%layers_body (p: (s32[], bf16[2,8])) -> (s32[], bf16[2,8]) {
+  %p = (s32[], bf16[2,8]) parameter(0)
+  %w = (bf16[2,8], u32[]) while(%init), condition=%windowed_cond, body=%windowed_body
+  ROOT %t = (s32[], bf16[2,8]) tuple(%i, %x)
+}
+
+ENTRY %main (x: bf16[2,8]) -> bf16[2,8] {
+  %x = bf16[2,8]{1,0} parameter(0)
+  %loop = (s32[], bf16[2,8]) while(%init), condition=%layers_cond, body=%layers_body
+  ROOT %r = bf16[2,8]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_collectives_of_a_tpu_program_count_loops_by_their_conditions():
+    # 36 layers x 4 windows; each permute moves one bf16[2,8] (32 bytes), not its contexts.
+    assert collectives(TPU_HLO) == {
+        "collective-permute": {"count": 1, "bytes": 32, "executed": 144, "executed_bytes": 144 * 32}}
+
+
+def test_tpu_slices_grow_from_one_host_by_doubling_the_last_smallest_dimension():
+    assert [tpu_topology("v5p", n) for n in (1, 2, 4, 8, 16, 32, 64, 128)] == [
+        "v5p:1x1x1", "v5p:1x2x1", "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8"]
+    assert [tpu_topology("v6e", n) for n in (4, 8, 16, 32, 64, 256)] == [
+        "v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:4x8", "v6e:8x8", "v6e:16x16"]
+    with pytest.raises(ValueError, match="power of two"):
+        tpu_topology("v5p", 24)
+    with pytest.raises(ValueError, match="not a TPU"):
+        tpu_topology("h100", 8)
 
 
 @pytest.mark.parametrize("config, parameters, architecture", [

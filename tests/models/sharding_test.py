@@ -82,6 +82,32 @@ def test_constrain_is_a_noop_without_a_mesh():
     assert sharding.constrain(x, ("batch", None)) is x
 
 
+def test_target_platform_is_the_mesh_devices_one_when_compiling_for_a_tpu_slice(monkeypatch):
+    """A program traced for a TPU slice from this CPU process (`bench plan --compiler tpu`) takes the TPU
+    pieces: `ragged_dot` for the grouped matmul, splash attention."""
+    pytest.importorskip("libtpu", reason="the TPU compiler; the test extra installs it")
+    from sdft_jax.bench.plan import topology_devices
+    from sdft_jax.models import fused_attention, grouped_matmul
+
+    for key, value in {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                       "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_ACCELERATOR_TYPE": "v5p-8"}.items():
+        monkeypatch.setenv(key, value)
+    mesh = sharding.make_mesh({"fsdp": 4}, topology_devices("v5p:2x2x1"))
+    args = (jnp.ones((4, 8)), jnp.ones((2, 8, 16)), jnp.array([1, 3], jnp.int32))
+
+    def traced() -> str:  # a new function each time: a trace cached outside the mesh is not reused
+        return str(jax.make_jaxpr(lambda *a: grouped_matmul.grouped_matmul(*a))(*args))
+
+    assert sharding.target_platform() == jax.default_backend() == "cpu"
+    assert "ragged_dot" not in traced()  # the tiled loop (its custom VJP's forward)
+    with sharding.activation_sharding(mesh):
+        assert sharding.target_platform() == "tpu"
+        assert "ragged_dot_general" in traced()
+        model = Transformer(tiny_config("qwen3"), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+        assert model.attention_kernel() == "splash"
+    assert model.attention_kernel() == fused_attention.select("auto", platform="cpu", dtype=jnp.bfloat16)
+
+
 MOE_MESHES = {"data2_expert4": {"data": 2, "expert": 4}, "fsdp2_expert2_data2": {"data": 2, "fsdp": 2, "expert": 2}}
 
 
