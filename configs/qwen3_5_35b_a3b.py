@@ -16,8 +16,9 @@ of them outside the routed experts). Variant `:dense_only` leaves the routed exp
 
 Mesh `fsdp=4 x expert=8`: each chip holds 32 of each layer's 256 experts, their `embed` dimension split
 4 ways; the batch of 128 rows is split over all 32 chips, in micro-batches of 32 rows (one per chip):
-all 128 at once need 173 GiB per chip (mostly MoE dispatch buffers), 4 micro-batches 75 GiB of v5p's 95
-(`python -m sdft_jax.bench plan --config=configs/qwen3_5_35b_a3b.py --devices 32 --chip v5p`,
+all 128 at once need 85.8 GiB per chip (mostly MoE dispatch buffers; more than v5p's 95 less 15%), 4
+micro-batches 40.9 GiB, as the TPU compiler plans them
+(`python -m sdft_jax.bench plan --config=configs/qwen3_5_35b_a3b.py --devices 32 --chip v5p --compiler tpu`,
 launch/README.md).
 """
 
