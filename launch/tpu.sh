@@ -4,6 +4,10 @@
 #   launch/tpu.sh [OPTIONS] COMMAND [-- CONFIG_OVERRIDES...]
 #
 # Commands:
+#   plan       before create / train, on this machine: does CONFIG fit the slice --type? Compiles its train
+#              step and rollout with the TPU compiler for the slice's chips (python -m sdft_jax.bench plan
+#              --compiler tpu; needs this checkout installed here with the tpu or test extra, a few
+#              minutes, no TPU); exit status 3 when it does not fit. Overrides after -- apply as in train
 #   create     create the TPU VM (with --queued: a queued resource, waiting until it is ACTIVE)
 #   install    ship this checkout's git HEAD via gs:// and install it (Python 3.11 venv, [tpu,gcs] extras)
 #              on every worker
@@ -38,7 +42,7 @@ repo="$(cd "$here/.." && pwd)"
 source "$here/common.sh"
 
 usage() {
-  sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,36p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 PROJECT="${PROJECT:-${CLOUDSDK_CORE_PROJECT:-}}"
@@ -126,6 +130,29 @@ default_runtime() {
 on_workers() {
   local worker="$1" remote="$2"
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${location[@]}" --worker="$worker" --command="$remote"
+}
+
+# The plan of CONFIG on the chips of the slice TPU_TYPE (an accelerator type names v5p's TensorCores,
+# two per chip, and v6e's chips), compiled here with the TPU compiler.
+cmd_plan() {
+  require TPU_TYPE:--type
+  local config="${CONFIG:-configs/qwen3_8b_tpu.py}" chip devices
+  [[ -f "$repo/${config%%:*}" ]] || die "config ${config%%:*} not found in $repo"
+  case "$TPU_TYPE" in
+    v5p-[0-9]*) chip=v5p; devices=$(( ${TPU_TYPE#v5p-} / 2 )) ;;
+    v6e-[0-9]*) chip=v6e; devices="${TPU_TYPE#v6e-}" ;;
+    *) die "plan knows v5p and v6e slices, not '$TPU_TYPE'; for another chip run python -m sdft_jax.bench plan --hbm-gib GIB" ;;
+  esac
+  [[ "$devices" =~ ^[1-9][0-9]*$ ]] || die "--type '$TPU_TYPE': not a slice size"
+  local sets=() override
+  for override in ${overrides[@]+"${overrides[@]}"}; do
+    case "$override" in
+      --config.*=*) sets+=(--set "${override#--config.}") ;;
+      *) die "plan takes the trainer's overrides --config.KEY=VALUE, not '$override'" ;;
+    esac
+  done
+  run "${PYTHON:-python3}" -m sdft_jax.bench plan --config="$repo/$config" --devices "$devices" --chip "$chip" \
+    --compiler tpu ${sets[@]+"${sets[@]}"}
 }
 
 cmd_create() {
@@ -257,6 +284,7 @@ cmd_delete() {
 }
 
 case "$command" in
+  plan) cmd_plan ;;
   create) cmd_create ;;
   install) cmd_install ;;
   train) cmd_run train configs/qwen3_8b_tpu.py ;;

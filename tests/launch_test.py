@@ -237,6 +237,22 @@ def test_tpu_logs_stop_status_delete(tmp_path):
     assert proc.returncode != 0 and "--run-name (or RUN_NAME)" in proc.stderr
 
 
+def test_tpu_plan_checks_the_config_on_the_slices_chips_with_the_tpu_compiler(tmp_path):
+    # v5p-64 names 64 TensorCores: 32 chips. The trainer's overrides become plan's --set.
+    (plan,) = commands(launch(tmp_path, "tpu.sh", "--dry-run", "plan", "--type", "v5p-64", "--config",
+                              "configs/qwen3_5_35b_a3b.py", "--", "--config.train.micro_batch_size=0"))
+    assert plan == (f"python3 -m sdft_jax.bench plan --config={REPO}/configs/qwen3_5_35b_a3b.py --devices 32 "
+                    "--chip v5p --compiler tpu --set train.micro_batch_size=0")
+    (plan,) = commands(launch(tmp_path, "tpu.sh", "--dry-run", "plan", "--type", "v6e-16", env={"PYTHON": "py"}))
+    assert plan == (f"py -m sdft_jax.bench plan --config={REPO}/configs/qwen3_8b_tpu.py --devices 16 --chip v6e "
+                    "--compiler tpu")
+    for args, message in [(("--type", "v4-32"), "plan knows v5p and v6e slices, not 'v4-32'"),
+                          (("--type", "v5p-64", "--", "--steps=3"), "plan takes the trainer's overrides"),
+                          ((), "--type (or TPU_TYPE)")]:
+        proc = launch(tmp_path, "tpu.sh", "--dry-run", "plan", *args, check=False)
+        assert proc.returncode == 1 and message in proc.stderr and not proc.stdout
+
+
 # --- Cloud Batch (GPU VMs) --------------------------------------------------------------------------
 
 BATCH = ("--dry-run", "--project", "my-proj", "--region", "us-central1", "--name", "sdft-8b", "--bucket",
