@@ -54,8 +54,8 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     """The collectives of an optimised HLO module's text, by kind (`COLLECTIVES`): `count` instructions
     whose results total `bytes`, and how often they run, `executed` times moving `executed_bytes`
     (multiplied by the trip counts of the loops around them where XLA knows them, or where a loop's
-condition compares a counter with a constant). An async pair counts
-    once, at its `-start`, by its output (the second half of its result tuple, less scalar contexts)."""
+    condition compares a counter with a constant). An async pair counts once, at its `-start`, by its
+    output (the second half of its result tuple, less scalar contexts)."""
     computations: dict[str, list[str]] = {}
     entry, current = "", None
     for line in hlo.splitlines():

@@ -45,7 +45,8 @@ platform-specific pieces take their CPU implementation (a MoE layer's tiled grou
 `ragged_dot`), so its temporaries are an over-estimate: for Qwen3-8B LoRA on one device, 2.3x the H200
 compiler's for the train step (whose own figure was within 1% of the peak measured running it) and 23x
 for the rollout (docs/benchmarks.md). For a TPU chip, `--compiler tpu` is the figure to trust.
-The evaluation's sampler calls (`eval.batch_size`) are not planned.
+`--peak-buffers K` adds, per program, the K largest buffer shapes live at its memory peak
+(`peak_buffers.py`). The evaluation's sampler calls (`eval.batch_size`) are not planned.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from typing import Any
 
 from sdft_jax.bench.harness import in_fresh_process
 from sdft_jax.bench.hlo_collectives import collectives
+from sdft_jax.bench.peak_buffers import compile_with_peak_buffers
 
 GIB = 1024**3
 # HBM per chip (one JAX device), GiB.
@@ -315,16 +317,21 @@ def memory_of(compiled, *, resident: int = 0) -> dict[str, int]:
 # -- the plan, in the process with N devices --------------------------------------------------------
 
 
-def _compiled(jitted, *args) -> tuple[Any, dict[str, float]]:
-    """`jitted` lowered and compiled for `args`, and the seconds each took."""
+def _compiled(jitted, *args, peak_top: int = 0) -> tuple[Any, dict[str, Any]]:
+    """`jitted` lowered and compiled for `args`, the seconds each took, and with `peak_top` > 0 the
+    largest buffers live at the program's peak (`peak_buffers.compile_with_peak_buffers`)."""
     start = time.perf_counter()
     lowered = jitted.lower(*args)
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    return compiled, {"lower_s": round(lowered_at - start, 2), "compile_s": round(time.perf_counter() - lowered_at, 2)}
+    if peak_top:
+        compiled, peak = compile_with_peak_buffers(lowered, peak_top)
+    else:
+        compiled, peak = lowered.compile(), None
+    info = {"lower_s": round(lowered_at - start, 2), "compile_s": round(time.perf_counter() - lowered_at, 2)}
+    return compiled, {**info, "peak_buffers": peak} if peak_top else info
 
 
-def _train_step_plan(cfg, model_cfg, graphdef, state, mesh) -> dict:
+def _train_step_plan(cfg, model_cfg, graphdef, state, mesh, peak_top: int = 0) -> dict:
     """The train step compiled on the config's largest step batch: shapes, seconds, bytes, collectives."""
     from sdft_jax.distill.train_step import StepConfig, make_train_step
 
@@ -332,12 +339,12 @@ def _train_step_plan(cfg, model_cfg, graphdef, state, mesh) -> dict:
     step_cfg = StepConfig(loss=cfg.loss, teacher=cfg.teacher, optim=cfg.optim, total_steps=max(cfg.train.steps, 1),
                           skip_nonfinite=True, micro_batch_size=cfg.train.micro_batch_size)
     step = make_train_step(graphdef, state, step_cfg, mesh=mesh)
-    compiled, seconds = _compiled(step, state, abstract_step_batch(shapes, mesh))
+    compiled, seconds = _compiled(step, state, abstract_step_batch(shapes, mesh), peak_top=peak_top)
     return {"shapes": shapes, **seconds, "per_device_bytes": memory_of(compiled),
             "collectives": collectives(compiled.as_text())}
 
 
-def _rollout_plan(cfg, model_cfg, graphdef, state, mesh, state_total: int, chip: str) -> dict:
+def _rollout_plan(cfg, model_cfg, graphdef, state, mesh, state_total: int, chip: str, peak_top: int = 0) -> dict:
     """One sampler call compiled on the rollout weights (`Sampler`'s program: `sample` under the rollout
     rules' activation sharding, the cache donated), with the train state resident beside it."""
     import jax
@@ -371,7 +378,7 @@ def _rollout_plan(cfg, model_cfg, graphdef, state, mesh, state_total: int, chip:
             return sample(weights, tokens, mask, key, cfg=sampling, stop_ids=(0,), pad_id=0, row_ids=row_ids,
                           cache=cache)
 
-    compiled, seconds = _compiled(jax.jit(rollout, donate_argnums=(5,)), *args)
+    compiled, seconds = _compiled(jax.jit(rollout, donate_argnums=(5,)), *args, peak_top=peak_top)
     return {"shapes": shapes, **seconds, "dtype": jnp.dtype(spec.dtype).name,
             "weights_bytes": tree_bytes(weights.state),
             "per_device_bytes": memory_of(compiled, resident=state_total - shared),
@@ -392,9 +399,9 @@ def plan(a: dict) -> dict:
 
     devices = topology_devices(a["topology"]) if a.get("topology") else jax.devices()
     if len(devices) != a["devices"]:
-        where = f"slice {a['topology']}" if a.get("topology") else "this process"
-        raise RuntimeError(f"plan: {len(devices)} devices in {where}, {a['devices']} asked for "
-                           "(set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported)")
+        where = (f"slice {a['topology']}", "(--topology and --devices disagree)") if a.get("topology") else (
+            "this process", "(set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported)")
+        raise RuntimeError(f"plan: {len(devices)} devices in {where[0]}, {a['devices']} asked for {where[1]}")
     cfg = load_config_file(a["config"], tuple(a.get("set", ())))
     model_json = model_config_path(cfg, a["config"].partition(":")[0], a.get("model_config"))
     model_cfg = ModelConfig.from_hf(model_json)
@@ -408,9 +415,11 @@ def plan(a: dict) -> dict:
                    "opt_state": tree_bytes(state.opt_state), "teacher": tree_bytes(state.teacher),
                    "other": tree_bytes((state.step, state.rng))}
     state_bytes["total"] = sum(state_bytes.values())
-    programs = {"train_step": _train_step_plan(cfg, model_cfg, graphdef, state, mesh)}
+    peak_top = a.get("peak_buffers", 0)
+    programs = {"train_step": _train_step_plan(cfg, model_cfg, graphdef, state, mesh, peak_top)}
     if cfg.method == "sdft" and not a.get("skip_rollout"):
-        programs["rollout"] = _rollout_plan(cfg, model_cfg, graphdef, state, mesh, state_bytes["total"], a["chip"])
+        programs["rollout"] = _rollout_plan(cfg, model_cfg, graphdef, state, mesh, state_bytes["total"], a["chip"],
+                                            peak_top)
     row = {"bench": "plan", "config": a["config"], "set": list(a.get("set", ())), "devices": a["devices"],
            "backend": devices[0].platform, "compiler": a.get("compiler", "cpu"), "topology": a.get("topology"),
            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "chip": a["chip"], "model_config": model_json,
@@ -455,6 +464,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--topology", default=None,
                    help="--compiler tpu: the slice, e.g. v5p:2x4x4 (default: the standard shape of --devices chips)")
     p.add_argument("--native", action="store_true", help="the same as --compiler native")
+    p.add_argument("--peak-buffers", type=int, default=0, metavar="K",
+                   help="also report the K largest buffer shapes live at each program's memory peak (from XLA's "
+                        "debug dump of the compilation; slower)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     args = p.parse_args(argv)
     if args.devices < 1:
@@ -463,6 +475,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         p.error("--hbm-gib must be > 0")
     if not 0 <= args.headroom < 1:
         p.error("--headroom must be in [0, 1)")
+    if args.peak_buffers < 0:
+        p.error("--peak-buffers must be >= 0")
     if args.native and args.compiler not in (None, "native"):
         p.error(f"--native and --compiler {args.compiler} disagree")
     args.compiler = "native" if args.native else args.compiler or "cpu"
@@ -510,6 +524,10 @@ def _print_summary(row: dict) -> None:
         print(f"{name}: {p['shapes']}  compile {p['lower_s'] + p['compile_s']:.1f} s")
         print("  per device: " + ", ".join(f"{k} {_gib(v)}" for k, v in m.items() if k != "generated_code")
               + f"  -> {'fits' if p['fits'] else 'DOES NOT FIT'}")
+        if p.get("peak_buffers"):
+            peak = p["peak_buffers"]
+            print(f"  live at the peak: {_gib(peak['live_bytes'])} in {peak['buffers']} buffers; largest: "
+                  + ", ".join(f"{b['count']} x {b['shape']} {_gib(b['bytes'])}" for b in peak["by_shape"]))
         for kind, c in p["collectives"].items():
             print(f"  {kind}: {c['count']} in the program ({_gib(c['bytes'])}), {c['executed']} executed "
                   f"({_gib(c['executed_bytes'])})")
@@ -520,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     a = {"config": args.config, "devices": args.devices, "chip": args.chip, "model_config": args.model_config,
          "hbm_gib": args.hbm_gib, "headroom": args.headroom, "set": args.set, "skip_rollout": args.skip_rollout,
-         "compiler": args.compiler}
+         "compiler": args.compiler, "peak_buffers": args.peak_buffers}
     try:  # a bad config or model config fails here, in a second, before anything compiles
         cfg = load_config_file(args.config, tuple(args.set))
         model_config_path(cfg, args.config.partition(":")[0], args.model_config)

@@ -141,12 +141,15 @@ def test_fits_follows_the_capacity():
 @pytest.mark.slow
 def test_command_on_one_device_has_no_collectives_and_reports_no_fit(config_file, capsys):
     code = bench_main(["plan", f"--config={config_file}:one", "--devices", "1", "--chip", "h100", "--hbm-gib",
-                       "0.001", "--set", "train.prompts_per_step=2", "--json"])
+                       "0.001", "--set", "train.prompts_per_step=2", "--peak-buffers", "3", "--json"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 3 and not row["fits"] and row["hbm_bytes"] == int(0.001 * GIB)
     assert row["set"] == ["train.prompts_per_step=2"] and row["programs"]["train_step"]["shapes"]["rows"] == 2
     for program in row["programs"].values():
         assert program["collectives"] == {} and not program["fits"]
+        peak = program["peak_buffers"]  # the 3 largest shapes live at the peak, largest first
+        sizes = [b["bytes"] for b in peak["by_shape"]]
+        assert len(sizes) == 3 and sizes == sorted(sizes, reverse=True) and sum(sizes) <= peak["live_bytes"]
 
 
 def test_bad_arguments_fail_in_one_line(config_file, capsys):
@@ -159,6 +162,13 @@ def test_bad_arguments_fail_in_one_line(config_file, capsys):
                        "--set", "rollout.sharding=('embed=fsdp',)", "--json"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rollout.sharding takes a str, not tuple" in err[0], err
+    # A TPU slice that is not CHIP:AxB[xC], or whose chips are not --devices.
+    for topology, message in (("v5p-8", "--topology 'v5p-8': expected CHIP:AxB[xC]"),
+                              ("v5p:2x2x1", "4 devices in slice v5p:2x2x1, 8 asked for")):
+        assert bench_main(["plan", f"--config={config_file}:fsdp", "--devices", "8", "--chip", "v5p",
+                           "--compiler", "tpu", "--topology", topology, "--json"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 def test_tpu_slices_grow_from_one_host_by_doubling_the_last_smallest_dimension():
