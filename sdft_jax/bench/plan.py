@@ -77,6 +77,7 @@ COMPILERS = ("cpu", "tpu", "native")
 # A TPU slice's chips per host (`--compiler tpu`'s topology): 2x2 for both generations.
 TPU_HOST_BOUNDS: dict[str, tuple[int, int, int]] = {"v5p": (2, 2, 1), "v6e": (2, 2, 1)}
 TPU_TOPOLOGY_RANK: dict[str, int] = {"v5p": 3, "v6e": 2}  # a 3-D torus, a 2-D one
+TPU_CORES_PER_CHIP: dict[str, int] = {"v5p": 2, "v6e": 1}  # what accelerator type names count (v5p-64: 32 chips)
 
 
 def tpu_topology(chip: str, devices: int) -> str:
@@ -102,7 +103,11 @@ def tpu_topology(chip: str, devices: int) -> str:
 
 def topology_devices(topology: str) -> list:
     """The devices of a TPU slice `topology` ("v5p:2x4x4") for ahead-of-time compilation in this process,
-    which has no TPU (`jax.experimental.topologies`; libtpu's compiler, no TPU runtime)."""
+    which has no TPU (`jax.experimental.topologies`; libtpu's compiler, no TPU runtime).
+
+    libtpu reads its environment when it first loads, here: unless set already, it is told there is no TPU
+    VM to query (this slice is described to it instead), and that other processes may load it beside
+    this one (plans and tests side by side; otherwise it takes a lock)."""
     from jax.experimental import topologies
 
     chip, _, shape = topology.partition(":")
@@ -110,6 +115,10 @@ def topology_devices(topology: str) -> list:
     if chip not in TPU_HOST_BOUNDS or dims is None:
         raise ValueError(f"--topology {topology!r}: expected CHIP:AxB[xC] with CHIP one of {sorted(TPU_HOST_BOUNDS)}")
     host = tuple(min(h, d) for h, d in zip(TPU_HOST_BOUNDS[chip], dims + [1] * (3 - len(dims)), strict=True))
+    no_tpu_vm = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+                 "TPU_ACCELERATOR_TYPE": f"{chip}-{TPU_CORES_PER_CHIP[chip] * math.prod(dims)}"}
+    for key, value in no_tpu_vm.items():
+        os.environ.setdefault(key, value)
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
                                         chips_per_host_bounds=host, num_slices=1, wrap=(False, False, False))
     return list(desc.devices)
@@ -485,13 +494,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-# libtpu looks for a TPU VM's metadata when it loads, and takes a lock that keeps other processes from
-# loading it; these say there is no TPU VM (a slice of the plan's chip is described to it instead) and
-# that plans may run side by side.
-_NO_TPU_VM = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-_TPU_CORES_PER_CHIP = {"v5p": 2, "v6e": 1}  # what accelerator type names count (v5p-64: 32 chips)
-
-
 def cpu_model() -> str:
     """The CPU's model name (compile times depend on it)."""
     try:
@@ -551,16 +553,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan: {e}", file=sys.stderr)
         return 1
     # The child's devices: N fake CPU ones (the flags must be in its environment before it imports jax),
-    # or a CPU one beside the TPU slice it compiles for, where libtpu is told it runs on no TPU VM.
-    saved = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE", *_NO_TPU_VM)}
+    # or a CPU one beside the TPU slice it compiles for (`topology_devices`).
+    saved = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
     if args.compiler != "native":
         count = args.devices if args.compiler == "cpu" else 1
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", saved["XLA_FLAGS"] or "").strip()
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
-    if args.compiler == "tpu":
-        cores = _TPU_CORES_PER_CHIP[args.chip] * args.devices
-        os.environ.update({**_NO_TPU_VM, "TPU_ACCELERATOR_TYPE": f"{args.chip}-{cores}"})
     loadavg_start = round(os.getloadavg()[0], 2)
     try:
         row = in_fresh_process(plan, a)

@@ -102,14 +102,11 @@ def test_train_state_and_arguments_match_hand_counts_on_8_devices(config_file, t
 
 
 @pytest.mark.slow
-def test_tpu_compiler_plans_a_v5p_slice_with_the_same_state_and_arguments(config_file, tiny_model_dir, monkeypatch):
+def test_tpu_compiler_plans_a_v5p_slice_with_the_same_state_and_arguments(config_file, tiny_model_dir):
     """`--compiler tpu`: libtpu's compiler, ahead of time for a v5p slice of 8 chips, in this CPU process.
     The state is what the XLA:CPU plan's test counts by hand; the compiler's argument bytes are at least
     that (a TPU lays arrays out in tiles of 8 x 128 elements: this tiny model's small dimensions pad)."""
     pytest.importorskip("libtpu", reason="the TPU compiler; the test extra installs it")
-    for key, value in {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-                       "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_ACCELERATOR_TYPE": "v5p-16"}.items():
-        monkeypatch.setenv(key, value)
     row = plan({"config": config_file + ":fsdp", "devices": 8, "chip": "v5p", "headroom": 0.15,
                 "compiler": "tpu", "topology": tpu_topology("v5p", 8)})
     assert (row["backend"], row["compiler"], row["topology"]) == ("tpu", "tpu", "v5p:2x2x2")
