@@ -61,13 +61,26 @@ class StepConfig:
         check_int("StepConfig.micro_batch_size", self.micro_batch_size, minimum=0, hint="0 = the whole batch at once")
 
 
-def _forward(model: Transformer, tokens: Int[Array, "B L"], mask: Bool[Array, "B L"]) -> ModelOutput:
+def model_forward(model: Transformer, tokens: Int[Array, "B L"], mask: Bool[Array, "B L"]) -> ModelOutput:
+    """`model`'s forward over left-padded `tokens` (positions from the mask)."""
     return model.forward(tokens, positions_from_mask(mask), mask)
 
 
-def _completion_hidden(hidden: Float[Array, "B L D"], prompt_len: int, completion_len: int) -> Float[Array, "B C D"]:
+def completion_hidden(hidden: Float[Array, "B L D"], prompt_len: int, completion_len: int) -> Float[Array, "B C D"]:
     """Final hidden states at the positions that predict the completion tokens: [B, C, D]."""
     return hidden[:, prompt_len - 1: prompt_len - 1 + completion_len]
+
+
+def teacher_targets(
+    graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch
+) -> tuple[Float[Array, "B C D"], Float[Array, "D V"]]:
+    """The teacher's side of the loss, without gradient: its final hidden states at the completion
+    positions of `teacher_prompt ++ completion`, and its LM-head weight. The teacher is the frozen part
+    shared with the student plus its own copy of the trainable part."""
+    teacher = nnx.merge(graphdef, state.teacher, state.frozen)
+    out = model_forward(teacher, batch.teacher_tokens, batch.teacher_mask)
+    hidden = completion_hidden(out.hidden, batch.teacher_prompt_len, batch.completion_len)
+    return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(teacher.head_weight())
 
 
 def router_metrics(stats: moe_lib.RouterStats) -> dict[str, Float[Array, ""]]:
@@ -86,7 +99,7 @@ def router_metrics(stats: moe_lib.RouterStats) -> dict[str, Float[Array, ""]]:
 LossAux = tuple[dict[str, Array], moe_lib.RouterStats | None]
 
 
-def _gradients(
+def step_gradients(
     graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg: StepConfig,
     totals: ReductionTotals | None = None, whole_routing: moe_lib.RouterStats | None = None,
 ) -> tuple[tuple[Float[Array, ""], LossAux], nnx.State]:
@@ -98,20 +111,15 @@ def _gradients(
     C = batch.completion_len
     sft = cfg.loss.name == "sft"
 
-    # 1. Teacher: the frozen part shared with the student, its own copy of the trainable part.
-    teacher_hidden = teacher_head = None
-    if not sft:
-        teacher = nnx.merge(graphdef, state.teacher, state.frozen)
-        teacher_out = _forward(teacher, batch.teacher_tokens, batch.teacher_mask)
-        teacher_hidden = jax.lax.stop_gradient(_completion_hidden(teacher_out.hidden, batch.teacher_prompt_len, C))
-        teacher_head = jax.lax.stop_gradient(teacher.head_weight())
+    # 1. Teacher forward (no gradient).
+    teacher_hidden, teacher_head = (None, None) if sft else teacher_targets(graphdef, state, batch)
 
     # 2-3. Student forward and backward through the chunked loss (+ a MoE model's balance loss).
     def loss_fn(params: nnx.State) -> tuple[Float[Array, ""], LossAux]:
         student = nnx.merge(graphdef, params, state.frozen)
-        out = _forward(student, batch.student_tokens, batch.student_mask)
+        out = model_forward(student, batch.student_tokens, batch.student_mask)
         loss, metrics = chunked_loss(
-            _completion_hidden(out.hidden, batch.student_prompt_len, C), student.head_weight(),
+            completion_hidden(out.hidden, batch.student_prompt_len, C), student.head_weight(),
             batch.completion_mask, cfg.loss, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
             targets=batch.completion_tokens, sampler_logprobs=batch.sampler_logprobs, totals=totals)
         if out.router_stats is not None and student.cfg.moe.load_balance_coef:
@@ -169,7 +177,7 @@ def _whole_routing(graphdef: nnx.GraphDef, state: TrainState, parts: StepBatch) 
 
     def stats_of(part: StepBatch) -> moe_lib.RouterStats:
         student = nnx.merge(graphdef, params, state.frozen)
-        return _forward(student, part.student_tokens, part.student_mask).router_stats
+        return model_forward(student, part.student_tokens, part.student_mask).router_stats
 
     per_part = jax.lax.map(stats_of, parts)
     return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_part)
@@ -178,7 +186,7 @@ def _whole_routing(graphdef: nnx.GraphDef, state: TrainState, parts: StepBatch) 
 def _accumulated_gradients(
     graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg: StepConfig, count: int
 ) -> tuple[tuple[Float[Array, ""], LossAux], nnx.State]:
-    """`_gradients` of the whole batch, computed over `count` micro-batches in a scan and summed: the
+    """`step_gradients` of the whole batch, computed over `count` micro-batches in a scan and summed: the
     gradients in the scan's carry (laid out like the params), the scalars and router statistics per
     micro-batch, added up after it."""
     parts = split_rows(batch, count)
@@ -188,7 +196,7 @@ def _accumulated_gradients(
     whole_routing = _whole_routing(graphdef, state, parts) if moe is not None and moe.load_balance_coef else None
 
     def one(grads: nnx.State, part: StepBatch) -> tuple[nnx.State, tuple[Float[Array, ""], LossAux]]:
-        loss_aux, part_grads = _gradients(graphdef, state, part, cfg, totals, whole_routing)
+        loss_aux, part_grads = step_gradients(graphdef, state, part, cfg, totals, whole_routing)
         return jax.tree.map(jnp.add, grads, part_grads), loss_aux
 
     grads, per_part = jax.lax.scan(one, _zeros_like_params(state.params), parts)
@@ -204,7 +212,7 @@ def train_step(
     # 1-3. Teacher forward, student forward and backward: the whole batch at once, or micro-batches.
     count = micro_batch_count(batch.rows, cfg, _batch_shards())
     if count == 1:
-        (loss, (metrics, router_stats)), grads = _gradients(graphdef, state, batch, cfg)
+        (loss, (metrics, router_stats)), grads = step_gradients(graphdef, state, batch, cfg)
     else:
         (loss, (metrics, router_stats)), grads = _accumulated_gradients(graphdef, state, batch, cfg, count)
     if router_stats is not None:
