@@ -13,6 +13,12 @@ Three figures:
   computed, attention up to the end of each 128-query block, the backward twice the forward) over the
   step time, against the chip's dense bf16 peak (`PEAK_BF16_TFLOPS`: H100 SXM and H200 989 TFLOP/s;
   null on a chip not in the table, e.g. CPU).
+- `breakdown` (inside `step`): where the step's time goes, without a profiler (`bench.step_parts`):
+  the teacher forward, the student forward and backward, the chunked loss, and the three together
+  (`gradients`), each compiled and timed as its own program on the step's state and batch, with its
+  share of `step_flops` (`bench.step.step_flops_parts`), TFLOP/s, MFU and share of the step's time;
+  `update_s` = step less `gradients`: the optimizer and the teacher update. `--skip breakdown` leaves
+  it out.
 - `rollout`: the sampler's new tokens per second over `--rollout-prompts` prompts (every row runs to
   `--new-tokens`: no stop ids), second call; `--rollout-mode` chooses static batches (`Sampler`) or
   continuous batching (`sampling.continuous`).
@@ -59,7 +65,7 @@ def parse_args(argv):
                    help="continuous mode: decode slots (default: --rollout-prompts, every row at once)")
     p.add_argument("--rollout-prompt-len", type=int, default=None, help="tokens per prompt (default 256)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 512)")
-    p.add_argument("--skip", default="", help="comma-separated parts not to run: step, rollout, parity")
+    p.add_argument("--skip", default="", help="comma-separated parts not to run: step, breakdown, rollout, parity")
     p.add_argument("--json", action="store_true", help="print the JSON object on one line")
     return p.parse_args(argv)
 
@@ -107,7 +113,7 @@ def _random_model(cfg, *, remat: str, attention: str):
                        attention=attention)
 
 
-def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None) -> dict:
+def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None, breakdown: bool = False) -> dict:
     """The train step's time, FLOPs and MFU (see the module docstring)."""
     import jax
     import numpy as np
@@ -152,13 +158,39 @@ def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None) ->
                        DEFAULT_QUERY_BLOCK)
     achieved = flops / step_s / 1e12
     loss = float(metrics["loss"]) if "loss" in metrics else None
-    return dict(attention_kernel=kernel, remat=remat, batch=s["batch"], prompt_len=s["prompt_len"],
-                teacher_prompt_len=s["teacher_prompt_len"], completion_len=s["completion_len"],
-                compile_s=round(compile_s, 2), step_s=round(step_s, 4), runs=s["runs"], step_flops=flops,
-                tflops_per_s=round(achieved, 2), peak_tflops=peak,
-                mfu=None if peak is None else round(achieved / peak, 4),
-                completion_tokens_per_s=round(s["batch"] * s["completion_len"] / step_s, 1),
-                loss=loss, loss_finite=loss is not None and bool(np.isfinite(loss)))
+    row = dict(attention_kernel=kernel, remat=remat, batch=s["batch"], prompt_len=s["prompt_len"],
+               teacher_prompt_len=s["teacher_prompt_len"], completion_len=s["completion_len"],
+               compile_s=round(compile_s, 2), step_s=round(step_s, 4), runs=s["runs"], step_flops=flops,
+               tflops_per_s=round(achieved, 2), peak_tflops=peak,
+               mfu=None if peak is None else round(achieved / peak, 4),
+               completion_tokens_per_s=round(s["batch"] * s["completion_len"] / step_s, 1),
+               loss=loss, loss_finite=loss is not None and bool(np.isfinite(loss)))
+    if breakdown:
+        del compiled
+        row["breakdown"] = step_breakdown(graphdef, holder["state"], batch, step_cfg, cfg, s, step_s=step_s,
+                                          peak=peak)
+    return row
+
+
+def step_breakdown(graphdef, state, batch, step_cfg, cfg, s: dict, *, step_s: float, peak: float | None) -> dict:
+    """The step's parts timed as programs of their own (`bench.step_parts`), each with its FLOPs (the
+    `gradients` part: all of `step_flops`), TFLOP/s, MFU and share of `step_s`; `update_s` = the step less
+    `gradients`."""
+    from sdft_jax.bench.step import step_flops_parts
+    from sdft_jax.bench.step_parts import part_programs, time_parts
+    from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
+
+    timed = time_parts(part_programs(graphdef, state, batch, step_cfg), runs=s["runs"])
+    flops = step_flops_parts(cfg, s["batch"], s["prompt_len"], s["teacher_prompt_len"], s["completion_len"],
+                             DEFAULT_QUERY_BLOCK)
+    flops["gradients"] = sum(flops.values())
+    parts = {}
+    for name, t in timed.items():
+        achieved = flops[name] / t["seconds"] / 1e12
+        parts[name] = dict(t, flops=flops[name], tflops_per_s=round(achieved, 2),
+                           mfu=None if peak is None else round(achieved / peak, 4),
+                           share_of_step=round(t["seconds"] / step_s, 3))
+    return dict(parts=parts, update_s=round(step_s - timed["gradients"]["seconds"], 4))
 
 
 def run_rollout(cfg, s: dict, *, mode: str, attention: str) -> dict:
@@ -271,9 +303,9 @@ def main(argv=None) -> int:
     platform = jax.default_backend()
     peak = chip_peak_tflops(device.device_kind)
     skip = {part for part in args.skip.split(",") if part}
-    unknown = skip - {"step", "rollout", "parity"}
+    unknown = skip - {"step", "breakdown", "rollout", "parity"}
     if unknown:
-        raise ValueError(f"--skip: unknown parts {sorted(unknown)} (step, rollout, parity)")
+        raise ValueError(f"--skip: unknown parts {sorted(unknown)} (step, breakdown, rollout, parity)")
     row: dict = dict(bench="accel", device=device.device_kind, platform=platform, device_count=jax.device_count(),
                      jax_version=jax.__version__, tiny=args.tiny, peak_bf16_tflops=peak, peak_note=PEAK_NOTE,
                      model=dict(shape="Qwen3-1.7B" if not args.tiny else "tiny qwen3", layers=cfg.num_layers,
@@ -281,7 +313,8 @@ def main(argv=None) -> int:
                                 head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
                                 tied_embeddings=cfg.tie_word_embeddings, weights="random bf16"))
     if "step" not in skip:
-        row["step"] = run_step(cfg, s, remat=args.remat, attention=args.attention, peak=peak)
+        row["step"] = run_step(cfg, s, remat=args.remat, attention=args.attention, peak=peak,
+                               breakdown="breakdown" not in skip)
     if "rollout" not in skip:
         row["rollout"] = run_rollout(cfg, s, mode=args.rollout_mode, attention=args.attention)
     if "parity" not in skip:

@@ -102,6 +102,16 @@ def _matmul_peak_gflops() -> float:
 def step_flops(cfg, batch: int, prompt_len: int, teacher_prompt_len: int, completion_len: int,
                query_block: int) -> float:
     """Matmul FLOPs of one SDFT step (see the module docstring for what is counted)."""
+    return float(sum(step_flops_parts(cfg, batch, prompt_len, teacher_prompt_len, completion_len,
+                                      query_block).values()))
+
+
+def step_flops_parts(cfg, batch: int, prompt_len: int, teacher_prompt_len: int, completion_len: int,
+                     query_block: int) -> dict[str, float]:
+    """`step_flops` by part of the step: `teacher_forward` (the teacher's layers over its prompt and the
+    completion), `student_forward_backward` (the student's layers: forward, and a backward of twice
+    that), `loss` (the LM heads inside the chunked loss: the teacher's logits, and the student's
+    forward, recompute, d_hidden and d_head)."""
     from sdft_jax.models.attention import query_blocks
 
     H, E = cfg.num_heads, cfg.head_dim
@@ -114,9 +124,9 @@ def step_flops(cfg, batch: int, prompt_len: int, teacher_prompt_len: int, comple
         return per_token * batch * length + attention
 
     head = 2 * cfg.hidden_size * cfg.vocab_size * batch * completion_len
-    teacher = forward(teacher_prompt_len + completion_len) + head
-    student = 3 * forward(prompt_len + completion_len) + head * 4  # forward, recompute, d_hidden, d_head
-    return float(teacher + student)
+    return dict(teacher_forward=float(forward(teacher_prompt_len + completion_len)),
+                student_forward_backward=float(3 * forward(prompt_len + completion_len)),
+                loss=float(head * 5))  # teacher; student forward, recompute, d_hidden, d_head
 
 
 def _token_mixer_macs(cfg, mixer: str) -> int:

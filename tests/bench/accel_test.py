@@ -42,6 +42,17 @@ def test_tiny_run_reports_every_field(tiny_row):
     assert step["attention_kernel"] == "plain"  # auto on CPU
     assert step["step_s"] > 0 and step["mfu"] is None and step["loss_finite"]
 
+    # The breakdown: every part of the step with its share of the FLOPs and of the step's time.
+    breakdown = step["breakdown"]
+    parts = breakdown["parts"]
+    assert tuple(parts) == ("teacher_forward", "student_forward_backward", "loss", "gradients")
+    assert parts["gradients"]["flops"] == step["step_flops"]
+    assert sum(parts[p]["flops"] for p in ("teacher_forward", "student_forward_backward", "loss")) == step["step_flops"]
+    for part in parts.values():
+        assert part["seconds"] > 0 and part["mfu"] is None
+        assert part["share_of_step"] == pytest.approx(part["seconds"] / step["step_s"], abs=2e-3)
+    assert breakdown["update_s"] == pytest.approx(step["step_s"] - parts["gradients"]["seconds"], abs=1e-4)
+
     rollout = row["rollout"]
     assert rollout["mode"] == "static"
     assert rollout["new_tokens"] == shapes["rollout_prompts"] * shapes["new_tokens"]  # no stop ids: every row runs
@@ -80,18 +91,20 @@ def test_continuous_mode_generates_every_row():
     assert row["slots"] == 3 and row["new_tokens"] == shapes["rollout_prompts"] * shapes["new_tokens"]
 
 
-def test_runs_without_grain_or_ml_collections():
-    """A GPU host may have neither: with both unimportable, `python -m sdft_jax.bench accel` starts, and
-    every module the bench imports (lazily, per part) imports."""
+def test_runs_without_grain_ml_collections_or_datasets():
+    """A GPU host may have none of them (the H200 image of docs/benchmarks.md has neither grain,
+    ml_collections nor datasets): with the three unimportable, `python -m sdft_jax.bench accel` starts,
+    and every module the bench imports (lazily, per part) imports."""
     code = """
 import runpy, sys
 class Missing:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("grain", "ml_collections"):
+        if name.split(".")[0] in ("grain", "ml_collections", "datasets"):
             raise ImportError(f"no module named {name!r} (blocked by the test)")
 sys.meta_path.insert(0, Missing())
 import sdft_jax.bench.accel, sdft_jax.bench.step, sdft_jax.distill.train_step, sdft_jax.distill.batch
-import sdft_jax.sampling.sampler, sdft_jax.models.fused_attention
+import sdft_jax.sampling.sampler, sdft_jax.sampling.continuous, sdft_jax.models.fused_attention
+import sdft_jax.bench.step_parts
 sys.argv = ["python -m sdft_jax.bench", "accel", "--help"]
 runpy.run_module("sdft_jax.bench", run_name="__main__")
 """

@@ -106,3 +106,16 @@ def test_profile_writes_a_trace_whose_ops_are_in_the_hlo(tiny_model_dir, tmp_pat
     events = events["traceEvents"] if isinstance(events, dict) else events
     named = {e["name"] for e in events if e.get("ph") == "X"} & ops
     assert any(name.startswith(("dot", "ynn_fusion", "fusion")) for name in named), sorted(named)[:20]
+
+
+def test_step_flops_parts_add_up_to_the_step():
+    from sdft_jax.bench.step import step_flops_parts
+
+    cfg = tiny_config("qwen3")
+    B, C = 3, 4
+    parts = step_flops_parts(cfg, B, 6, 6, C, query_block=4)
+    assert sum(parts.values()) == step_flops(cfg, B, 6, 6, C, query_block=4)
+    # Five [B*C, D] x [D, V] head matmuls: the teacher's logits; the student's forward, recompute, d_hidden, d_head.
+    assert parts["loss"] == 5 * 2 * B * C * cfg.hidden_size * cfg.vocab_size
+    # Same prompt length for both: the student's layers are the teacher's forward three times (forward, backward 2x).
+    assert parts["student_forward_backward"] == 3 * parts["teacher_forward"]
