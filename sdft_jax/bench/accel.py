@@ -160,7 +160,7 @@ def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None, br
     loss = float(metrics["loss"]) if "loss" in metrics else None
     row = dict(attention_kernel=kernel, remat=remat, batch=s["batch"], prompt_len=s["prompt_len"],
                teacher_prompt_len=s["teacher_prompt_len"], completion_len=s["completion_len"],
-               compile_s=round(compile_s, 2), step_s=round(step_s, 4), runs=s["runs"], step_flops=flops,
+               compile_s=round(compile_s, 2), step_s=round(step_s, 6), runs=s["runs"], step_flops=flops,
                tflops_per_s=round(achieved, 2), peak_tflops=peak,
                mfu=None if peak is None else round(achieved / peak, 4),
                completion_tokens_per_s=round(s["batch"] * s["completion_len"] / step_s, 1),
@@ -190,7 +190,7 @@ def step_breakdown(graphdef, state, batch, step_cfg, cfg, s: dict, *, step_s: fl
         parts[name] = dict(t, flops=flops[name], tflops_per_s=round(achieved, 2),
                            mfu=None if peak is None else round(achieved / peak, 4),
                            share_of_step=round(t["seconds"] / step_s, 3))
-    return dict(parts=parts, update_s=round(step_s - timed["gradients"]["seconds"], 4))
+    return dict(parts=parts, update_s=round(step_s - timed["gradients"]["seconds"], 6))
 
 
 def run_rollout(cfg, s: dict, *, mode: str, attention: str) -> dict:

@@ -102,6 +102,6 @@ def time_parts(programs: dict[str, tuple[Callable, tuple]], *, runs: int) -> dic
             start = time.perf_counter()
             jax.block_until_ready(compiled(*args))
             times.append(time.perf_counter() - start)
-        timed[name] = dict(compile_s=round(compile_s, 2), seconds=round(statistics.median(times), 4))
+        timed[name] = dict(compile_s=round(compile_s, 2), seconds=round(statistics.median(times), 6))
         del compiled
     return timed
