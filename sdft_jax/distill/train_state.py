@@ -165,13 +165,16 @@ def init_train_state(
         teacher=jax.jit(teacher_lib.init_teacher)(params),
         rng=jax.random.key_data(jax.random.key(seed)),
     )
-    # Scalars (step, rng, Adam's count) are created on one device; put them, replicated, on the
-    # devices the parameters live on, so the step is one program over one device set.
+    # Scalars (step, rng, Adam's count) are created on one device, uncommitted; put them, replicated, on
+    # the devices the parameters live on, committed: the step is one program over one device set, and
+    # its second call (committed outputs in) reuses the first's compilation instead of compiling again.
     sharding = jax.tree.leaves(params)[0].sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
         replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
         state = jax.tree.map(
             lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, replicated), state)
+    else:
+        state = jax.tree.map(lambda x: x if x.committed else jax.device_put(x, sharding), state)
     return graphdef, state
 
 

@@ -37,6 +37,16 @@ def test_init_state_teacher_is_the_student_in_fp32(tiny_model_dir):
     assert int(state.step) == 0
 
 
+def test_init_state_is_committed_to_the_models_device(tiny_model_dir):
+    """Every leaf, the scalars made on the side (step, rng, Adam's count) too, is committed where the
+    parameters are, as the step's outputs are: else the step's second call compiles it again."""
+    model = load_hf(tiny_model_dir("llama"))
+    _, state = init_train_state(model, OptimConfig())
+    device = jax.tree.leaves(state.params)[0].sharding
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        assert leaf.committed and leaf.sharding == device, jax.tree_util.keystr(path)
+
+
 def test_with_teacher_takes_the_other_models_weights_on_the_same_shardings(tiny_model_dir):
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     path = tiny_model_dir("llama")

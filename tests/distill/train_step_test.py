@@ -319,6 +319,17 @@ def test_sft_step_matches_torch(tiny_model_dir):
     np.testing.assert_allclose(float(metrics["loss"]), ref.step(batch), rtol=2e-5)
 
 
+def test_steps_after_the_first_reuse_its_compilation(tiny_model_dir):
+    """The state from `init_train_state` and the step's own output state take the same program (one
+    compilation for a run: on a pod a second one costs minutes)."""
+    cfg = step_config("topk")
+    graphdef, state = init_train_state(load_hf(tiny_model_dir("llama")), cfg.optim)
+    step = make_train_step(graphdef, state, cfg)
+    for i in range(3):
+        state, _ = step(state, shard_batch(random_batch(seed=i), None))
+    assert step._cache_size() == 1  # jax's count of the jitted function's compiled programs
+
+
 def test_nonfinite_loss_skips_the_update(tiny_model_dir):
     import dataclasses
 
