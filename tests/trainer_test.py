@@ -76,8 +76,10 @@ def test_a_continuous_batching_run_trains_as_the_static_run(uninterrupted_run, t
 
 
 def _cli(*args, env=None, **kwargs):
+    """The training CLI as a user runs it: one CPU device (compiled at -O0 like the suite, conftest.py)."""
     return subprocess.run([sys.executable, "-m", "sdft_jax.train", *args], capture_output=True, text=True,
-                          env={**os.environ, "XLA_FLAGS": "", **(env or {})}, timeout=120, **kwargs)
+                          env={**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", **(env or {})},
+                          timeout=120, **kwargs)
 
 
 def test_cli_typos_fail_before_compiling(tmp_path):
