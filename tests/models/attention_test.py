@@ -134,11 +134,13 @@ def test_causal_attention_in_blocks_equals_attention(length, query_block, blocks
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v, visible) * weights)
 
+    def value_and_grads(fn):  # jitted: op by op, 14 blocks' forward and backward took minutes to dispatch
+        return jax.jit(jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1, 2)))(q, k, v)
+
     blocked = lambda q, k, v, visible: attention.causal_attention(q, k, v, visible, query_block=query_block)  # noqa: E731
-    # Jitted (one program each; op by op, 14 blocks' forward and backward took minutes to dispatch).
-    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, blocked), argnums=(0, 1, 2)))(q, k, v)
+    value, grads = value_and_grads(blocked)
     assert len(calls) == blocks and sum(calls) == length
-    ref_value, ref_grads = jax.jit(jax.value_and_grad(functools.partial(loss, plain_attention), argnums=(0, 1, 2)))(q, k, v)
+    ref_value, ref_grads = value_and_grads(plain_attention)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for g, ref in zip(grads, ref_grads, strict=True):
         assert np.isfinite(np.asarray(g)).all()
