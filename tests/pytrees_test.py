@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdft_jax.pytrees import pytree_dataclass
+from sdft_jax.pytrees import pytree_dataclass, static_field
 
 
 @pytree_dataclass
@@ -48,3 +48,30 @@ def test_jax_rebuilds_without_init_code_constructs_with_it():
         Pair(a=np.ones(2), b=None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         shapes.a = None
+
+
+@pytree_dataclass
+@dataclasses.dataclass(frozen=True)
+class Flagged:
+    a: jax.Array
+    flip: bool = static_field(default=False)
+
+
+def test_a_static_field_is_structure_not_a_leaf():
+    on, off = Flagged(a=jnp.ones(2), flip=True), Flagged(a=jnp.ones(2))
+    assert len(jax.tree.leaves(on)) == 1
+    assert jax.tree.structure(on) != jax.tree.structure(off)
+    traced = []
+
+    @jax.jit
+    def apply(f: Flagged) -> Flagged:
+        traced.append(f.flip)
+        return Flagged(a=-f.a if f.flip else f.a, flip=f.flip)
+
+    out = apply(on)
+    assert isinstance(out, Flagged) and out.flip is True
+    np.testing.assert_array_equal(out.a, [-1, -1])
+    np.testing.assert_array_equal(apply(off).a, [1, 1])
+    apply(on)
+    assert traced == [True, False]  # a Python bool under jit, one trace per value
+    assert jax.eval_shape(lambda f: f, on).flip is True

@@ -68,7 +68,7 @@ def part_programs(
 
     # The loss part's inputs: the real heads, stand-in hidden states of the teacher's shape and dtype.
     hidden_shape, _ = jax.eval_shape(teacher, state, batch)
-    heads = jax.jit(lambda state: tuple(nnx.merge(graphdef, params, state.frozen).head_weight()
+    heads = jax.jit(lambda state: tuple(nnx.merge(graphdef, params, state.frozen).head()
                                         for params in (state.params, state.teacher)))
     student_head, teacher_head = heads(state)
     keys = jax.random.split(jax.random.key(0))

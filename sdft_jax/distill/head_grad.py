@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from sdft_jax.distill.loss_config import LossConfig
+from sdft_jax.models.lm_head import LMHead
 from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.distill.token_terms import (
     TokenMetrics,
@@ -128,14 +129,14 @@ def _coefficients(
 class _Residuals:
     """What the blocked backward keeps from the forward pass (chunked streams: `[n_chunks, B, P, ...]`)."""
 
-    student_head: Float[Array, "D V"]
-    teacher_head: Float[Array, "Dt V"] | None
+    student_head: LMHead
+    teacher_head: LMHead | None
     streams: TokenStreams
     coefficients: Coefficients
 
 
 # The backward's carry over vocab blocks: the gradients of the student head and hidden states.
-_Gradients = tuple[Float[Array, "D V"], Float[Array, "n B P D"]]
+_Gradients = tuple[LMHead, Float[Array, "n B P D"]]
 
 
 class _BackwardChunk(NamedTuple):
@@ -150,15 +151,15 @@ class _BackwardChunk(NamedTuple):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def blocked_terms(
     cfg: LossConfig,
-    student_head: Float[Array, "D V"],
-    teacher_head: Float[Array, "Dt V"] | None,
+    student_head: LMHead,
+    teacher_head: LMHead | None,
     streams: TokenStreams,
 ) -> tuple[Float[Array, "n B P"], TokenMetrics]:
     """Per-position loss and metrics of token chunks, like the scan in `losses.chunked_loss`.
 
     Args:
       cfg: the loss (one of `BLOCKED_LOSSES`) and `vocab_chunk_size`, the columns of a vocab block.
-      student_head: the student's LM head, fp32.
+      student_head: the student's LM head, fp32; its gradient comes back in the same layout.
       teacher_head: the teacher's LM head (None for `sft`); it gets no gradient.
       streams: the inputs cut into chunks, `[n_chunks, B, P, ...]`.
 
@@ -172,8 +173,8 @@ def blocked_terms(
 
 def _blocked_forward(
     cfg: LossConfig,
-    student_head: Float[Array, "D V"],
-    teacher_head: Float[Array, "Dt V"] | None,
+    student_head: LMHead,
+    teacher_head: LMHead | None,
     streams: TokenStreams,
 ) -> tuple[tuple[Float[Array, "n B P"], TokenMetrics], _Residuals]:
     """The loss over the chunks, and each position's gradient coefficients for the backward."""
@@ -194,13 +195,13 @@ def _blocked_backward(
     cfg: LossConfig,
     residuals: _Residuals,
     cotangents: tuple[Float[Array, "n B P"], TokenMetrics],
-) -> tuple[Float[Array, "D V"], None, TokenStreams]:
+) -> tuple[LMHead, None, TokenStreams]:
     """Gradients of the head and the student hidden states, one vocab block at a time."""
     loss_cotangent, _ = cotangents  # the metrics carry no gradient
     coefficients = residuals.coefficients.times(loss_cotangent)
     head = residuals.student_head
     hidden = residuals.streams.student_hidden  # [n_chunks, B, P, D]
-    vocab = head.shape[1]
+    vocab = head.vocab
     block = min(cfg.vocab_chunk_size, vocab)
     n_blocks = -(-vocab // block)
     uses_teacher = cfg.name == "full_kl"
@@ -210,35 +211,36 @@ def _blocked_backward(
         # The last block is moved back to end at V; the columns it shares with the previous block get
         # their (complete) gradient written again, and add nothing more to the hidden gradient.
         start = jnp.minimum(j * block, vocab - block)
-        w = jax.lax.dynamic_slice_in_dim(head, start, block, axis=1)
-        w_t = jax.lax.dynamic_slice_in_dim(residuals.teacher_head, start, block, axis=1) if uses_teacher else None
+        w = head.columns(start, block)
+        w_t = residuals.teacher_head.columns(start, block) if uses_teacher else None
         fresh = (start + jnp.arange(block)) >= j * block
 
         def token_chunk(
-            d_w: Float[Array, "D W"], x: _BackwardChunk
-        ) -> tuple[Float[Array, "D W"], Float[Array, "B P D"]]:
+            d_w: Float[Array, "_ _"], x: _BackwardChunk
+        ) -> tuple[Float[Array, "_ _"], Float[Array, "B P D"]]:
             cf = x.coefficients
-            g = cf.alpha[..., None] * _softmax(jnp.matmul(x.student_hidden, w), cf.student_norm)
+            g = cf.alpha[..., None] * _softmax(w.logits(x.student_hidden), cf.student_norm)
             if uses_teacher:
-                t_block = jnp.matmul(x.teacher_hidden, w_t, preferred_element_type=jnp.float32)
+                t_block = w_t.logits(x.teacher_hidden, preferred_element_type=jnp.float32)
                 g = g + cf.beta[..., None] * _softmax(t_block, cf.teacher_norm)
             ids = cf.sparse_ids
             local = jnp.where((ids >= start) & (ids < start + block), ids - start, block)  # `block`: dropped
             rows = jnp.arange(g.shape[0])[:, None, None]
             cols = jnp.arange(g.shape[1])[None, :, None]
             g = g.at[rows, cols, local].add(cf.sparse_coeffs, mode="drop")
-            d_w = d_w + jnp.einsum("bpd,bpv->dv", x.student_hidden, g)
-            d_h = x.d_hidden + jnp.einsum("bpv,dv->bpd", jnp.where(fresh, g, 0.0), w)
+            d_w = d_w + w.weight_grad(x.student_hidden, g)
+            d_h = x.d_hidden + w.hidden_grad(jnp.where(fresh, g, 0.0))
             return d_w, d_h
 
         chunks = _BackwardChunk(student_hidden=hidden, coefficients=coefficients, d_hidden=d_hidden,
                                 teacher_hidden=residuals.streams.teacher_hidden if uses_teacher else None)
-        d_w, d_hidden = jax.lax.scan(token_chunk, jnp.zeros((head.shape[0], block), jnp.float32), chunks)
-        d_head = jax.lax.dynamic_update_slice_in_dim(d_head, d_w, start, axis=1)
+        d_w, d_hidden = jax.lax.scan(token_chunk, jnp.zeros(w.weight.shape, jnp.float32), chunks)
+        d_head = d_head.with_columns(LMHead(weight=d_w, vocab_major=head.vocab_major), start)
         return d_head, d_hidden
 
+    zero_head = LMHead(weight=jnp.zeros(head.weight.shape, jnp.float32), vocab_major=head.vocab_major)
     d_head, d_hidden = jax.lax.fori_loop(0, n_blocks, vocab_block,
-                                         (jnp.zeros_like(head), jnp.zeros(hidden.shape, jnp.float32)))
+                                         (zero_head, jnp.zeros(hidden.shape, jnp.float32)))
     # None: no cotangent (a zero) for the teacher head and for every stream but the student's hidden states.
     d_streams = TokenStreams(student_hidden=d_hidden.astype(hidden.dtype), teacher_hidden=None, targets=None,
                              sampler_logprobs=None)

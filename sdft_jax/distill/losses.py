@@ -53,6 +53,7 @@ from sdft_jax.distill.token_terms import (
     teacher_logits,
     token_terms,
 )
+from sdft_jax.models.lm_head import LMHead
 from sdft_jax.pytrees import pytree_dataclass
 
 __all__ = ["LossConfig", "LossName", "Reduction", "ReductionTotals", "chunked_loss", "dense_loss", "reduction_totals"]
@@ -66,13 +67,20 @@ _SKIPPING_LOSSES = frozenset({"topk", "full_kl", "reverse_topk", "jsd"})
 # Shared input checks and the reduction.
 
 
+def _heads(
+    student_head: LMHead | Float[Array, "D V"], teacher_head: LMHead | Float[Array, "D V"] | None
+) -> tuple[LMHead, LMHead | None]:
+    """Both heads as `LMHead`s (a plain array is a `[D, V]` head)."""
+    return LMHead.of(student_head), None if teacher_head is None else LMHead.of(teacher_head)
+
+
 def _prepare(
     cfg: LossConfig,
     student_hidden: Float[Array, "B C D"],
-    student_head: Float[Array, "D V"],
+    student_head: LMHead,
     mask: Bool[Array, "B C"],
     teacher_hidden: Float[Array, "B C Dt"] | None,
-    teacher_head: Float[Array, "Dt V"] | None,
+    teacher_head: LMHead | None,
     targets: Int[Array, "B C"] | None,
     sampler_logprobs: Float[Array, "B C"] | None,
 ) -> tuple[TokenStreams, Bool[Array, "B C"]]:
@@ -81,20 +89,19 @@ def _prepare(
     if student_hidden.ndim != 3:
         raise ValueError(f"student_hidden must be [B, C, D], got shape {student_hidden.shape}")
     b, c, d = student_hidden.shape
-    if student_head.ndim != 2 or student_head.shape[0] != d:
-        raise ValueError(f"student_head must be [D={d}, V], got shape {student_head.shape}")
+    if student_head.weight.ndim != 2 or student_head.hidden != d:
+        raise ValueError(f"student_head must be {_layout(student_head, d, 'V')}, got shape {student_head.weight.shape}")
     if mask.shape != (b, c):
         raise ValueError(f"mask must be [B, C] = {(b, c)}, got shape {mask.shape}")
-    vocab = student_head.shape[1]
+    vocab = student_head.vocab
     if cfg.name != "sft":
         if teacher_hidden is None or teacher_head is None:
             raise ValueError(f"loss {cfg.name!r} needs teacher_hidden and teacher_head")
         if teacher_hidden.ndim != 3 or teacher_hidden.shape[:2] != (b, c):
             raise ValueError(f"teacher_hidden must be [B, C, D] with B, C = {(b, c)}, got {teacher_hidden.shape}")
-        if teacher_head.shape != (teacher_hidden.shape[2], vocab):
-            raise ValueError(
-                f"teacher_head must be [D={teacher_hidden.shape[2]}, V={vocab}], got shape {teacher_head.shape}"
-            )
+        if teacher_head.weight.ndim != 2 or (teacher_head.hidden, teacher_head.vocab) != (teacher_hidden.shape[2], vocab):
+            raise ValueError(f"teacher_head must be {_layout(teacher_head, teacher_hidden.shape[2], vocab)}, "
+                             f"got shape {teacher_head.weight.shape}")
     if cfg.name in ("importance_sampling", "sft") and targets is None:
         raise ValueError(f"loss {cfg.name!r} needs targets")
     if cfg.name == "importance_sampling" and sampler_logprobs is None:
@@ -119,6 +126,11 @@ def _prepare(
         ),
     )
     return streams, scored
+
+
+def _layout(head: LMHead, d: int, v: int | str) -> str:
+    """The shape a head of hidden size `d` and vocabulary `v` must have in its layout, for an error."""
+    return f"[V={v}, D={d}] (vocab-major)" if head.vocab_major else f"[D={d}, V={v}]"
 
 
 def _scored(mask: Bool[Array, "B C"], cfg: LossConfig) -> Bool[Array, "B C"]:
@@ -209,7 +221,7 @@ class _Chunks:
 
 
 def _scanned_terms(
-    cfg: LossConfig, student_head: Float[Array, "D V"], teacher_head: Float[Array, "Dt V"] | None, chunks: TokenStreams
+    cfg: LossConfig, student_head: LMHead, teacher_head: LMHead | None, chunks: TokenStreams
 ) -> tuple[Float[Array, "n B P"], TokenMetrics]:
     """Per-position loss and metrics over the chunks, differentiated by autodiff: each chunk is
     rematerialised in the backward pass, except the teacher values it saves."""
@@ -220,7 +232,7 @@ def _scanned_terms(
         prevent_cse=False,  # safe inside scan, and lets XLA share work between the recomputed parts
     )
     def chunk(
-        s_head: Float[Array, "D V"], t_head: Float[Array, "Dt V"] | None, xc: TokenStreams
+        s_head: LMHead, t_head: LMHead | None, xc: TokenStreams
     ) -> tuple[Float[Array, "B P"], TokenMetrics]:
         t_logits = None if t_head is None else teacher_logits(xc.teacher_hidden, t_head)
         terms = token_terms(cfg, student_logits(xc.student_hidden, s_head), t_logits, xc.targets, xc.sampler_logprobs)
@@ -237,17 +249,18 @@ def _scanned_terms(
 
 def dense_loss(
     student_hidden: Float[Array, "B C D"],
-    student_head: Float[Array, "D V"],
+    student_head: LMHead | Float[Array, "D V"],
     mask: Bool[Array, "B C"],
     cfg: LossConfig,
     *,
     teacher_hidden: Float[Array, "B C D"] | None = None,
-    teacher_head: Float[Array, "D V"] | None = None,
+    teacher_head: LMHead | Float[Array, "D V"] | None = None,
     targets: Int[Array, "B C"] | None = None,
     sampler_logprobs: Float[Array, "B C"] | None = None,
     totals: ReductionTotals | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """The reference loss: same contract as `chunked_loss`, with `[B, C, V]` logits materialised."""
+    student_head, teacher_head = _heads(student_head, teacher_head)
     streams, scored = _prepare(cfg, student_hidden, student_head, mask, teacher_hidden, teacher_head, targets,
                                sampler_logprobs)
     t_logits = None
@@ -260,12 +273,12 @@ def dense_loss(
 
 def chunked_loss(
     student_hidden: Float[Array, "B C D"],
-    student_head: Float[Array, "D V"],
+    student_head: LMHead | Float[Array, "D V"],
     mask: Bool[Array, "B C"],
     cfg: LossConfig,
     *,
     teacher_hidden: Float[Array, "B C D"] | None = None,
-    teacher_head: Float[Array, "D V"] | None = None,
+    teacher_head: LMHead | Float[Array, "D V"] | None = None,
     targets: Int[Array, "B C"] | None = None,
     sampler_logprobs: Float[Array, "B C"] | None = None,
     totals: ReductionTotals | None = None,
@@ -274,12 +287,13 @@ def chunked_loss(
 
     Args:
       student_hidden: final (post-norm) student hidden states; position `t` predicts completion token `t`.
-      student_head: the student's LM-head weight (for tied embeddings, the embedding transposed).
+      student_head: the student's LM head: an `LMHead` (a tied embedding stays `[V, D]`, never
+        transposed into a copy), or a plain `[D, V]` weight.
       mask: completion tokens that exist (not padding, not cut by a context limit). The loss applies
         `cfg.skip_first_tokens` itself.
       cfg: the loss to compute.
       teacher_hidden: the teacher's hidden states aligned the same way (every loss but `sft`).
-      teacher_head: the teacher's LM-head weight (every loss but `sft`).
+      teacher_head: the teacher's LM head, likewise (every loss but `sft`).
       targets: the sampled token ids (`importance_sampling`) or the golden ids (`sft`).
       sampler_logprobs: the sampler's log-prob of each target (`importance_sampling`).
       totals: when these rows are a part of a batch (a micro-batch), the whole batch's
@@ -292,6 +306,7 @@ def chunked_loss(
       positions, `kl` (full-vocab KL(teacher||student)) and `teacher_entropy` for every loss but `sft`,
       and `topk_mass` (teacher probability of its top-K ids) for `topk`.
     """
+    student_head, teacher_head = _heads(student_head, teacher_head)
     streams, scored = _prepare(cfg, student_hidden, student_head, mask, teacher_hidden, teacher_head, targets,
                                sampler_logprobs)
     b, c, _ = student_hidden.shape
@@ -300,7 +315,7 @@ def chunked_loss(
     # The fp32 cast happens once, outside the loop, so the head's gradient accumulates over chunks in
     # fp32 (a bf16 accumulator would round away the small per-chunk contributions).
     student_head = student_head.astype(jnp.float32)
-    teacher_head = None if streams.teacher_hidden is None else jax.lax.stop_gradient(teacher_head)
+    teacher_head = None if streams.teacher_hidden is None else teacher_head.stop_gradient()
     if cfg.vocab_chunk_size and cfg.name in head_grad.BLOCKED_LOSSES:
         token_loss, token_metrics = head_grad.blocked_terms(cfg, student_head, teacher_head, xs)
     else:

@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from sdft_jax.distill.loss_config import LossConfig
+from sdft_jax.models.lm_head import LMHead
 from sdft_jax.pytrees import pytree_dataclass
 
 # Names given to the teacher values that the backward pass needs. The chunked scan saves them across
@@ -95,18 +96,18 @@ class TokenTerms:
     ratio_advantage: Float[Array, "*N"] | None = None
 
 
-def student_logits(hidden: Float[Array, "*N D"], head: Float[Array, "D V"]) -> Float[Array, "*N V"]:
+def student_logits(hidden: Float[Array, "*N D"], head: LMHead) -> Float[Array, "*N V"]:
     """fp32 logits from hidden states and an LM head of any float dtype."""
-    return jnp.matmul(hidden.astype(jnp.float32), head.astype(jnp.float32))
+    return head.astype(jnp.float32).logits(hidden.astype(jnp.float32))
 
 
-def teacher_logits(hidden: Float[Array, "*N D"], head: Float[Array, "D V"]) -> Float[Array, "*N V"]:
+def teacher_logits(hidden: Float[Array, "*N D"], head: LMHead) -> Float[Array, "*N V"]:
     """fp32 logits without gradient, computed from the stored dtypes.
 
     bf16 x bf16 products are exact in fp32, so an fp32-accumulated matmul of the stored dtypes equals
     the fp32 matmul without materialising an fp32 copy of the (V-sized) teacher head.
     """
-    return jax.lax.stop_gradient(jnp.matmul(hidden, head, preferred_element_type=jnp.float32))
+    return jax.lax.stop_gradient(head.logits(hidden, preferred_element_type=jnp.float32))
 
 
 def _take(x: Float[Array, "*N V"], ids: Int[Array, "*N K"]) -> Float[Array, "*N K"]:

@@ -39,6 +39,7 @@ from sdft_jax.distill.batch import StepBatch, split_rows
 from sdft_jax.distill.losses import LossConfig, ReductionTotals, chunked_loss, reduction_totals
 from sdft_jax.distill.train_state import OptimConfig, TrainState
 from sdft_jax.models import moe as moe_lib
+from sdft_jax.models.lm_head import LMHead
 from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, activation_sharding, active_mesh, constrain
 from sdft_jax.models.transformer import ModelOutput, Transformer, positions_from_mask
 from sdft_jax.validation import check_bool, check_int
@@ -73,14 +74,14 @@ def completion_hidden(hidden: Float[Array, "B L D"], prompt_len: int, completion
 
 def teacher_targets(
     graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch
-) -> tuple[Float[Array, "B C D"], Float[Array, "D V"]]:
+) -> tuple[Float[Array, "B C D"], LMHead]:
     """The teacher's side of the loss, without gradient: its final hidden states at the completion
-    positions of `teacher_prompt ++ completion`, and its LM-head weight. The teacher is the frozen part
+    positions of `teacher_prompt ++ completion`, and its LM head. The teacher is the frozen part
     shared with the student plus its own copy of the trainable part."""
     teacher = nnx.merge(graphdef, state.teacher, state.frozen)
     out = model_forward(teacher, batch.teacher_tokens, batch.teacher_mask)
     hidden = completion_hidden(out.hidden, batch.teacher_prompt_len, batch.completion_len)
-    return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(teacher.head_weight())
+    return jax.lax.stop_gradient(hidden), teacher.head().stop_gradient()
 
 
 def router_metrics(stats: moe_lib.RouterStats) -> dict[str, Float[Array, ""]]:
@@ -119,7 +120,7 @@ def step_gradients(
         student = nnx.merge(graphdef, params, state.frozen)
         out = model_forward(student, batch.student_tokens, batch.student_mask)
         loss, metrics = chunked_loss(
-            completion_hidden(out.hidden, batch.student_prompt_len, C), student.head_weight(),
+            completion_hidden(out.hidden, batch.student_prompt_len, C), student.head(),
             batch.completion_mask, cfg.loss, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
             targets=batch.completion_tokens, sampler_logprobs=batch.sampler_logprobs, totals=totals)
         if out.router_stats is not None and student.cfg.moe.load_balance_coef:

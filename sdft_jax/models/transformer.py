@@ -4,7 +4,7 @@ Layers are stacked (`decoder.DecoderStack`): every per-layer weight has a leadin
 the forward pass scans over them, so compile time does not grow with depth and each layer can be
 rematerialised.
 The forward returns final (normed) hidden states; the LM head is a separate call (`logits`,
-`head_weight`) so losses can apply it in token chunks and the sampler at the last position only.
+`head`) so losses can apply it in token chunks and the sampler at the last position only.
 
 Two modes share one code path:
 - no cache: a padded batch `[B, T]`, causal attention among the real tokens of each row;
@@ -35,6 +35,7 @@ from sdft_jax.models import lora as lora_lib
 from sdft_jax.models import moe as moe_lib
 from sdft_jax.models.config import ModelConfig
 from sdft_jax.models.decoder import DecoderStack, RematPolicy
+from sdft_jax.models.lm_head import LMHead
 from sdft_jax.models.norm import rms_norm
 from sdft_jax.models.sharding import constrain, target_platform
 from sdft_jax.pytrees import pytree_dataclass
@@ -149,14 +150,15 @@ class Transformer(nnx.Module):
         """The final norm: the last layer's output to the hidden states the LM head reads."""
         return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps, zero_centered=self.cfg.zero_centered_norms)
 
-    def head_weight(self) -> Float[Array, "D V"]:
-        """The LM head as `[hidden, vocab]` (the transposed embedding when tied)."""
-        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    def head(self) -> LMHead:
+        """The LM head as stored: the `[V, D]` embedding when tied (never a transposed copy), else `[D, V]`."""
+        if self.lm_head is None:
+            return LMHead(weight=self.embed[...], vocab_major=True)
+        return LMHead(weight=self.lm_head[...])
 
     def logits(self, hidden: Float[Array, "*B D"]) -> Float[Array, "*B V"]:
         """fp32 logits of hidden states (use on few positions; losses chunk this themselves)."""
-        return jnp.einsum("...d,dv->...v", hidden, self.head_weight().astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        return self.head().astype(hidden.dtype).logits(hidden, preferred_element_type=jnp.float32)
 
 
 def positions_from_mask(input_mask: Bool[Array, "B T"]) -> Int[Array, "B T"]:

@@ -15,6 +15,7 @@ import pytest
 
 from sdft_jax.distill.loss_config import LossConfig
 from sdft_jax.distill.token_terms import SAVED_TEACHER_VALUES, student_logits, teacher_logits, token_terms
+from sdft_jax.models.lm_head import LMHead
 
 LN2 = math.log(2.0)
 # Two positions of a uniform student over 4 tokens and a teacher with exact binary probabilities;
@@ -112,11 +113,15 @@ def test_top_k_larger_than_the_vocabulary_raises():
         token_terms(LossConfig(name="topk", top_k=5), STUDENT, TEACHER, None, None)
 
 
-def test_teacher_logits_of_bf16_weights_are_the_fp32_logits_without_gradient():
+@pytest.mark.parametrize("vocab_major", [False, True], ids=["dv", "vd"])
+def test_teacher_logits_of_bf16_weights_are_the_fp32_logits_without_gradient(vocab_major):
     k = jax.random.split(jax.random.key(1))
     hidden = jax.random.normal(k[0], (2, 3, 16)).astype(jnp.bfloat16)
-    head = jax.random.normal(k[1], (16, 5)).astype(jnp.bfloat16)
+    weight = jax.random.normal(k[1], (16, 5)).astype(jnp.bfloat16)
+    head = LMHead(weight=weight.T if vocab_major else weight, vocab_major=vocab_major)
     logits = teacher_logits(hidden, head)
     assert logits.dtype == jnp.float32
-    np.testing.assert_allclose(logits, student_logits(hidden, head), rtol=1e-6, atol=1e-6)
+    want = np.einsum("bpd,dv->bpv", np.asarray(hidden, np.float64), np.asarray(weight, np.float64))
+    np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(student_logits(hidden, head), want, rtol=1e-6, atol=1e-6)
     assert not np.any(np.asarray(jax.grad(lambda h: jnp.sum(teacher_logits(h, head)))(hidden)))
