@@ -3,11 +3,12 @@
 A head tied to the embedding is the embedding itself, `[V, D]`; an untied head is stored `[D, V]`.
 Computing logits as `hidden @ embed.T` is free when the transpose sits next to the dot (the compiler
 folds it into the dot's dimension numbers), but the losses apply the head inside loops over token
-chunks and vocab blocks: a head transposed outside such a loop is materialised, a V x D copy (113 MB at
-SmolLM2's 49,152 x 576 in fp32, 1.6 GB at Qwen3-4B's 151,936 x 2,560), alive in the train step's peak
-beside the embedding. `LMHead` carries the weight as stored with its layout (`vocab_major`, static) and
-puts the transposition into every dot it takes part in: the logits, the gradient of the hidden states,
-and the weight's own gradient, which comes back in the weight's layout.
+chunks and vocab blocks, and a head transposed outside such a loop may be materialised: XLA:CPU made a
+V x D copy (113 MB at SmolLM2's 49,152 x 576 in fp32), alive through the train step beside the embedding
+(the TPU compiler did not; docs/benchmarks.md, "Micro-batched steps"). `LMHead` carries the weight as
+stored with its layout (`vocab_major`, static) and puts the transposition into every dot it takes part
+in: the logits, the gradient of the hidden states, and the weight's own gradient, which comes back in
+the weight's layout. No compiler has a copy to make.
 """
 
 from __future__ import annotations
