@@ -53,10 +53,6 @@ class LMHead:
     def hidden(self) -> int:
         return self.weight.shape[1 - self.vocab_axis]
 
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.weight.dtype
-
     def _subscripts(self) -> str:
         return "vd" if self.vocab_major else "dv"
 
