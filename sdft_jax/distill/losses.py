@@ -90,7 +90,8 @@ def _prepare(
         raise ValueError(f"student_hidden must be [B, C, D], got shape {student_hidden.shape}")
     b, c, d = student_hidden.shape
     if student_head.weight.ndim != 2 or student_head.hidden != d:
-        raise ValueError(f"student_head must be {_layout(student_head, d, 'V')}, got shape {student_head.weight.shape}")
+        raise ValueError(f"student_head must be {_layout(student_head, d, None)}, "
+                         f"got shape {student_head.weight.shape}")
     if mask.shape != (b, c):
         raise ValueError(f"mask must be [B, C] = {(b, c)}, got shape {mask.shape}")
     vocab = student_head.vocab
@@ -99,7 +100,8 @@ def _prepare(
             raise ValueError(f"loss {cfg.name!r} needs teacher_hidden and teacher_head")
         if teacher_hidden.ndim != 3 or teacher_hidden.shape[:2] != (b, c):
             raise ValueError(f"teacher_hidden must be [B, C, D] with B, C = {(b, c)}, got {teacher_hidden.shape}")
-        if teacher_head.weight.ndim != 2 or (teacher_head.hidden, teacher_head.vocab) != (teacher_hidden.shape[2], vocab):
+        if (teacher_head.weight.ndim != 2
+                or (teacher_head.hidden, teacher_head.vocab) != (teacher_hidden.shape[2], vocab)):
             raise ValueError(f"teacher_head must be {_layout(teacher_head, teacher_hidden.shape[2], vocab)}, "
                              f"got shape {teacher_head.weight.shape}")
     if cfg.name in ("importance_sampling", "sft") and targets is None:
@@ -128,9 +130,11 @@ def _prepare(
     return streams, scored
 
 
-def _layout(head: LMHead, d: int, v: int | str) -> str:
-    """The shape a head of hidden size `d` and vocabulary `v` must have in its layout, for an error."""
-    return f"[V={v}, D={d}] (vocab-major)" if head.vocab_major else f"[D={d}, V={v}]"
+def _layout(head: LMHead, d: int, v: int | None) -> str:
+    """The shape a head of hidden size `d` and vocabulary `v` (None: any) must have in its layout, for an
+    error."""
+    vocab = "V" if v is None else f"V={v}"
+    return f"[{vocab}, D={d}] (vocab-major)" if head.vocab_major else f"[D={d}, {vocab}]"
 
 
 def _scored(mask: Bool[Array, "B C"], cfg: LossConfig) -> Bool[Array, "B C"]:

@@ -63,7 +63,8 @@ def test_a_vocab_major_head_gives_the_same_loss_and_gradients(name, block):
     """A tied head passed as the `[V, D]` embedding it is (no transposed copy) computes what its `[D, V]`
     transpose computes, on the blocked and the autodiff backward; its gradient comes back `[V, D]`."""
     inputs = random_inputs()
-    vocab_major = {**inputs, **{k: LMHead(weight=inputs[k].T, vocab_major=True) for k in ("student_head", "teacher_head")}}
+    vocab_major = {**inputs, **{k: LMHead(weight=inputs[k].T, vocab_major=True)
+                                for k in ("student_head", "teacher_head")}}
     cfg = dataclasses.replace(parity_config(name), vocab_chunk_size=block)
     want, got = compiled(chunked_loss, cfg)(inputs), compiled(chunked_loss, cfg)(vocab_major)
     for reduction in REDUCTIONS:
@@ -105,8 +106,8 @@ def test_jsd_has_no_blocked_backward():
     streams = TokenStreams(student_hidden=inputs["student_hidden"][None],  # one chunk of every position
                            teacher_hidden=inputs["teacher_hidden"][None], targets=None, sampler_logprobs=None)
     with pytest.raises(ValueError, match="no blocked backward"):
-        blocked_terms(parity_config("jsd"), LMHead(weight=inputs["student_head"]), LMHead(weight=inputs["teacher_head"]),
-                      streams)
+        heads = (LMHead(weight=inputs["student_head"]), LMHead(weight=inputs["teacher_head"]))
+        blocked_terms(parity_config("jsd"), *heads, streams)
 
 
 @pytest.mark.parametrize("name", ["topk", "full_kl"])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sdft_jax.distill.losses import LossConfig, chunked_loss, dense_loss, reduction_totals
+from sdft_jax.models.lm_head import LMHead
 
 PATHS = {"dense": dense_loss, "chunked": chunked_loss}
 DISTILL = ("topk", "full_kl", "reverse_topk", "jsd")
@@ -449,3 +450,11 @@ def test_missing_or_misshaped_arguments_raise(monkeypatch):
         dense_loss(h, w, m[:, 1:], LossConfig(name="sft"), targets=inputs["targets"])
     with pytest.raises(ValueError, match="top_k"):
         chunked_loss(h, w, m, LossConfig(name="topk", top_k=V + 1), teacher_hidden=h, teacher_head=w)
+    d = h.shape[-1]
+    with pytest.raises(ValueError, match=rf"student_head must be \[D={d}, V\], got shape \({V}, {d}\)"):
+        chunked_loss(h, w.T, m, LossConfig(name="sft"), targets=inputs["targets"])
+    with pytest.raises(ValueError, match=rf"student_head must be \[V, D={d}\] \(vocab-major\), got shape \({d}, {V}\)"):
+        chunked_loss(h, LMHead(weight=w, vocab_major=True), m, LossConfig(name="sft"), targets=inputs["targets"])
+    with pytest.raises(ValueError, match=rf"teacher_head must be \[V={V}, D={d}\] \(vocab-major\)"):
+        chunked_loss(h, w, m, LossConfig(name="topk"), teacher_hidden=h,
+                     teacher_head=LMHead(weight=w[:, 1:].T, vocab_major=True))
