@@ -235,10 +235,10 @@ def _blocked_backward(
         chunks = _BackwardChunk(student_hidden=hidden, coefficients=coefficients, d_hidden=d_hidden,
                                 teacher_hidden=residuals.streams.teacher_hidden if uses_teacher else None)
         d_w, d_hidden = jax.lax.scan(token_chunk, jnp.zeros(w.weight.shape, jnp.float32), chunks)
-        d_head = d_head.with_columns(LMHead(weight=d_w, vocab_major=head.vocab_major), start)
+        d_head = d_head.with_columns(d_w, start)
         return d_head, d_hidden
 
-    zero_head = LMHead(weight=jnp.zeros(head.weight.shape, jnp.float32), vocab_major=head.vocab_major)
+    zero_head = dataclasses.replace(head, weight=jnp.zeros(head.weight.shape, jnp.float32))
     d_head, d_hidden = jax.lax.fori_loop(0, n_blocks, vocab_block,
                                          (zero_head, jnp.zeros(hidden.shape, jnp.float32)))
     # None: no cotangent (a zero) for the teacher head and for every stream but the student's hidden states.

@@ -56,14 +56,11 @@ class LMHead:
     def _subscripts(self) -> str:
         return "vd" if self.vocab_major else "dv"
 
-    def _replace(self, weight: Array) -> LMHead:
-        return LMHead(weight=weight, vocab_major=self.vocab_major)
-
     def astype(self, dtype: DTypeLike) -> LMHead:
-        return self._replace(self.weight.astype(dtype))
+        return dataclasses.replace(self, weight=self.weight.astype(dtype))
 
     def stop_gradient(self) -> LMHead:
-        return self._replace(jax.lax.stop_gradient(self.weight))
+        return dataclasses.replace(self, weight=jax.lax.stop_gradient(self.weight))
 
     def as_dv(self) -> Float[Array, "D V"]:
         """The weight as `[D, V]` (a transposed copy when vocab-major: for tests and small heads)."""
@@ -86,9 +83,10 @@ class LMHead:
 
     def columns(self, start: Int[Array, ""] | int, size: int) -> LMHead:
         """The head of vocab ids `start .. start + size` (a dynamic slice)."""
-        return self._replace(jax.lax.dynamic_slice_in_dim(self.weight, start, size, axis=self.vocab_axis))
+        return dataclasses.replace(
+            self, weight=jax.lax.dynamic_slice_in_dim(self.weight, start, size, axis=self.vocab_axis))
 
-    def with_columns(self, block: LMHead, start: Int[Array, ""] | int) -> LMHead:
-        """This head with `block`'s columns written at vocab id `start` (a dynamic update)."""
-        return self._replace(jax.lax.dynamic_update_slice_in_dim(self.weight, block.weight, start,
-                                                                 axis=self.vocab_axis))
+    def with_columns(self, block: Float[Array, "_ _"], start: Int[Array, ""] | int) -> LMHead:
+        """This head with the weight `block` (in this head's layout) written at vocab id `start`."""
+        return dataclasses.replace(
+            self, weight=jax.lax.dynamic_update_slice_in_dim(self.weight, block, start, axis=self.vocab_axis))

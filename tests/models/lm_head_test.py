@@ -47,7 +47,7 @@ def test_columns_slice_and_write_along_the_vocab(vocab_major):
     assert (block.vocab, block.hidden, block.vocab_major) == (3, D, vocab_major)
     np.testing.assert_array_equal(block.as_dv(), w[:, 4:7].astype(np.float32))
     zeros = LMHead(weight=jnp.zeros_like(head.weight), vocab_major=vocab_major)
-    written = np.asarray(zeros.with_columns(block, jnp.int32(4)).as_dv())
+    written = np.asarray(zeros.with_columns(block.weight, jnp.int32(4)).as_dv())
     np.testing.assert_array_equal(written[:, 4:7], w[:, 4:7].astype(np.float32))
     assert not written[:, :4].any() and not written[:, 7:].any()
 
