@@ -1,5 +1,5 @@
 """Memory-mapped safetensors reading, bf16 included; what a model directory's files may point to.
-(Malformed headers and indexes: tests/bad_inputs/readers_test.py.)"""
+(Malformed headers and indexes: tests/bad_inputs/model_files_test.py.)"""
 
 import json
 import os
