@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+
 @pytest.fixture
 def model_copy(tiny_model_dir, tmp_path) -> pathlib.Path:
     """A fresh copy of the tiny Llama directory, to damage."""

@@ -417,6 +417,7 @@ def test_missing_gguf_file(tmp_path):
     check_refused(Case("missing", lambda p: ((lambda: gguf_to_hf(p / "no.gguf", p / "out")), [str(p / "no.gguf")]),
                        ModelError), tmp_path)
 
+
 # --- through the commands ------------------------------------------------------------------------------------
 
 

@@ -57,6 +57,7 @@ def test_good_predictions_are_read(tmp_path):
     path.write_bytes(b'{"index": 3, "completion": "caf\xc3\xa9"}\n\n{"index": 0, "completion": "", "truncated": true}\n')
     assert read_predictions(path, 4) == {3: ("caf\u00e9", False), 0: ("", True)}
 
+
 # --- through the command -------------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from sdft_jax import cli, errors
 from sdft_jax.data.records import DataError
 from sdft_jax.errors import ModelError
 
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One bad input: `make(tmp_path)` writes it and returns the call that must fail and the words its
@@ -38,7 +39,6 @@ def check_refused(case: Case, tmp_path: pathlib.Path) -> str:
     assert errors.classify(info.value).status == expected_status
     assert "\n" not in message  # one line
     return message
-
 
 
 def check_command_refused(main: Callable, argv: list[str], status: int, label: str, words: list[str],
