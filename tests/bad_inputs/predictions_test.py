@@ -61,20 +61,12 @@ def test_good_predictions_are_read(tmp_path):
 # --- through the command -------------------------------------------------------------------------------------
 
 
-def _predictions_cli(tmp_path):
+@pytest.mark.parametrize("content, row", [
+    (b'{"index": 0, "completion": "x"}\n{"index": true, "completion": "y"}\n', "row 1 (line 2)"),
+    (b'{"index": 0, "completion": "\xff"}\n', "row 0 (line 1)"),
+], ids=["predictions_index_true", "predictions_not_utf8"])
+def test_evaluate_reports_one_line_and_the_data_status(content, row, tmp_path, capsys):
     path = tmp_path / "preds.jsonl"
-    path.write_bytes(b'{"index": 0, "completion": "x"}\n{"index": true, "completion": "y"}\n')
-    return evaluate.main, ["--task", "capitals", "--predictions", str(path)], [str(path), "row 1 (line 2)"]
-
-
-def _predictions_not_utf8_cli(tmp_path):
-    path = tmp_path / "preds.jsonl"
-    path.write_bytes(b'{"index": 0, "completion": "\xff"}\n')
-    return evaluate.main, ["--task", "capitals", "--predictions", str(path)], [str(path), "row 0 (line 1)"]
-
-
-@pytest.mark.parametrize("make", [_predictions_cli, _predictions_not_utf8_cli],
-                         ids=["predictions_index_true", "predictions_not_utf8"])
-def test_evaluate_reports_one_line_and_the_data_status(make, tmp_path, capsys):
-    main, argv, words = make(tmp_path)
-    check_command_refused(main, argv, errors.DATA, "bad data", words, capsys)
+    path.write_bytes(content)
+    check_command_refused(evaluate.main, ["--task", "capitals", "--predictions", str(path)], errors.DATA,
+                          "bad data", [str(path), row], capsys)
