@@ -12,7 +12,9 @@ Teacher logits never leave the device; nothing but scalar metrics comes back to 
 
 Micro-batches (`StepConfig.micro_batch_size`). A `jax.lax.scan` inside the step runs the teacher
 forward, the student forward and backward on one micro-batch of rows at a time and adds up the
-gradients, so activations are held for one micro-batch only. The result is the whole batch's step:
+gradients, so activations are held for one micro-batch only; the decoder's layer scans add each layer's
+gradients into the running sum as the backward goes (`models.summed_scan`), so a micro-batch's own
+gradients are never held beside it. The result is the whole batch's step:
 each micro-batch's loss is its share of the whole batch's reduction (`losses.reduction_totals`: the
 token and row counts of the whole batch), so the shares, their gradients and every metric add up to
 the whole batch's. A MoE balance loss weighs each expert by its share of the whole batch's
@@ -62,9 +64,11 @@ class StepConfig:
         check_int("StepConfig.micro_batch_size", self.micro_batch_size, minimum=0, hint="0 = the whole batch at once")
 
 
-def model_forward(model: Transformer, tokens: Int[Array, "B L"], mask: Bool[Array, "B L"]) -> ModelOutput:
-    """`model`'s forward over left-padded `tokens` (positions from the mask)."""
-    return model.forward(tokens, positions_from_mask(mask), mask)
+def model_forward(model: Transformer, tokens: Int[Array, "B L"], mask: Bool[Array, "B L"], *,
+                  grad_sum: dict[str, Array] | None = None) -> ModelOutput:
+    """`model`'s forward over left-padded `tokens` (positions from the mask); `grad_sum` as in
+    `Transformer.forward`."""
+    return model.forward(tokens, positions_from_mask(mask), mask, grad_sum=grad_sum)
 
 
 def completion_hidden(hidden: Float[Array, "B L D"], prompt_len: int, completion_len: int) -> Float[Array, "B C D"]:
@@ -103,11 +107,15 @@ LossAux = tuple[dict[str, Array], moe_lib.RouterStats | None]
 def step_gradients(
     graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg: StepConfig,
     totals: ReductionTotals | None = None, whole_routing: moe_lib.RouterStats | None = None,
+    running: nnx.State | None = None,
 ) -> tuple[tuple[Float[Array, ""], LossAux], nnx.State]:
     """Teacher forward, student forward and backward on `batch`: `((loss, (metrics, router stats)), grads)`.
 
     `batch` is the whole batch, or one micro-batch of it with the whole batch's `totals` (the loss and
     metrics are then its share) and, for a balance loss, the whole batch's `whole_routing` statistics.
+    With `running` (gradients shaped like the params, summed over earlier micro-batches), `grads` is
+    `running` plus this batch's gradients, the decoder's share added into `running`'s own buffers as the
+    backward goes (`summed_scan`), so a second copy of them is never held.
     """
     C = batch.completion_len
     sft = cfg.loss.name == "sft"
@@ -116,9 +124,9 @@ def step_gradients(
     teacher_hidden, teacher_head = (None, None) if sft else teacher_targets(graphdef, state, batch)
 
     # 2-3. Student forward and backward through the chunked loss (+ a MoE model's balance loss).
-    def loss_fn(params: nnx.State) -> tuple[Float[Array, ""], LossAux]:
+    def loss_fn(params: nnx.State, grad_sum: dict[str, Array] | None = None):
         student = nnx.merge(graphdef, params, state.frozen)
-        out = model_forward(student, batch.student_tokens, batch.student_mask)
+        out = model_forward(student, batch.student_tokens, batch.student_mask, grad_sum=grad_sum)
         loss, metrics = chunked_loss(
             completion_hidden(out.hidden, batch.student_prompt_len, C), student.head(),
             batch.completion_mask, cfg.loss, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
@@ -130,9 +138,39 @@ def step_gradients(
                     whole_routing, prob_sum=out.router_stats.prob_sum))
             loss = loss + aux
             metrics = {**metrics, "aux_loss": aux}
-        return loss, (metrics, out.router_stats)
+        return (loss, out.grad_sum), (metrics, out.router_stats)
 
-    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if running is None:
+        def plain(params):
+            (loss, _), aux = loss_fn(params)
+            return loss, aux
+
+        return jax.value_and_grad(plain, has_aux=True)(state.params)
+    # The decoder's stacked gradients accumulate in place: the cotangent seeded into the passed-through
+    # sum is the running sum itself, and comes back with this batch's gradients added. The params'
+    # own cotangents for those arrays are zeros, unused; the rest (embeddings, head, final norm) add up
+    # as usual.
+    sums = stacked_sums(running)
+    (loss, _), pullback, aux = jax.vjp(loss_fn, state.params, sums, has_aux=True)
+    grads, sums = pullback((jnp.ones_like(loss), sums))
+    return (loss, aux), _summed(running, grads, sums)
+
+
+def stacked_sums(grads: nnx.State) -> dict[str, Array]:
+    """The decoder's stacked arrays' entries of a params-shaped state, by name (`DecoderStack.weights`)."""
+    return {name: v[...] for name, v in grads["layers"].items()} if "layers" in grads else {}
+
+
+def _summed(running: nnx.State, grads: nnx.State, sums: dict[str, Array]) -> nnx.State:
+    """`running` + `grads`, shaped like `running`, but the decoder's stacked entries taken from `sums`
+    (where the backward already added them; `grads` holds zeros there)."""
+    def one(path, running_v: nnx.Variable, grad_v: nnx.Variable) -> nnx.Variable:
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[0] == "layers":
+            return running_v.replace(sums[keys[1]])
+        return running_v.replace(running_v[...] + grad_v[...])
+
+    return jax.tree_util.tree_map_with_path(one, running, grads, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _batch_shards() -> int:
@@ -188,8 +226,8 @@ def _accumulated_gradients(
     graphdef: nnx.GraphDef, state: TrainState, batch: StepBatch, cfg: StepConfig, count: int
 ) -> tuple[tuple[Float[Array, ""], LossAux], nnx.State]:
     """`step_gradients` of the whole batch, computed over `count` micro-batches in a scan and summed: the
-    gradients in the scan's carry (laid out like the params), the scalars and router statistics per
-    micro-batch, added up after it."""
+    gradients in the scan's carry (laid out like the params; each micro-batch's backward adds into it),
+    the scalars and router statistics per micro-batch, added up after it."""
     parts = split_rows(batch, count)
     parts = jax.tree.map(lambda x: constrain(x, (None, "batch") + (None,) * (x.ndim - 2)), parts)
     totals = reduction_totals(batch.completion_mask, cfg.loss)
@@ -197,8 +235,8 @@ def _accumulated_gradients(
     whole_routing = _whole_routing(graphdef, state, parts) if moe is not None and moe.load_balance_coef else None
 
     def one(grads: nnx.State, part: StepBatch) -> tuple[nnx.State, tuple[Float[Array, ""], LossAux]]:
-        loss_aux, part_grads = step_gradients(graphdef, state, part, cfg, totals, whole_routing)
-        return jax.tree.map(jnp.add, grads, part_grads), loss_aux
+        loss_aux, grads = step_gradients(graphdef, state, part, cfg, totals, whole_routing, running=grads)
+        return grads, loss_aux
 
     grads, per_part = jax.lax.scan(one, _zeros_like_params(state.params), parts)
     return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_part), grads

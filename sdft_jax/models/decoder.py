@@ -36,6 +36,7 @@ from sdft_jax.models import lora as lora_lib
 from sdft_jax.models import mlp as mlp_lib
 from sdft_jax.models import moe as moe_lib
 from sdft_jax.models import self_attention
+from sdft_jax.models import summed_scan
 from sdft_jax.models.config import LayerKind, ModelConfig
 from sdft_jax.models.norm import rms_norm
 from sdft_jax.models.sharding import constrain
@@ -270,11 +271,17 @@ class DecoderStack(nnx.Module):
         remat: RematPolicy,
         query_block: int,
         attention: fused_attention.Kernel = "plain",
-    ) -> tuple[Float[Array, "B T D"], CacheBuffers | None, moe_lib.RouterStats | None]:
+        grad_sum: Mapping[str, Array] | None = None,
+    ) -> tuple[Float[Array, "B T D"], CacheBuffers | None, moe_lib.RouterStats | None, dict[str, Array] | None]:
         """`decoder_layer` over every layer, one scan per segment (`plan_segments`). In cache mode
         (`cache` holds this call's slots, see `KVCache.reserve`) also returns the cache's new buffers
         (`CacheBuffers`: the attention layers' keys and values, the Gated DeltaNet layers' states); with
         MoE layers, their router statistics summed over layers (`token_mask` marks the tokens they count).
+
+        `grad_sum` (uncached forward only): a running sum of gradients of some of the stacked arrays, by
+        name, shaped like them. It is returned as it came, and in the backward the scans add those arrays'
+        gradients into its cotangent in place (`summed_scan`), instead of giving them their own: the
+        micro-batched step's gradient accumulation. The last element of the result is it (None without).
 
         `remat` rematerialises each layer in the backward of the uncached forward (training); a cached
         forward is inference and is never rematerialised. `attention` is the kernel of the uncached
@@ -289,8 +296,15 @@ class DecoderStack(nnx.Module):
             stats = moe_lib.RouterStats(assignments=jnp.zeros((E,), jnp.float32),
                                         prob_sum=jnp.zeros((E,), jnp.float32), tokens=jnp.zeros((), jnp.float32))
         buffers = None if cache is None else CacheBuffers(k=cache.k, v=cache.v, linear=cache.linear)
+        if grad_sum is not None:
+            if cache is not None:
+                raise ValueError("DecoderStack: grad_sum is for the uncached (training) forward")
+            unknown = sorted(set(grad_sum) - set(stacked))
+            if unknown:
+                raise ValueError(f"DecoderStack: grad_sum names {unknown}, which are not stacked arrays of the decoder")
+            grad_sum = dict(grad_sum)
         for segment in plan_segments(cfg.layer_kinds):
-            xs, where = {}, []
+            xs, where, rows = {}, [], {}
             for r, kind in enumerate(segment.period):
                 where.append({})
                 for part in parts_of(kind):
@@ -309,14 +323,24 @@ class DecoderStack(nnx.Module):
                     w = stacked[name]
                     w = w if count == w.shape[0] else jax.lax.slice_in_dim(w, first, first + count)
                     xs[name] = w if in_period == 1 else w.reshape(segment.repeats, in_period, *w.shape[1:])
+                    rows[name] = summed_scan.Rows(first, None if in_period == 1 else in_period)
                 if part in CACHED_MIXERS:
                     # Each of the period's `part` layers' index in the cache's stack of such layers.
                     index = first + jnp.arange(count)
                     xs[_cache_index(part)] = index if in_period == 1 else index.reshape(segment.repeats, in_period)
+            if grad_sum is not None and any(name in grad_sum for name in xs):
+                def step(carry, xs, consts, period=segment.period, where=where):
+                    return self._period(period, where, *consts, None, dtype, remat, query_block, attention,
+                                        carry, xs)[0]
+
+                (x, buffers, stats), grad_sum = summed_scan.summed_scan(
+                    step, (x, buffers, stats), xs, (rope, visible, token_mask), grad_sum,
+                    {n: r for n, r in rows.items() if n in grad_sum})
+                continue
             body = functools.partial(self._period, segment.period, where, rope, visible, token_mask,
                                      cache, dtype, remat, query_block, attention)
             (x, buffers, stats), _ = jax.lax.scan(body, (x, buffers, stats), xs)
-        return x, buffers, stats
+        return x, buffers, stats, grad_sum
 
     def _period(self, period, where, rope, visible, token_mask, cache, dtype, remat, query_block, attention, carry,
                 xs):

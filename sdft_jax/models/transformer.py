@@ -23,6 +23,7 @@ Every forward is built from the same public parts, which a caller that runs the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,7 @@ class ModelOutput:
     cache: attn.KVCache | None
     router_stats: moe_lib.RouterStats | None
     aux_loss: Float[Array, ""]
+    grad_sum: dict[str, Array] | None = None  # `forward`'s `grad_sum`, passed through (its backward adds into it)
 
 
 class Transformer(nnx.Module):
@@ -114,23 +116,26 @@ class Transformer(nnx.Module):
         positions: Int[Array, "B T"],
         input_mask: Bool[Array, "B T"],
         cache: attn.KVCache | None = None,
+        *,
+        grad_sum: Mapping[str, Array] | None = None,
     ) -> ModelOutput:
-        """`__call__`, with what a MoE model's router did (`ModelOutput`)."""
+        """`__call__`, with what a MoE model's router did (`ModelOutput`). `grad_sum`: a running sum of
+        gradients of the decoder's stacked arrays that the backward adds into (`DecoderStack.__call__`)."""
         x = self.embed_tokens(tokens)
         T = tokens.shape[1]
         if cache is None:
             visible = attn.causal_visibility(jnp.arange(T), input_mask)
         else:
             cache, visible = cache.reserve(input_mask)
-        x, new_kv, stats = self.layers(x, self.rope_tables(positions), visible, cache, token_mask=input_mask,
-                                       dtype=self.dtype, remat=self.remat, query_block=self.query_block,
-                                       attention=self.attention_kernel())
+        x, new_kv, stats, grad_sum = self.layers(
+            x, self.rope_tables(positions), visible, cache, token_mask=input_mask, dtype=self.dtype,
+            remat=self.remat, query_block=self.query_block, attention=self.attention_kernel(), grad_sum=grad_sum)
         if cache is not None:
             cache = cache.commit(new_kv.k, new_kv.v, count=T, linear=new_kv.linear)
         aux = jnp.zeros((), jnp.float32)
         if stats is not None and self.cfg.moe.load_balance_coef:
             aux = self.cfg.moe.load_balance_coef * moe_lib.balance_loss(stats)
-        return ModelOutput(hidden=self.normalize(x), cache=cache, router_stats=stats, aux_loss=aux)
+        return ModelOutput(hidden=self.normalize(x), cache=cache, router_stats=stats, aux_loss=aux, grad_sum=grad_sum)
 
     def attention_kernel(self) -> fused_attention.Kernel:
         """The attention kernel of the uncached forward and of a prefill: the `attention` setting on the

@@ -474,6 +474,21 @@ def test_micro_batched_moe_steps_with_a_balance_loss_equal_whole_batch_steps(tin
     assert_same_steps(micro, whole)
 
 
+def test_micro_batched_lora_steps_on_an_expert_mesh_equal_whole_batch_steps(tiny_model_dir):
+    """The recipe's layout in small: LoRA on Qwen3-MoE, experts split over `expert` (data 2 x expert 4),
+    gradients accumulated over 2 micro-batches through the expert-parallel dispatch."""
+    import dataclasses
+
+    path = tiny_model_dir("qwen3_moe")
+    mesh = make_mesh({"data": 2, "expert": 4})
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "experts_up_proj", "experts_down_proj"))
+    cfg = step_config("topk")
+    batches = [random_batch(seed=i, rows=16) for i in range(2)]
+    whole = _micro_steps(path, cfg, batches, mesh, lora)
+    micro = _micro_steps(path, dataclasses.replace(cfg, micro_batch_size=8), batches, mesh, lora)
+    assert_same_steps(micro, whole)
+
+
 def test_micro_batch_size_0_or_the_whole_batch_is_the_whole_batch_program(tiny_model_dir):
     import dataclasses
 

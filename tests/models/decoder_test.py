@@ -216,3 +216,50 @@ def test_cached_hybrid_decoding_equals_the_full_forward(moe):
     cached = jnp.concatenate(outs, axis=1)
     real = np.asarray(mask)
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("which,remat", [("mixed", "none"), ("hybrid", "dots"), ("hybrid-lora", "full")])
+def test_grad_sum_comes_back_with_the_stacked_gradients_added(which, remat):
+    """`grad_sum` through the forward (micro-batch accumulation, `summed_scan`): seeded with a running sum,
+    its cotangent is that sum plus the plain gradients of every stacked array, over several segments
+    (a dense layer before MoE layers) and periods of several layers (the hybrid's blocks of rows); the
+    other weights' gradients are the plain ones."""
+    cfg = _moe_config(dense_layers=(0,)) if which == "mixed" else _hybrid_config(moe=True)
+    lora = LoraConfig(rank=2, targets=("q_proj", "linear_q_proj", "experts_down_proj")) if which == "hybrid-lora" else None
+    model = Transformer(cfg, rngs=nnx.Rngs(7), lora=lora, remat=remat)
+    trainable = nnx.LoRAParam if lora else nnx.Param
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape), params)
+    tokens = jax.random.randint(jax.random.key(6), (2, 7), 0, cfg.vocab_size)
+    mask = jnp.array([[True] * 7, [False] * 3 + [True] * 4])
+
+    def loss(p, grad_sum=None):
+        m = nnx.merge(graphdef, p, rest)
+        out = m.forward(tokens, positions_from_mask(mask), mask, grad_sum=grad_sum)
+        return jnp.sum(m.logits(out.hidden) ** 2) + out.aux_loss, out.grad_sum
+
+    plain = jax.jit(jax.grad(lambda p: loss(p)[0]))(params)
+    stacked = {name: v[...] for name, v in params["layers"].items()}
+    running = {name: jax.random.normal(jax.random.key(i), x.shape) for i, (name, x) in enumerate(stacked.items())}
+    seeded = jax.jit(lambda p, r: jax.vjp(loss, p, r)[1]((jnp.ones(()), r)))
+    d_params, d_sums = seeded(params, running)
+    assert d_sums.keys() == running.keys() and (lora is None or len(running) == 6)
+    for name, g in plain["layers"].items():
+        want = running[name] + g[...]
+        np.testing.assert_allclose(d_sums[name], want, rtol=1e-5, atol=1e-5 * float(jnp.abs(g[...]).max()),
+                                   err_msg=name)
+        assert float(jnp.abs(d_params["layers"][name][...]).max()) == 0.0  # in the sum instead
+    for key in set(plain) - {"layers"}:
+        np.testing.assert_allclose(d_params[key][...], plain[key][...], rtol=1e-5, err_msg=key)
+
+
+def test_grad_sum_is_refused_with_a_cache_or_an_unknown_name():
+    cfg = _moe_config()
+    model = random_model(cfg, seed=8)
+    tokens = jnp.zeros((1, 3), jnp.int32)
+    mask = jnp.ones((1, 3), bool)
+    cache = attn.KVCache.zeros(cfg, batch=1, max_len=4)
+    with pytest.raises(ValueError, match="grad_sum is for the uncached"):
+        model.forward(tokens, positions_from_mask(mask), mask, cache, grad_sum={"q_proj": model.layers.q_proj[...]})
+    with pytest.raises(ValueError, match=r"grad_sum names \['nope'\]"):
+        model.forward(tokens, positions_from_mask(mask), mask, grad_sum={"nope": jnp.zeros(3)})
