@@ -150,13 +150,13 @@ def step_gradients(
     # sum is the running sum itself, and comes back with this batch's gradients added. The params'
     # own cotangents for those arrays are zeros, unused; the rest (embeddings, head, final norm) add up
     # as usual.
-    sums = stacked_sums(running)
+    sums = _stacked_sums(running)
     (loss, _), pullback, aux = jax.vjp(loss_fn, state.params, sums, has_aux=True)
     grads, sums = pullback((jnp.ones_like(loss), sums))
     return (loss, aux), _summed(running, grads, sums)
 
 
-def stacked_sums(grads: nnx.State) -> dict[str, Array]:
+def _stacked_sums(grads: nnx.State) -> dict[str, Array]:
     """The decoder's stacked arrays' entries of a params-shaped state, by name (`DecoderStack.weights`)."""
     return {name: v[...] for name, v in grads["layers"].items()} if "layers" in grads else {}
 
