@@ -12,7 +12,8 @@ Three figures:
   compiling one; `mfu` = `step_flops` (counted as `bench.step.step_flops` counts them: every matmul as
   computed, attention up to the end of each 128-query block, the backward twice the forward) over the
   step time, against the chip's dense bf16 peak (`PEAK_BF16_TFLOPS`: H100 SXM and H200 989 TFLOP/s;
-  null on a chip not in the table, e.g. CPU).
+  null on a chip not in the table, e.g. CPU); `matmul_flops`: the step's matmuls by the dtypes they
+  ask for (`bench.matmul_flops`: an fp32 matmul runs as TF32 on an H100 / H200, at half the bf16 rate).
 - `breakdown` (inside `step`): where the step's time goes, without a profiler (`bench.step_parts`):
   the teacher forward, the student forward and backward, the chunked loss, and the three together
   (`gradients`), each compiled and timed as its own program on the step's state and batch, with its
@@ -118,6 +119,7 @@ def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None, br
     import jax
     import numpy as np
 
+    from sdft_jax.bench.matmul_flops import matmul_flops
     from sdft_jax.bench.step import step_flops
     from sdft_jax.distill.batch import make_step_batch
     from sdft_jax.distill.losses import LossConfig
@@ -138,8 +140,11 @@ def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None, br
                                         rows(s["completion_len"]), pad_id=0), None)
     step = make_train_step(graphdef, state, step_cfg)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    traced = step.trace(state, batch)
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
+    matmuls = matmul_flops(traced.jaxpr)
+    del traced
     holder = {"state": state}
 
     def call():
@@ -164,7 +169,7 @@ def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None, br
                tflops_per_s=round(achieved, 2), peak_tflops=peak,
                mfu=None if peak is None else round(achieved / peak, 4),
                completion_tokens_per_s=round(s["batch"] * s["completion_len"] / step_s, 1),
-               loss=loss, loss_finite=loss is not None and bool(np.isfinite(loss)))
+               loss=loss, loss_finite=loss is not None and bool(np.isfinite(loss)), **matmuls)
     if breakdown:
         del compiled
         row["breakdown"] = step_breakdown(graphdef, holder["state"], batch, step_cfg, cfg, s, step_s=step_s,

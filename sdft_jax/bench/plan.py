@@ -26,7 +26,9 @@ own buffers and fragmentation); the config fits when both do. The collectives co
 HLO (`compiled.as_text()`): per kind, the instructions in the program (`count`, `bytes` of their
 results) and how often they run (`executed`, `executed_bytes`: an instruction in a loop of known trip
 count, such as the layer scan, once per iteration; the decode loop's trip count is not known, so its
-collectives count once: per decoded token).
+collectives count once: per decoded token). `matmul_flops` counts each program's matmuls by the dtypes
+of their operands, from the program as traced (`matmul_flops.py`): an fp32 matmul in a bf16 config's
+step runs at an accelerator's fp32 (TF32) rate.
 
 The model's shapes come from its `config.json` without the weights: config.model.name when it is an HF
 directory (or a registered name), else `--model-config FILE`, else `models/<basename of model.name>.json`
@@ -65,6 +67,7 @@ from typing import Any
 
 from sdft_jax.bench.harness import in_fresh_process
 from sdft_jax.bench.hlo_collectives import collectives
+from sdft_jax.bench.matmul_flops import matmul_flops
 from sdft_jax.bench.peak_buffers import compile_with_peak_buffers
 
 GIB = 1024**3
@@ -327,16 +330,19 @@ def memory_of(compiled, *, resident: int = 0) -> dict[str, int]:
 
 
 def _compiled(jitted, *args, peak_top: int = 0) -> tuple[Any, dict[str, Any]]:
-    """`jitted` lowered and compiled for `args`, the seconds each took, and with `peak_top` > 0 the
-    largest buffers live at the program's peak (`peak_buffers.compile_with_peak_buffers`)."""
+    """`jitted` lowered and compiled for `args`, the seconds each took, its matmul FLOPs by dtype
+    (`matmul_flops.py`), and with `peak_top` > 0 the largest buffers live at the program's peak
+    (`peak_buffers.compile_with_peak_buffers`)."""
     start = time.perf_counter()
-    lowered = jitted.lower(*args)
+    traced = jitted.trace(*args)
+    lowered = traced.lower()
     lowered_at = time.perf_counter()
     if peak_top:
         compiled, peak = compile_with_peak_buffers(lowered, peak_top)
     else:
         compiled, peak = lowered.compile(), None
-    info = {"lower_s": round(lowered_at - start, 2), "compile_s": round(time.perf_counter() - lowered_at, 2)}
+    info = {"lower_s": round(lowered_at - start, 2), "compile_s": round(time.perf_counter() - lowered_at, 2),
+            **matmul_flops(traced.jaxpr)}
     return compiled, {**info, "peak_buffers": peak} if peak_top else info
 
 
@@ -530,6 +536,10 @@ def _print_summary(row: dict) -> None:
             peak = p["peak_buffers"]
             print(f"  live at the peak: {_gib(peak['live_bytes'])} in {peak['buffers']} buffers; largest: "
                   + ", ".join(f"{b['count']} x {b['shape']} {_gib(b['bytes'])}" for b in peak["by_shape"]))
+        flops = p["matmul_flops"]
+        print("  matmuls: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP ({v / max(sum(flops.values()), 1):.0%})"
+                                        for k, v in flops.items())
+              + (f" ({p['matmul_loops_counted_once']} loop(s) counted once)" if p["matmul_loops_counted_once"] else ""))
         for kind, c in p["collectives"].items():
             print(f"  {kind}: {c['count']} in the program ({_gib(c['bytes'])}), {c['executed']} executed "
                   f"({_gib(c['executed_bytes'])})")

@@ -80,6 +80,8 @@ def test_train_state_and_arguments_match_hand_counts_on_8_devices(config_file, t
     assert memory["peak"] == memory["arguments"] + memory["outputs"] + memory["temporaries"] - memory["aliased"]
     assert memory["temporaries"] > 0 and step["fits"]
     assert step["collectives"]["all-gather"]["count"] > 0  # FSDP gathers every weight it uses
+    # An fp32 config asks for fp32 matmuls only; the step has no loop of unknown trip count.
+    assert set(step["matmul_flops"]) == {"f32"} and step["matmul_loops_counted_once"] == 0
 
     rollout = row["programs"]["rollout"]
     assert rollout["shapes"] == {"rows": 8, "calls": 1, "prompt_len": 32, "max_new_tokens": 8, "cache_len": 39}
@@ -97,6 +99,8 @@ def test_train_state_and_arguments_match_hand_counts_on_8_devices(config_file, t
     assert r["arguments"] == weights + 32 * 4 + 32 + 4 + 8 + keys_values
     assert r["aliased"] == keys_values  # updated in place
     assert "all-gather" not in rollout["collectives"]  # the weights are whole: nothing gathered per decoded token
+    # The rollout weights and cache are bf16: bf16 matmuls only; the decode loop's trip count is unknown.
+    assert set(rollout["matmul_flops"]) == {"bf16"} and rollout["matmul_loops_counted_once"] == 1
     assert row["fits"] and row["per_device_bytes"] == max(memory["peak"], r["peak"])
     assert row["parameters"] == row["trained_parameters"] == by_hand_fsdp_bytes(tiny_model_dir("qwen3"), 1) // 4
 
