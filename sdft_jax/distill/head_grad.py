@@ -14,6 +14,9 @@ loss but `jsd`, the gradient of a position's loss with respect to the student lo
 (`p_S`, `p_T` the student and teacher softmax), so the forward saves these `Coefficients` (alpha,
 beta, the sparse ids and coefficients, and the two softmax normalisers); the backward recomputes `p_S`
 (and `p_T` for `full_kl`) one block at a time. `jsd` has no such form and keeps the autodiff path.
+The logits, forward and recomputed, come from matmuls in the hidden states' dtype accumulated in fp32
+(`student_logits`: in a bf16 model, bf16 matmuls whose products are exact); the two gradient matmuls
+take the fp32 logit gradients, and the head's gradient accumulates in fp32.
 Parity with `dense_loss` (values and gradients, every loss and reduction, ragged token chunks and
 vocab blocks) is tested in tests/distill/head_grad_test.py.
 
@@ -177,7 +180,13 @@ def _blocked_forward(
     teacher_head: LMHead | None,
     streams: TokenStreams,
 ) -> tuple[tuple[Float[Array, "n B P"], TokenMetrics], _Residuals]:
-    """The loss over the chunks, and each position's gradient coefficients for the backward."""
+    """The loss over the chunks, and each position's gradient coefficients for the backward.
+
+    The heads are cast to their hidden states' dtypes (the matmuls' dtype, `student_logits`) once, here,
+    and kept so for the backward."""
+    student_head = student_head.astype(streams.student_hidden.dtype)
+    if teacher_head is not None:
+        teacher_head = teacher_head.astype(streams.teacher_hidden.dtype)
 
     def chunk(carry: None, xc: TokenStreams) -> tuple[None, tuple[Float[Array, "B P"], TokenMetrics, Coefficients]]:
         s_logits = student_logits(xc.student_hidden, student_head)
@@ -219,17 +228,19 @@ def _blocked_backward(
             d_w: Float[Array, "_ _"], x: _BackwardChunk
         ) -> tuple[Float[Array, "_ _"], Float[Array, "B P D"]]:
             cf = x.coefficients
-            g = cf.alpha[..., None] * _softmax(w.logits(x.student_hidden), cf.student_norm)
+            g = cf.alpha[..., None] * _softmax(student_logits(x.student_hidden, w), cf.student_norm)
             if uses_teacher:
-                t_block = w_t.logits(x.teacher_hidden, preferred_element_type=jnp.float32)
-                g = g + cf.beta[..., None] * _softmax(t_block, cf.teacher_norm)
+                g = g + cf.beta[..., None] * _softmax(teacher_logits(x.teacher_hidden, w_t), cf.teacher_norm)
             ids = cf.sparse_ids
             local = jnp.where((ids >= start) & (ids < start + block), ids - start, block)  # `block`: dropped
             rows = jnp.arange(g.shape[0])[:, None, None]
             cols = jnp.arange(g.shape[1])[None, :, None]
             g = g.at[rows, cols, local].add(cf.sparse_coeffs, mode="drop")
-            d_w = d_w + w.weight_grad(x.student_hidden, g)
-            d_h = x.d_hidden + w.hidden_grad(jnp.where(fresh, g, 0.0))
+            # The logits' gradient stays fp32 (rounding it to bf16 would cost the hidden states'
+            # gradient, a sum of terms that cancel, up to a few % where it is small): these two matmuls
+            # are fp32 whatever the hidden states' dtype.
+            d_w = d_w + w.weight_grad(x.student_hidden, g, preferred_element_type=jnp.float32)
+            d_h = x.d_hidden + w.hidden_grad(jnp.where(fresh, g, 0.0), preferred_element_type=jnp.float32)
             return d_w, d_h
 
         chunks = _BackwardChunk(student_hidden=hidden, coefficients=coefficients, d_hidden=d_hidden,

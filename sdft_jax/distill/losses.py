@@ -2,7 +2,9 @@
 
 Both functions take the student's (and teacher's) final, post-norm hidden states aligned so that
 position `t` predicts completion token `t`, together with the LM-head weights, and return the reduced
-loss and a dict of scalar metrics. All math is fp32 whatever the input dtype; the teacher side never
+loss and a dict of scalar metrics. The LM-head matmuls take the hidden states' dtype (the model's
+compute dtype) and accumulate in fp32 (`token_terms.student_logits`); everything after the logits is
+fp32 whatever the input dtype, the head's gradient accumulates in fp32, and the teacher side never
 receives a gradient. The per-position math is `token_terms.token_terms`, shared by both; this module
 checks the arguments, cuts the positions into chunks and reduces the result.
 
@@ -15,9 +17,9 @@ pass recomputes a chunk's logits when it reaches it instead of storing them. Wha
 per-token: the loss, the metrics, and for `topk` / `reverse_topk` / `importance_sampling` the few
 teacher values the gradient needs (saved, so the backward pass skips the teacher's matmul). Peak loss
 memory is therefore `O(chunk_size * V)` per model instead of `O(B * C * V)`, plus `[D, V]` buffers for
-the student head: its fp32 gradient, an fp32 copy of a bf16 head (so that the gradient accumulates
-over chunks in fp32), and, where the backend does not fuse the accumulation into the matmul (XLA:CPU
-does not), one chunk's contribution before it is added. With `LossConfig.vocab_chunk_size > 0` the
+the student head: its fp32 gradient, the head in the hidden states' dtype when it is stored in another,
+and, where the backend does not fuse the accumulation into the matmul (XLA:CPU does not), one chunk's
+contribution before it is added. With `LossConfig.vocab_chunk_size > 0` the
 backward of every loss but `jsd` is `head_grad.blocked_terms` instead, which never holds the head's
 gradient twice. `python -m sdft_jax.bench loss` measures both.
 
@@ -316,8 +318,9 @@ def chunked_loss(
     b, c, _ = student_hidden.shape
     chunks = _Chunks.of(b, c, cfg.chunk_size)
     xs = jax.tree.map(chunks.split, streams)
-    # The fp32 cast happens once, outside the loop, so the head's gradient accumulates over chunks in
-    # fp32 (a bf16 accumulator would round away the small per-chunk contributions).
+    # The head enters the loops as fp32, so that its gradient accumulates over chunks in fp32 (a bf16
+    # accumulator would round away the small per-chunk contributions); its matmuls cast it to the hidden
+    # states' dtype (the blocked path once, the autodiff path per chunk).
     student_head = student_head.astype(jnp.float32)
     teacher_head = None if streams.teacher_hidden is None else teacher_head.stop_gradient()
     if cfg.vocab_chunk_size and cfg.name in head_grad.BLOCKED_LOSSES:

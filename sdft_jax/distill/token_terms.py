@@ -3,8 +3,9 @@
 One function, `token_terms`, holds the math of every loss, and returns a `TokenTerms`: the
 per-position loss, the per-position metrics, and the intermediate values the blocked backward
 (`head_grad.py`) builds its gradient from, so that it never computes them twice. The dense reference
-calls it on `[B, C, V]` logits, the chunked paths on one chunk's `[B, P, V]` at a time. All math is
-fp32; the teacher side never receives a gradient.
+calls it on `[B, C, V]` logits, the chunked paths on one chunk's `[B, P, V]` at a time. The logits are
+fp32 (`student_logits`: the head's matmul in the hidden states' dtype, accumulated in fp32) and all
+math after them is; the teacher side never receives a gradient.
 """
 
 from __future__ import annotations
@@ -96,18 +97,47 @@ class TokenTerms:
     ratio_advantage: Float[Array, "*N"] | None = None
 
 
+@jax.custom_vjp
 def student_logits(hidden: Float[Array, "*N D"], head: LMHead) -> Float[Array, "*N V"]:
-    """fp32 logits from hidden states and an LM head of any float dtype."""
-    return head.astype(jnp.float32).logits(hidden.astype(jnp.float32))
+    """fp32 logits from hidden states and an LM head of any float dtype.
+
+    The matmul takes the hidden states' dtype, the model's compute dtype (the head is cast to it, as
+    every weight of the model is for its matmuls and as `Transformer.logits` casts the head), and
+    accumulates in fp32: with fp32 hidden states an fp32 matmul; with bf16 ones a bf16 matmul whose
+    products are exact in fp32, so the logits are those of the bf16-rounded head in fp32, without an
+    fp32 matmul (an H100 / H200 runs those as TF32, at half its bf16 rate) or an fp32 copy of a bf16
+    head.
+
+    The backward keeps the logits' gradient in fp32 (autodiff would round the head's gradient to the
+    matmul's dtype, chunk by chunk, before the chunks add up): the head's gradient comes back in fp32
+    for an fp32 head, the hidden states' in their dtype.
+    """
+    return head.astype(hidden.dtype).logits(hidden, preferred_element_type=jnp.float32)
+
+
+def _student_logits_forward(
+    hidden: Float[Array, "*N D"], head: LMHead
+) -> tuple[Float[Array, "*N V"], tuple[Float[Array, "*N D"], LMHead, LMHead]]:
+    cast = head.astype(hidden.dtype)
+    # The stored head rides along for its dtype only (the backward reads `cast`; XLA drops what it never reads).
+    return cast.logits(hidden, preferred_element_type=jnp.float32), (hidden, cast, head)
+
+
+def _student_logits_backward(
+    residuals: tuple[Float[Array, "*N D"], LMHead, LMHead], g: Float[Array, "*N V"]
+) -> tuple[Float[Array, "*N D"], LMHead]:
+    hidden, cast, head = residuals
+    d_hidden = cast.hidden_grad(g, preferred_element_type=jnp.float32).astype(hidden.dtype)
+    d_head = cast.weight_grad(hidden, g, preferred_element_type=jnp.float32).astype(head.weight.dtype)
+    return d_hidden, dataclasses.replace(head, weight=d_head)
+
+
+student_logits.defvjp(_student_logits_forward, _student_logits_backward)
 
 
 def teacher_logits(hidden: Float[Array, "*N D"], head: LMHead) -> Float[Array, "*N V"]:
-    """fp32 logits without gradient, computed from the stored dtypes.
-
-    bf16 x bf16 products are exact in fp32, so an fp32-accumulated matmul of the stored dtypes equals
-    the fp32 matmul without materialising an fp32 copy of the (V-sized) teacher head.
-    """
-    return jax.lax.stop_gradient(head.logits(hidden, preferred_element_type=jnp.float32))
+    """`student_logits` without gradient."""
+    return jax.lax.stop_gradient(student_logits(hidden, head))
 
 
 def _take(x: Float[Array, "*N V"], ids: Int[Array, "*N K"]) -> Float[Array, "*N K"]:

@@ -73,13 +73,20 @@ class LMHead:
         return jnp.einsum(f"...d,{self._subscripts()}->...v", hidden, self.weight,
                           preferred_element_type=preferred_element_type)
 
-    def hidden_grad(self, logits_grad: Float[Array, "*N V"]) -> Float[Array, "*N D"]:
+    def hidden_grad(
+        self, logits_grad: Float[Array, "*N V"], preferred_element_type: DTypeLike | None = None
+    ) -> Float[Array, "*N D"]:
         """The gradient of the hidden states of `logits` from that of the logits: `g @ W.T`."""
-        return jnp.einsum(f"...v,{self._subscripts()}->...d", logits_grad, self.weight)
+        return jnp.einsum(f"...v,{self._subscripts()}->...d", logits_grad, self.weight,
+                          preferred_element_type=preferred_element_type)
 
-    def weight_grad(self, hidden: Float[Array, "*N D"], logits_grad: Float[Array, "*N V"]) -> Float[Array, "_ _"]:
+    def weight_grad(
+        self, hidden: Float[Array, "*N D"], logits_grad: Float[Array, "*N V"],
+        preferred_element_type: DTypeLike | None = None,
+    ) -> Float[Array, "_ _"]:
         """The weight's gradient from positions' hidden states and logit gradients, in the weight's layout."""
-        return jnp.einsum(f"...d,...v->{self._subscripts()}", hidden, logits_grad)
+        return jnp.einsum(f"...d,...v->{self._subscripts()}", hidden, logits_grad,
+                          preferred_element_type=preferred_element_type)
 
     def columns(self, start: Int[Array, ""] | int, size: int) -> LMHead:
         """The head of vocab ids `start .. start + size` (a dynamic slice)."""

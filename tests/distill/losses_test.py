@@ -458,3 +458,25 @@ def test_missing_or_misshaped_arguments_raise(monkeypatch):
     with pytest.raises(ValueError, match=rf"teacher_head must be \[V={V}, D={d}\] \(vocab-major\)"):
         chunked_loss(h, w, m, LossConfig(name="topk"), teacher_hidden=h,
                      teacher_head=LMHead(weight=w[:, 1:].T, vocab_major=True))
+
+
+@pytest.mark.parametrize("vocab_chunk_size", [0, V], ids=["autodiff", "blocked"])
+def test_bf16_hidden_states_take_bf16_logit_matmuls_with_fp32_heads(vocab_chunk_size):
+    """The train step's case (fp32 master heads, bf16 hidden states): every matmul that makes logits,
+    forward or recomputed in the backward, is bf16 x bf16 (the rate an accelerator runs at; its products
+    are exact in fp32); only the two gradient matmuls take the fp32 logit gradients. Counted on the
+    traced program: per matmul 2 x (27 positions: 3 chunks of 3 rows x 3 positions) x D x V FLOPs."""
+    from sdft_jax.bench.matmul_flops import matmul_flops
+
+    inputs = random_inputs(jnp.bfloat16)
+    heads = {k: inputs[k].astype(jnp.float32) for k in ("student_head", "teacher_head")}
+    cfg = dataclasses.replace(parity_config("topk"), vocab_chunk_size=vocab_chunk_size)
+
+    def loss(hidden, head):
+        return chunked_loss(hidden, head, inputs["mask"], cfg, teacher_hidden=inputs["teacher_hidden"],
+                            teacher_head=heads["teacher_head"])[0]
+
+    traced = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(inputs["student_hidden"], heads["student_head"])
+    one = 2 * 27 * D * V
+    # bf16: the student's and the teacher's logits, and the student's again in the backward.
+    assert matmul_flops(traced.jaxpr)["matmul_flops"] == {"bf16": 3 * one, "bf16*f32": one, "f32*bf16": one}

@@ -125,3 +125,25 @@ def test_teacher_logits_of_bf16_weights_are_the_fp32_logits_without_gradient(voc
     np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(student_logits(hidden, head), want, rtol=1e-6, atol=1e-6)
     assert not np.any(np.asarray(jax.grad(lambda h: jnp.sum(teacher_logits(h, head)))(hidden)))
+
+
+@pytest.mark.parametrize("vocab_major", [False, True], ids=["dv", "vd"])
+def test_an_fp32_head_with_bf16_hidden_states_is_rounded_for_the_matmul_and_gets_its_gradient_in_fp32(vocab_major):
+    """The train step's case: fp32 master weights, bf16 compute. The logits are those of the head rounded
+    to bf16 (as every weight of the model is for its matmuls), exactly; the head's gradient is the fp32
+    product of the hidden states and the logits' gradient, not rounded to the matmul's bf16."""
+    k = jax.random.split(jax.random.key(2), 3)
+    hidden = jax.random.normal(k[0], (2, 3, 16)).astype(jnp.bfloat16)
+    weight = jax.random.normal(k[1], (16, 5))
+    coeffs = jax.random.normal(k[2], (2, 3, 5))
+    head = LMHead(weight=weight.T if vocab_major else weight, vocab_major=vocab_major)
+    h64 = np.asarray(hidden, np.float64)
+    rounded = np.asarray(weight.astype(jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(student_logits(hidden, head), np.einsum("bpd,dv->bpv", h64, rounded), rtol=1e-6, atol=1e-6)
+
+    d_hidden, d_head = jax.grad(lambda h, w: jnp.sum(coeffs * student_logits(h, w)), argnums=(0, 1))(hidden, head)
+    assert d_hidden.dtype == jnp.bfloat16 and d_head.weight.dtype == jnp.float32
+    want = np.einsum("bpd,bpv->dv", h64, np.asarray(coeffs, np.float64))
+    np.testing.assert_allclose(d_head.weight.T if vocab_major else d_head.weight, want, rtol=1e-6, atol=1e-6)
+    want_hidden = np.einsum("bpv,dv->bpd", np.asarray(coeffs, np.float64), rounded)
+    np.testing.assert_allclose(np.asarray(d_hidden, np.float32), want_hidden, rtol=2**-8, atol=1e-6)
