@@ -30,6 +30,8 @@ Three figures:
   bf16-vs-fp32 difference, the yardstick) and fp32 (cuDNN runs no fp32: there the "xla" kernel).
 
 `--tiny` shrinks every shape so the command runs on CPU in seconds (the test suite checks its fields).
+`--trace-only` traces the step on abstract weights and reports `step.matmul_flops` alone, on any machine
+in seconds: what the check's step asks of the tensor cores before a GPU is at hand.
 It imports neither grain nor ml_collections (a GPU host may have neither).
 """
 
@@ -67,6 +69,9 @@ def parse_args(argv):
     p.add_argument("--rollout-prompt-len", type=int, default=None, help="tokens per prompt (default 256)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 512)")
     p.add_argument("--skip", default="", help="comma-separated parts not to run: step, breakdown, rollout, parity")
+    p.add_argument("--trace-only", action="store_true",
+                   help="only trace the step on abstract weights and report its matmul FLOPs by dtype "
+                        "(nothing allocated, compiled or run: any machine, seconds)")
     p.add_argument("--json", action="store_true", help="print the JSON object on one line")
     return p.parse_args(argv)
 
@@ -114,6 +119,48 @@ def _random_model(cfg, *, remat: str, attention: str):
                        attention=attention)
 
 
+def _step_inputs(cfg, s: dict, *, remat: str, attention: str, abstract: bool = False):
+    """(graphdef, state, batch, step config, attention kernel) of the check's step; with `abstract` the
+    model and the state are shapes only (`jax.ShapeDtypeStruct`s: nothing allocated)."""
+    import numpy as np
+    from flax import nnx
+
+    from sdft_jax.distill.batch import make_step_batch
+    from sdft_jax.distill.losses import LossConfig
+    from sdft_jax.distill.teacher import TeacherConfig
+    from sdft_jax.distill.train_state import OptimConfig, abstract_train_state, init_train_state
+    from sdft_jax.distill.train_step import StepConfig, shard_batch
+
+    build = lambda: _random_model(cfg, remat=remat, attention=attention)  # noqa: E731
+    model = nnx.eval_shape(build) if abstract else build()
+    kernel = model.attention_kernel()
+    step_cfg = StepConfig(loss=LossConfig(name="topk"), teacher=TeacherConfig(mode="ema"),
+                          optim=OptimConfig(learning_rate=1e-5, schedule="constant", warmup_ratio=0.0))
+    graphdef, state = (abstract_train_state if abstract else init_train_state)(model, step_cfg.optim)
+    rng = np.random.default_rng(0)
+    rows = lambda n: [rng.integers(256, cfg.vocab_size, n).tolist() for _ in range(s["batch"])]  # noqa: E731
+    batch = shard_batch(make_step_batch(rows(s["prompt_len"]), rows(s["teacher_prompt_len"]),
+                                        rows(s["completion_len"]), pad_id=0), None)
+    return graphdef, state, batch, step_cfg, kernel
+
+
+def trace_step(cfg, s: dict, *, remat: str, attention: str) -> dict:
+    """The step traced on abstract weights, neither compiled nor run (`--trace-only`): its matmul FLOPs by
+    operand dtypes (`bench.matmul_flops`) beside `step_flops`, in seconds on any machine."""
+    from sdft_jax.bench.matmul_flops import matmul_flops
+    from sdft_jax.bench.step import step_flops
+    from sdft_jax.distill.train_step import make_train_step
+    from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
+
+    graphdef, state, batch, step_cfg, kernel = _step_inputs(cfg, s, remat=remat, attention=attention, abstract=True)
+    traced = make_train_step(graphdef, state, step_cfg).trace(state, batch)
+    flops = step_flops(cfg, s["batch"], s["prompt_len"], s["teacher_prompt_len"], s["completion_len"],
+                       DEFAULT_QUERY_BLOCK)
+    return dict(attention_kernel=kernel, remat=remat, batch=s["batch"], prompt_len=s["prompt_len"],
+                teacher_prompt_len=s["teacher_prompt_len"], completion_len=s["completion_len"], step_flops=flops,
+                **matmul_flops(traced.jaxpr))
+
+
 def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None, breakdown: bool = False) -> dict:
     """The train step's time, FLOPs and MFU (see the module docstring)."""
     import jax
@@ -121,23 +168,10 @@ def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None, br
 
     from sdft_jax.bench.matmul_flops import matmul_flops
     from sdft_jax.bench.step import step_flops
-    from sdft_jax.distill.batch import make_step_batch
-    from sdft_jax.distill.losses import LossConfig
-    from sdft_jax.distill.teacher import TeacherConfig
-    from sdft_jax.distill.train_state import OptimConfig, init_train_state
-    from sdft_jax.distill.train_step import StepConfig, make_train_step, shard_batch
+    from sdft_jax.distill.train_step import make_train_step
     from sdft_jax.models.transformer import DEFAULT_QUERY_BLOCK
 
-    model = _random_model(cfg, remat=remat, attention=attention)
-    kernel = model.attention_kernel()
-    step_cfg = StepConfig(loss=LossConfig(name="topk"), teacher=TeacherConfig(mode="ema"),
-                          optim=OptimConfig(learning_rate=1e-5, schedule="constant", warmup_ratio=0.0))
-    graphdef, state = init_train_state(model, step_cfg.optim)
-    del model
-    rng = np.random.default_rng(0)
-    rows = lambda n: [rng.integers(256, cfg.vocab_size, n).tolist() for _ in range(s["batch"])]  # noqa: E731
-    batch = shard_batch(make_step_batch(rows(s["prompt_len"]), rows(s["teacher_prompt_len"]),
-                                        rows(s["completion_len"]), pad_id=0), None)
+    graphdef, state, batch, step_cfg, kernel = _step_inputs(cfg, s, remat=remat, attention=attention)
     step = make_train_step(graphdef, state, step_cfg)
     start = time.perf_counter()
     traced = step.trace(state, batch)
@@ -317,6 +351,9 @@ def main(argv=None) -> int:
                                 hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
                                 head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
                                 tied_embeddings=cfg.tie_word_embeddings, weights="random bf16"))
+    if args.trace_only:
+        row["step"] = trace_step(cfg, s, remat=args.remat, attention=args.attention)
+        skip = {"step", "rollout", "parity"}
     if "step" not in skip:
         row["step"] = run_step(cfg, s, remat=args.remat, attention=args.attention, peak=peak,
                                breakdown="breakdown" not in skip)

@@ -14,17 +14,21 @@ from sdft_jax.bench.step import step_flops
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def tiny_row():
+def accel_row(*flags: str) -> dict:
     import contextlib
     import io
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        assert accel.main(["--tiny", "--json"]) == 0
+        assert accel.main(["--tiny", "--json", *flags]) == 0
     lines = buffer.getvalue().strip().splitlines()
     assert len(lines) == 1, "one JSON object on one line"
     return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_row():
+    return accel_row()
 
 
 def test_tiny_run_reports_every_field(tiny_row):
@@ -41,6 +45,11 @@ def test_tiny_run_reports_every_field(tiny_row):
                                             shapes["completion_len"], 128)
     assert step["attention_kernel"] == "plain"  # auto on CPU
     assert step["step_s"] > 0 and step["mfu"] is None and step["loss_finite"]
+    # The matmuls counted on the traced program agree with the analytic count (which counts attention to
+    # the end of each query block, and not the blocked loss's recomputed logits), and in this bf16 model
+    # none is fp32 x fp32 (the mixed ones take fp32 logit gradients or attention probabilities).
+    assert sum(step["matmul_flops"].values()) == pytest.approx(step["step_flops"], rel=0.05)
+    assert step["matmul_loops_counted_once"] == 0 and set(step["matmul_flops"]) <= {"bf16", "f32*bf16", "bf16*f32"}
 
     # The breakdown: every part of the step with its share of the FLOPs and of the step's time.
     breakdown = step["breakdown"]
@@ -119,3 +128,13 @@ def test_launch_script_runs_the_bench(tmp_path):
                           capture_output=True, text=True, check=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert proc.stdout.split() == ["python3", "-m", "sdft_jax.bench", "accel", "--json", "--skip", "rollout"]
+
+
+def test_trace_only_counts_the_matmuls_of_the_step_that_runs(tiny_row):
+    """`--trace-only` traces the same step on abstract weights: the same matmuls, nothing else run."""
+    row = accel_row("--trace-only")
+    assert set(row) - {"rollout", "attention_parity"} == set(tiny_row) - {"rollout", "attention_parity"}
+    assert "rollout" not in row and "attention_parity" not in row
+    step, ran = row["step"], tiny_row["step"]
+    assert step["matmul_flops"] == ran["matmul_flops"] and step["step_flops"] == ran["step_flops"]
+    assert "step_s" not in step and "breakdown" not in step
