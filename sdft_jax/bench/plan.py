@@ -28,7 +28,8 @@ results) and how often they run (`executed`, `executed_bytes`: an instruction in
 count, such as the layer scan, once per iteration; the decode loop's trip count is not known, so its
 collectives count once: per decoded token). `matmul_flops` counts each program's matmuls by the dtypes
 of their operands, from the program as traced (`matmul_flops.py`): an fp32 matmul in a bf16 config's
-step runs at an accelerator's fp32 (TF32) rate.
+step runs at an accelerator's fp32 (TF32) rate. A fused kernel's matmuls (the splash attention that
+`--compiler tpu` traces) are not in that count; `matmul_kernels_not_counted` says how many such calls.
 
 The model's shapes come from its `config.json` without the weights: config.model.name when it is an HF
 directory (or a registered name), else `--model-config FILE`, else `models/<basename of model.name>.json`
@@ -539,7 +540,8 @@ def _print_summary(row: dict) -> None:
         flops = p["matmul_flops"]
         print("  matmuls: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP ({v / max(sum(flops.values()), 1):.0%})"
                                         for k, v in flops.items())
-              + (f" ({p['matmul_loops_counted_once']} loop(s) counted once)" if p["matmul_loops_counted_once"] else ""))
+              + (f" ({p['matmul_loops_counted_once']} loop(s) counted once)" if p["matmul_loops_counted_once"] else "")
+              + "".join(f"; not counted: {n} x {k}" for k, n in p["matmul_kernels_not_counted"].items()))
         for kind, c in p["collectives"].items():
             print(f"  {kind}: {c['count']} in the program ({_gib(c['bytes'])}), {c['executed']} executed "
                   f"({_gib(c['executed_bytes'])})")
