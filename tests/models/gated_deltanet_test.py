@@ -109,6 +109,41 @@ def test_padding_tokens_leave_the_state_unchanged(rule):
     assert_close(final, alone_final, what="final state")
 
 
+class _OneBf16PassEinsum:
+    """`jax.numpy` as the delta rule sees it on a TPU at default precision: every fp32 einsum rounds its
+    operands to bf16 and accumulates in fp32 (XLA:CPU ignores a matmul's precision, so the rounding is
+    explicit here)."""
+
+    def __getattr__(self, name):
+        return getattr(jnp, name)
+
+    @staticmethod
+    def einsum(spec, *operands, **kwargs):
+        rounded = [x.astype(jnp.bfloat16).astype(jnp.float32) if x.dtype == jnp.float32 else x for x in operands]
+        return jnp.einsum(spec, *rounded, **kwargs)
+
+
+def test_one_bf16_pass_per_matmul_keeps_the_chunked_rule_within_a_few_bf16_roundings(monkeypatch):
+    """The chunked rule's fp32 matmuls run as one bf16 pass on a TPU (default precision). Its outputs and
+    gradients must then stay within a few bf16 roundings (2^-6 of their largest entry: bf16 keeps 8
+    significant bits) of the fp32 recurrence, at the model's head size over 8 chunks: an error that grew
+    with the chunk count or through the chunk's inverse would not. For scale, the recurrence itself on
+    bf16-rounded q, k, v (what a bf16 model's activations are) is 1e-3 to 3e-3 away here; this is 2e-3 to
+    7e-3 (measured 2026-12-02)."""
+    T = 512
+    inputs = rule_inputs(3, 1, T, Hk=2, Hv=4, Dk=128, Dv=128)
+    c = jax.random.split(jax.random.key(4), 2)
+    cotangents = (jax.random.normal(c[0], (1, T, 4, 128)), jax.random.normal(c[1], (1, 4, 128, 128)))
+    ref = rule_value_and_grads(gdn.recurrent_gated_delta_rule, inputs, cotangents)
+    monkeypatch.setattr(gdn, "jnp", _OneBf16PassEinsum())
+    one_pass = rule_value_and_grads(lambda *a, **kw: gdn.chunked_gated_delta_rule(*a, **kw), inputs, cotangents)
+    names = ("out", "final state", "d q", "d k", "d v", "d g", "d beta", "d initial_state")
+    for name, got, want in zip(names, jax.tree.leaves(one_pass), jax.tree.leaves(ref)):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        error = np.max(np.abs(got - want)) / np.max(np.abs(want))
+        assert 0 < error <= 2**-6, f"{name}: {error:.3g}"  # > 0: the rounding did happen
+
+
 def test_rules_match_transformers():
     """Both forms against HF's torch chunked and recurrent rules (with their in-kernel L2 norm), grouped heads,
     a ragged length, an initial state."""
