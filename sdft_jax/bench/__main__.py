@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "chaos": "sdft_jax.bench.chaos",
     "accel": "sdft_jax.bench.accel",
     "rollout": "sdft_jax.bench.rollout",
+    "top_k": "sdft_jax.bench.top_k",
 }
 
 

@@ -5,7 +5,7 @@
 built from a `ModelConfig` with Qwen3-1.7B's shape (28 layers, hidden 2048, 16 query / 8 KV heads of
 128, MLP 6144, vocabulary 151936, tied embeddings, q/k norms) and random bf16 weights, on one device.
 
-Three figures:
+Four figures:
 
 - `step`: the SDFT train step (teacher forward, student forward and backward, top-k loss, AdamW, EMA
   teacher; full fine-tuning, bf16 compute, fp32 masters), median seconds of `--runs` steps after the
@@ -20,6 +20,10 @@ Three figures:
   share of `step_flops` (`bench.step.step_flops_parts`), TFLOP/s, MFU and share of the step's time;
   `update_s` = step less `gradients`: the optimizer and the teacher update. `--skip breakdown` leaves
   it out.
+- `top_k`: the loss's teacher top-K on one chunk of its logits ([`LossConfig.chunk_size` tokens, the
+  vocabulary], K = `LossConfig.top_k`): `models.top_k.top_k` (what the loss runs; on GPU grouped, with
+  sorts of short rows) against `jax.lax.top_k` (on XLA:GPU a sort of each whole row when K > 16), median
+  milliseconds and whether the two agree (`bench.top_k`).
 - `rollout`: the sampler's new tokens per second over `--rollout-prompts` prompts (every row runs to
   `--new-tokens`: no stop ids), second call; `--rollout-mode` chooses static batches (`Sampler`) or
   continuous batching (`sampling.continuous`).
@@ -68,7 +72,8 @@ def parse_args(argv):
                    help="continuous mode: decode slots (default: --rollout-prompts, every row at once)")
     p.add_argument("--rollout-prompt-len", type=int, default=None, help="tokens per prompt (default 256)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 512)")
-    p.add_argument("--skip", default="", help="comma-separated parts not to run: step, breakdown, rollout, parity")
+    p.add_argument("--skip", default="",
+                   help="comma-separated parts not to run: step, breakdown, top_k, rollout, parity")
     p.add_argument("--trace-only", action="store_true",
                    help="only trace the step on abstract weights and report its matmul FLOPs by dtype "
                         "(nothing allocated, compiled or run: any machine, seconds)")
@@ -232,6 +237,16 @@ def step_breakdown(graphdef, state, batch, step_cfg, cfg, s: dict, *, step_s: fl
     return dict(parts=parts, update_s=round(step_s - timed["gradients"]["seconds"], 6))
 
 
+def run_top_k(cfg, *, runs: int) -> dict:
+    """The loss's teacher top-K on one chunk of logits: `models.top_k.top_k` against `jax.lax.top_k`."""
+    from sdft_jax.bench.top_k import measure
+    from sdft_jax.distill.loss_config import LossConfig
+
+    loss = LossConfig()
+    return measure(rows=loss.chunk_size, vocab=cfg.vocab_size, k=min(loss.top_k, cfg.vocab_size), runs=runs,
+                   engines=("lax", "top_k"))
+
+
 def run_rollout(cfg, s: dict, *, mode: str, attention: str) -> dict:
     """The sampler's new tokens per second (second call) in rollout `mode`."""
     import jax
@@ -342,9 +357,9 @@ def main(argv=None) -> int:
     platform = jax.default_backend()
     peak = chip_peak_tflops(device.device_kind)
     skip = {part for part in args.skip.split(",") if part}
-    unknown = skip - {"step", "breakdown", "rollout", "parity"}
+    unknown = skip - {"step", "breakdown", "top_k", "rollout", "parity"}
     if unknown:
-        raise ValueError(f"--skip: unknown parts {sorted(unknown)} (step, breakdown, rollout, parity)")
+        raise ValueError(f"--skip: unknown parts {sorted(unknown)} (step, breakdown, top_k, rollout, parity)")
     row: dict = dict(bench="accel", device=device.device_kind, platform=platform, device_count=jax.device_count(),
                      jax_version=jax.__version__, tiny=args.tiny, peak_bf16_tflops=peak, peak_note=PEAK_NOTE,
                      model=dict(shape="Qwen3-1.7B" if not args.tiny else "tiny qwen3", layers=cfg.num_layers,
@@ -353,10 +368,12 @@ def main(argv=None) -> int:
                                 tied_embeddings=cfg.tie_word_embeddings, weights="random bf16"))
     if args.trace_only:
         row["step"] = trace_step(cfg, s, remat=args.remat, attention=args.attention)
-        skip = {"step", "rollout", "parity"}
+        skip = {"step", "top_k", "rollout", "parity"}
     if "step" not in skip:
         row["step"] = run_step(cfg, s, remat=args.remat, attention=args.attention, peak=peak,
                                breakdown="breakdown" not in skip)
+    if "top_k" not in skip:
+        row["top_k"] = run_top_k(cfg, runs=args.runs or 5)
     if "rollout" not in skip:
         row["rollout"] = run_rollout(cfg, s, mode=args.rollout_mode, attention=args.attention)
     if "parity" not in skip:

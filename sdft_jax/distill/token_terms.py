@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from sdft_jax.distill.loss_config import LossConfig
+from sdft_jax.models import top_k
 from sdft_jax.models.lm_head import LMHead
 from sdft_jax.pytrees import pytree_dataclass
 
@@ -182,7 +183,7 @@ def token_terms(
     elif cfg.name in ("topk", "reverse_topk"):
         if cfg.top_k > teacher_logits.shape[-1]:
             raise ValueError(f"LossConfig.top_k={cfg.top_k} exceeds the vocabulary size {teacher_logits.shape[-1]}")
-        top_vals, top_ids = jax.lax.top_k(teacher_logits, cfg.top_k)
+        top_vals, top_ids = top_k.top_k(teacher_logits, cfg.top_k)
         top_ids = checkpoint_name(top_ids, "teacher_topk_ids")
         logw = checkpoint_name(jax.nn.log_softmax(top_vals, axis=-1), "teacher_topk_logw")
         logp_s_top = _take(logp_s, top_ids)

@@ -54,6 +54,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from sdft_jax.models import lora as lora_lib
 from sdft_jax.models.grouped_matmul import grouped_matmul
+from sdft_jax.models import top_k as top_k_lib
 from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.validation import check_bool, check_int, check_number
 
@@ -196,7 +197,7 @@ def route(x: Float[Array, "T D"], router: Float[Array, "D E"], cfg: MoeConfig) -
     """The top-k routing of tokens `x` by router weights `router`, as `Qwen3MoeTopKRouter` computes it."""
     logits = jnp.dot(x, router.astype(x.dtype))
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    top, ids = jax.lax.top_k(probs, cfg.top_k)
+    top, ids = top_k_lib.top_k(probs, cfg.top_k)  # jax.lax.top_k's result; on GPU split along the tokens
     if cfg.norm_topk_prob:
         top = top / jnp.sum(top, axis=-1, keepdims=True)
     return Routing(expert_ids=ids.astype(jnp.int32), weights=top.astype(logits.dtype), probs=probs, logits=logits)

@@ -51,6 +51,10 @@ def test_tiny_run_reports_every_field(tiny_row):
     assert sum(step["matmul_flops"].values()) == pytest.approx(step["step_flops"], rel=0.05)
     assert step["matmul_loops_counted_once"] == 0 and set(step["matmul_flops"]) <= {"bf16", "f32*bf16", "bf16*f32"}
 
+    # The loss's teacher top-K on one chunk: the platform's against jax.lax.top_k, the same ids and values.
+    assert row["top_k"]["rows"] == 256 and row["top_k"]["vocab"] == cfg.vocab_size and row["top_k"]["k"] == 20
+    assert row["top_k"]["top_k_same"] is True and row["top_k"]["lax_ms"] > 0 and row["top_k"]["top_k_ms"] > 0
+
     # The breakdown: every part of the step with its share of the FLOPs and of the step's time.
     breakdown = step["breakdown"]
     parts = breakdown["parts"]
@@ -133,7 +137,7 @@ def test_launch_script_runs_the_bench(tmp_path):
 def test_trace_only_counts_the_matmuls_of_the_step_that_runs(tiny_row):
     """`--trace-only` traces the same step on abstract weights: the same matmuls, nothing else run."""
     row = accel_row("--trace-only")
-    assert set(row) - {"rollout", "attention_parity"} == set(tiny_row) - {"rollout", "attention_parity"}
+    assert set(row) - {"rollout", "attention_parity"} == set(tiny_row) - {"top_k", "rollout", "attention_parity"}
     assert "rollout" not in row and "attention_parity" not in row
     step, ran = row["step"], tiny_row["step"]
     assert step["matmul_flops"] == ran["matmul_flops"] and step["step_flops"] == ran["step_flops"]

@@ -480,3 +480,45 @@ def test_bf16_hidden_states_take_bf16_logit_matmuls_with_fp32_heads(vocab_chunk_
     one = 2 * 27 * D * V
     # bf16: the student's and the teacher's logits, and the student's again in the backward.
     assert matmul_flops(traced.jaxpr)["matmul_flops"] == {"bf16": 3 * one, "bf16*f32": one, "f32*bf16": one}
+
+
+@pytest.mark.parametrize("name", ["topk", "reverse_topk"])
+def test_a_gpu_programs_teacher_top_k_gives_the_same_loss_and_gathers_no_logits_of_a_sharded_batch(name, monkeypatch):
+    """A GPU program takes the teacher's top-K from `models.top_k.top_k`'s sorts (`jax.lax.top_k` is a sort
+    of each whole row there): with the rows sharded over 8 devices it gives the CPU program's loss and
+    gradients, and the compiled program gathers no vocabulary-sized array across the devices (XLA's
+    partitioner all-gathers a top-K's rows; tests/models/top_k_test.py)."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sdft_jax.models import top_k
+
+    rows, length, d, v = 8, 4, 8, 4096  # long enough rows for the grouped top-K
+    keys = jax.random.split(jax.random.key(7), 4)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    by_row = NamedSharding(mesh, P("data"))
+    inputs = dict(
+        student_hidden=jax.device_put(jax.random.normal(keys[0], (rows, length, d)), by_row),
+        student_head=jax.random.normal(keys[1], (d, v)),
+        teacher_hidden=jax.device_put(jax.random.normal(keys[2], (rows, length, d)), by_row),
+        teacher_head=jax.random.normal(keys[3], (d, v)))
+    cfg = LossConfig(name=name, top_k=4, chunk_size=16, vocab_chunk_size=0)
+
+    mask = jax.device_put(jnp.ones((rows, length), bool), by_row)
+
+    def loss(inputs):
+        args = dict(inputs)
+        return chunked_loss(args.pop("student_hidden"), args.pop("student_head"), mask, cfg, **args)[0]
+
+    results = {}
+    for platform in ("cpu", "gpu"):
+        monkeypatch.setattr(top_k, "target_platform", lambda platform=platform: platform)
+        program = jax.jit(jax.value_and_grad(loss), compiler_options=_jit.keywords["compiler_options"]).lower(inputs).compile()
+        results[platform] = program(inputs)
+    assert_close(results["gpu"], results["cpu"], rtol=1e-6, atol=1e-7)
+    assert float(results["gpu"][0]) > 0
+    # (The head's gradient, [D, V], is summed over the rows' devices: an all-reduce, as it must be.)
+    gathered = [line.strip()[:120] for line in program.as_text().splitlines()
+                if any(f" {kind}(" in line or f" {kind}-start(" in line for kind in ("all-gather", "all-to-all"))
+                and f",{v}]" in line]
+    assert gathered == [], "\n".join(gathered)
