@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from sdft_jax.validation import check_int, check_literals, check_number
+from sdft_jax.validation import check_bool, check_int, check_literals, check_number
 
 LossName = Literal["topk", "full_kl", "reverse_topk", "importance_sampling", "jsd", "sft"]
 Reduction = Literal["sequence_mean", "token_mean", "sum"]
@@ -32,6 +32,14 @@ class LossConfig:
         (`head_grad.py`; every loss but `jsd`), so the LM head's gradient is never held twice; 0 = plain
         autodiff, which accumulates it over token chunks in a second [D, V] buffer. Use 0 when the
         vocabulary is split over the `tensor` mesh axis (each block would gather its slice of the head).
+      gather_head: in a sharded step (`models.sharding.activation_sharding`), `chunked_loss` gathers each
+        LM head whole over the mesh axes its hidden dimension is split over (data / fsdp; a vocabulary
+        split over `tensor` stays split) once, before its chunk loops, instead of XLA gathering it inside
+        them, again in every chunk and vocabulary block, and reducing the head's gradient there too. Costs
+        per device the gathered heads (the student's in fp32, for its gradient; the teacher's in its
+        hidden states' dtype) and the student head's whole fp32 gradient (docs/benchmarks.md: Qwen3-8B
+        on 32 v5p chips, 131 GB less all-gathered and 83 GB less all-reduced per step, +3.7 GB). False:
+        the head stays split, for a vocabulary too large to hold whole.
     """
 
     name: LossName = "topk"
@@ -41,6 +49,7 @@ class LossConfig:
     skip_first_tokens: int = 3
     chunk_size: int = 256
     vocab_chunk_size: int = 16384
+    gather_head: bool = True
 
     def __post_init__(self):
         check_literals(self)
@@ -49,3 +58,4 @@ class LossConfig:
         check_int("LossConfig.skip_first_tokens", self.skip_first_tokens, minimum=0)
         check_int("LossConfig.chunk_size", self.chunk_size, minimum=1)
         check_int("LossConfig.vocab_chunk_size", self.vocab_chunk_size, minimum=0)
+        check_bool("LossConfig.gather_head", self.gather_head)

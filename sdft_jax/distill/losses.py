@@ -56,6 +56,7 @@ from sdft_jax.distill.token_terms import (
     token_terms,
 )
 from sdft_jax.models.lm_head import LMHead
+from sdft_jax.models.sharding import constrain
 from sdft_jax.pytrees import pytree_dataclass
 
 __all__ = ["LossConfig", "LossName", "Reduction", "ReductionTotals", "chunked_loss", "dense_loss", "reduction_totals"]
@@ -130,6 +131,15 @@ def _prepare(
         ),
     )
     return streams, scored
+
+
+def _gathered(head: LMHead, cfg: LossConfig) -> LMHead:
+    """`head` whole over the mesh axes its hidden dimension is split over, its vocabulary split as the rules
+    say (`LossConfig.gather_head`; unchanged outside `activation_sharding` or with `gather_head` off)."""
+    if not cfg.gather_head:
+        return head
+    axes = ("vocab", None) if head.vocab_major else (None, "vocab")
+    return dataclasses.replace(head, weight=constrain(head.weight, axes))
 
 
 def _layout(head: LMHead, d: int, v: int | None) -> str:
@@ -321,8 +331,9 @@ def chunked_loss(
     # The head enters the loops as fp32, so that its gradient accumulates over chunks in fp32 (a bf16
     # accumulator would round away the small per-chunk contributions); its matmuls cast it to the hidden
     # states' dtype (the blocked path once, the autodiff path per chunk).
-    student_head = student_head.astype(jnp.float32)
-    teacher_head = None if streams.teacher_hidden is None else teacher_head.stop_gradient()
+    student_head = _gathered(student_head.astype(jnp.float32), cfg)
+    teacher_head = None if streams.teacher_hidden is None else _gathered(
+        teacher_head.astype(streams.teacher_hidden.dtype).stop_gradient(), cfg)
     if cfg.vocab_chunk_size and cfg.name in head_grad.BLOCKED_LOSSES:
         token_loss, token_metrics = head_grad.blocked_terms(cfg, student_head, teacher_head, xs)
     else:

@@ -522,3 +522,60 @@ def test_a_gpu_programs_teacher_top_k_gives_the_same_loss_and_gathers_no_logits_
                 if any(f" {kind}(" in line or f" {kind}-start(" in line for kind in ("all-gather", "all-to-all"))
                 and f",{v}]" in line]
     assert gathered == [], "\n".join(gathered)
+
+
+@pytest.mark.parametrize("vocab_chunk_size", [0, 64])
+def test_gathering_the_heads_once_gives_the_same_loss_with_far_fewer_collectives(vocab_chunk_size, monkeypatch):
+    """`LossConfig.gather_head` on an fsdp mesh (8 fake devices, the heads' hidden dimension split): the same
+    loss and gradients as the heads left split, each head gathered once, outside the loops (XLA otherwise
+    gathers it inside the chunk and vocabulary loops), and far fewer bytes gathered. The GPU program's
+    top-K, which gathers nothing (on CPU `lax.top_k` gathers each chunk's logits). (XLA:CPU still reduces
+    the head's gradient per chunk; libtpu defers it: docs/benchmarks.md.)"""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import re
+
+    from sdft_jax.bench.hlo_collectives import collectives
+    from sdft_jax.models import top_k
+    from sdft_jax.models.sharding import activation_sharding
+
+    monkeypatch.setattr(top_k, "target_platform", lambda: "gpu")
+    rows, length, d, v = 8, 16, 32, 256  # 8 chunks of 16 tokens
+    keys = jax.random.split(jax.random.key(8), 4)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+    by_row, by_hidden = NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P("fsdp", None))
+    inputs = dict(student_hidden=jax.device_put(jax.random.normal(keys[0], (rows, length, d)), by_row),
+                  student_head=jax.device_put(jax.random.normal(keys[1], (d, v)), by_hidden),
+                  teacher_hidden=jax.device_put(jax.random.normal(keys[2], (rows, length, d)), by_row),
+                  teacher_head=jax.device_put(jax.random.normal(keys[3], (d, v)), by_hidden))
+    mask = jax.device_put(jnp.ones((rows, length), bool), by_row)
+
+    def program(gather_head):
+        cfg = LossConfig(name="topk", top_k=4, chunk_size=16, vocab_chunk_size=vocab_chunk_size,
+                         gather_head=gather_head)
+
+        def loss(inputs):
+            args = dict(inputs)
+            return chunked_loss(args.pop("student_hidden"), args.pop("student_head"), mask, cfg, **args)[0]
+
+        with activation_sharding(mesh):
+            return jax.jit(jax.value_and_grad(loss), compiler_options=_jit.keywords["compiler_options"]
+                           ).lower(inputs).compile()
+
+    gathered, split = program(True), program(False)
+    assert_close(gathered(inputs), split(inputs), rtol=1e-6, atol=1e-7)
+
+    def head_gathers(compiled) -> dict[str, int]:
+        """All-gathers of a head (or of a vocabulary block of it: [D, *]), inside the loops and outside."""
+        found = {"in_loops": 0, "outside": 0}
+        for line in compiled.as_text().splitlines():
+            if re.search(rf"= f32\[{d},\d+\]\S* all-gather(-start)?\(", line):
+                found["in_loops" if "while/body" in line else "outside"] += 1
+        return found
+
+    assert head_gathers(gathered) == {"in_loops": 0, "outside": 2}  # each head once
+    assert head_gathers(split)["in_loops"] >= 2
+    executed = {name: collectives(p.as_text())["all-gather"]["executed_bytes"]
+                for name, p in (("gathered", gathered), ("split", split))}
+    assert executed["gathered"] * 2 < executed["split"], executed
