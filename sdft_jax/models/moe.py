@@ -53,8 +53,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from sdft_jax.models import lora as lora_lib
-from sdft_jax.models.grouped_matmul import grouped_matmul
 from sdft_jax.models import top_k as top_k_lib
+from sdft_jax.models.grouped_matmul import grouped_matmul
 from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.validation import check_bool, check_int, check_number
 

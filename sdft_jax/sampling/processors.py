@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Key, UInt32
 
+from sdft_jax.models.top_k import order_keys
 from sdft_jax.validation import check_int, check_number
 
 
@@ -53,25 +54,17 @@ def sampling_logits(
         raise ValueError("temperature 0 (greedy) has no sampling distribution to compute")
     x = logits.astype(jnp.float32) / jnp.float32(temperature)
     if 0 < top_k < x.shape[-1]:
-        keys = jax.lax.optimization_barrier(_order_keys(x))
+        keys = jax.lax.optimization_barrier(order_keys(x))
         kth = _largest_threshold(keys, lambda keep: jnp.sum(keep, axis=-1, dtype=jnp.int32) >= top_k)
         x = jnp.where(keys >= kth, x, -jnp.inf)
     if top_p < 1:
         # The barrier materialises probs and keys once; fused into the 32 passes of `_largest_threshold`
         # they would be recomputed in each.
         probs = jnp.exp(x - jax.nn.logsumexp(x, axis=-1, keepdims=True))
-        probs, keys = jax.lax.optimization_barrier((probs, _order_keys(probs)))
+        probs, keys = jax.lax.optimization_barrier((probs, order_keys(probs)))
         last = _largest_threshold(keys, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), axis=-1) >= top_p)
         x = jnp.where(keys >= last, x, -jnp.inf)
     return x
-
-
-def _order_keys(x: Float[Array, "*B V"]) -> UInt32[Array, "*B V"]:
-    """uint32 keys in the same order as the float32 values (-inf lowest)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    sign = jnp.uint32(0x80000000)
-    # Positive floats: set the sign bit so they sort above negatives; negatives: flip all bits.
-    return jnp.where(bits & sign, ~bits, bits | sign)
 
 
 def _largest_threshold(
