@@ -482,38 +482,50 @@ def test_bf16_hidden_states_take_bf16_logit_matmuls_with_fp32_heads(vocab_chunk_
     assert matmul_flops(traced.jaxpr)["matmul_flops"] == {"bf16": 3 * one, "bf16*f32": one, "f32*bf16": one}
 
 
-@pytest.mark.parametrize("name", ["topk", "reverse_topk"])
-def test_a_gpu_programs_teacher_top_k_gives_the_same_loss_and_gathers_no_logits_of_a_sharded_batch(name, monkeypatch):
-    """A GPU program takes the teacher's top-K from `models.top_k.top_k`'s sorts (`jax.lax.top_k` is a sort
-    of each whole row there): with the rows sharded over 8 devices it gives the CPU program's loss and
-    gradients, and the compiled program gathers no vocabulary-sized array across the devices (XLA's
-    partitioner all-gathers a top-K's rows; tests/models/top_k_test.py)."""
-    from jax.sharding import Mesh, NamedSharding
+def _sharded_loss_program(cfg, mesh, *, rows, length, d, v, seed, heads_split):
+    """The compiled value and gradient of `chunked_loss` with the rows split over `mesh`'s one axis (and the
+    heads' hidden dimension too when `heads_split`), traced under `activation_sharding`; and its inputs."""
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sdft_jax.models import top_k
+    from sdft_jax.models.sharding import activation_sharding
 
-    rows, length, d, v = 8, 4, 8, 4096  # long enough rows for the grouped top-K
-    keys = jax.random.split(jax.random.key(7), 4)
-    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
-    by_row = NamedSharding(mesh, P("data"))
-    inputs = dict(
-        student_hidden=jax.device_put(jax.random.normal(keys[0], (rows, length, d)), by_row),
-        student_head=jax.random.normal(keys[1], (d, v)),
-        teacher_hidden=jax.device_put(jax.random.normal(keys[2], (rows, length, d)), by_row),
-        teacher_head=jax.random.normal(keys[3], (d, v)))
-    cfg = LossConfig(name=name, top_k=4, chunk_size=16, vocab_chunk_size=0)
-
+    (axis,) = mesh.axis_names
+    by_row = NamedSharding(mesh, P(axis))
+    by_head = NamedSharding(mesh, P(axis, None) if heads_split else P())
+    keys = jax.random.split(jax.random.key(seed), 4)
+    inputs = dict(student_hidden=jax.device_put(jax.random.normal(keys[0], (rows, length, d)), by_row),
+                  student_head=jax.device_put(jax.random.normal(keys[1], (d, v)), by_head),
+                  teacher_hidden=jax.device_put(jax.random.normal(keys[2], (rows, length, d)), by_row),
+                  teacher_head=jax.device_put(jax.random.normal(keys[3], (d, v)), by_head))
     mask = jax.device_put(jnp.ones((rows, length), bool), by_row)
 
     def loss(inputs):
         args = dict(inputs)
         return chunked_loss(args.pop("student_hidden"), args.pop("student_head"), mask, cfg, **args)[0]
 
+    with activation_sharding(mesh):
+        program = jax.jit(jax.value_and_grad(loss), compiler_options=_jit.keywords["compiler_options"])
+        return program.lower(inputs).compile(), inputs
+
+
+@pytest.mark.parametrize("name", ["topk", "reverse_topk"])
+def test_a_gpu_programs_teacher_top_k_gives_the_same_loss_and_gathers_no_logits_of_a_sharded_batch(name, monkeypatch):
+    """A GPU program takes the teacher's top-K from `models.top_k.top_k`'s sorts (`jax.lax.top_k` is a sort
+    of each whole row there): with the rows sharded over 8 devices it gives the CPU program's loss and
+    gradients, and the compiled program gathers no vocabulary-sized array across the devices (XLA's
+    partitioner all-gathers a top-K's rows; tests/models/top_k_test.py)."""
+    from jax.sharding import Mesh
+
+    from sdft_jax.models import top_k
+
+    v = 4096  # long enough rows for the grouped top-K
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    cfg = LossConfig(name=name, top_k=4, chunk_size=16, vocab_chunk_size=0)
     results = {}
     for platform in ("cpu", "gpu"):
         monkeypatch.setattr(top_k, "target_platform", lambda platform=platform: platform)
-        program = jax.jit(jax.value_and_grad(loss), compiler_options=_jit.keywords["compiler_options"]).lower(inputs).compile()
+        program, inputs = _sharded_loss_program(cfg, mesh, rows=8, length=4, d=8, v=v, seed=7, heads_split=False)
         results[platform] = program(inputs)
     assert_close(results["gpu"], results["cpu"], rtol=1e-6, atol=1e-7)
     assert float(results["gpu"][0]) > 0
@@ -531,39 +543,23 @@ def test_gathering_the_heads_once_gives_the_same_loss_with_far_fewer_collectives
     gathers it inside the chunk and vocabulary loops), and far fewer bytes gathered. The GPU program's
     top-K, which gathers nothing (on CPU `lax.top_k` gathers each chunk's logits). (XLA:CPU still reduces
     the head's gradient per chunk; libtpu defers it: docs/benchmarks.md.)"""
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     import re
+
+    from jax.sharding import Mesh
 
     from sdft_jax.bench.hlo_collectives import collectives
     from sdft_jax.models import top_k
-    from sdft_jax.models.sharding import activation_sharding
 
     monkeypatch.setattr(top_k, "target_platform", lambda: "gpu")
-    rows, length, d, v = 8, 16, 32, 256  # 8 chunks of 16 tokens
-    keys = jax.random.split(jax.random.key(8), 4)
+    d = 32
     mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
-    by_row, by_hidden = NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P("fsdp", None))
-    inputs = dict(student_hidden=jax.device_put(jax.random.normal(keys[0], (rows, length, d)), by_row),
-                  student_head=jax.device_put(jax.random.normal(keys[1], (d, v)), by_hidden),
-                  teacher_hidden=jax.device_put(jax.random.normal(keys[2], (rows, length, d)), by_row),
-                  teacher_head=jax.device_put(jax.random.normal(keys[3], (d, v)), by_hidden))
-    mask = jax.device_put(jnp.ones((rows, length), bool), by_row)
 
     def program(gather_head):
         cfg = LossConfig(name="topk", top_k=4, chunk_size=16, vocab_chunk_size=vocab_chunk_size,
-                         gather_head=gather_head)
+                         gather_head=gather_head)  # 8 chunks of 16 tokens
+        return _sharded_loss_program(cfg, mesh, rows=8, length=16, d=d, v=256, seed=8, heads_split=True)
 
-        def loss(inputs):
-            args = dict(inputs)
-            return chunked_loss(args.pop("student_hidden"), args.pop("student_head"), mask, cfg, **args)[0]
-
-        with activation_sharding(mesh):
-            return jax.jit(jax.value_and_grad(loss), compiler_options=_jit.keywords["compiler_options"]
-                           ).lower(inputs).compile()
-
-    gathered, split = program(True), program(False)
+    (gathered, inputs), (split, _) = program(True), program(False)
     assert_close(gathered(inputs), split(inputs), rtol=1e-6, atol=1e-7)
 
     def head_gathers(compiled) -> dict[str, int]:
