@@ -26,7 +26,6 @@ import importlib.metadata
 import importlib.util
 import itertools
 import logging
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -39,7 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sdft_jax import rendezvous
-from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, logical_to_spec
+from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, batch_shards, logical_to_spec
 from sdft_jax.validation import check_choice, check_int
 
 _log = logging.getLogger(__name__)
@@ -293,13 +292,6 @@ def batch_spec(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> PartitionSpec
     return logical_to_spec(("batch",), None, mesh, rules)
 
 
-def _batch_shards(mesh: Mesh, rules: LogicalRules) -> int:
-    axes = batch_spec(mesh, rules)[0]
-    if axes is None:
-        return 1
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-
-
 def data_shard(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, *, process_index: int | None = None) -> DataShard:
     """This process's block of every global batch under `mesh` (index 0 of 1 with one process)."""
     return _data_shard(mesh, rules, jax.process_index() if process_index is None else process_index)
@@ -307,7 +299,7 @@ def data_shard(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, *, process_index
 
 @functools.lru_cache(maxsize=64)  # asked for every batch; a pod's mesh has thousands of devices
 def _data_shard(mesh: Mesh, rules: LogicalRules, process_index: int) -> DataShard:
-    n = _batch_shards(mesh, rules)
+    n = batch_shards(mesh, rules)
     # With one row per batch shard, each device's index tells which shard of the rows it holds.
     sharding = NamedSharding(mesh, batch_spec(mesh, rules))
     rows_of: dict[int, set[int]] = {}
@@ -344,7 +336,7 @@ def global_batch(local_batch, mesh: Mesh | None, rules: LogicalRules = DEFAULT_R
     if mesh is None:
         return jax.tree.map(jnp.asarray, local_batch)
     shard = data_shard(mesh, rules)
-    n = _batch_shards(mesh, rules)
+    n = batch_shards(mesh, rules)
     sharding = NamedSharding(mesh, batch_spec(mesh, rules))
 
     def one(x):

@@ -40,6 +40,7 @@ from jaxtyping import Array, Float, Int
 
 from sdft_jax.distill.loss_config import LossConfig
 from sdft_jax.models.lm_head import LMHead
+from sdft_jax.models.sharding import active_batch_shards, pin_rows, split_rows
 from sdft_jax.pytrees import pytree_dataclass
 from sdft_jax.distill.token_terms import (
     TokenMetrics,
@@ -205,11 +206,19 @@ def _blocked_backward(
     residuals: _Residuals,
     cotangents: tuple[Float[Array, "n B P"], TokenMetrics],
 ) -> tuple[LMHead, None, TokenStreams]:
-    """Gradients of the head and the student hidden states, one vocab block at a time."""
+    """Gradients of the head and the student hidden states, one vocab block at a time.
+
+    The head's gradient is a sum over the batch's rows. With the rows split over devices (a sharded step),
+    each device computes its own rows of every token chunk (`models.sharding.split_rows`) and accumulates
+    their part of a vocab block's gradient over the token chunks; the parts are summed once per block, after
+    the token loop: XLA's partitioner on CPU and GPU would otherwise all-reduce every chunk's contribution
+    (libtpu's defers that by itself). (Carrying the parts through the vocab loop as well, to sum them once
+    at the end, cost the TPU program 1.5 heads of fp32 more memory for the same bytes reduced.)"""
     loss_cotangent, _ = cotangents  # the metrics carry no gradient
     coefficients = residuals.coefficients.times(loss_cotangent)
     head = residuals.student_head
     hidden = residuals.streams.student_hidden  # [n_chunks, B, P, D]
+    parts = active_batch_shards(hidden.shape[1])
     vocab = head.vocab
     block = min(cfg.vocab_chunk_size, vocab)
     n_blocks = -(-vocab // block)
@@ -224,9 +233,9 @@ def _blocked_backward(
         w_t = residuals.teacher_head.columns(start, block) if uses_teacher else None
         fresh = (start + jnp.arange(block)) >= j * block
 
-        def token_chunk(
-            d_w: Float[Array, "_ _"], x: _BackwardChunk
-        ) -> tuple[Float[Array, "_ _"], Float[Array, "B P D"]]:
+        def one_part(x: _BackwardChunk) -> tuple[Float[Array, "_ _"], Float[Array, "b P D"]]:
+            """A token chunk's rows of one batch shard: their part of the block's head gradient, and their
+            hidden states' gradient."""
             cf = x.coefficients
             g = cf.alpha[..., None] * _softmax(student_logits(x.student_hidden, w), cf.student_norm)
             if uses_teacher:
@@ -239,14 +248,20 @@ def _blocked_backward(
             # The logits' gradient stays fp32 (rounding it to bf16 would cost the hidden states'
             # gradient, a sum of terms that cancel, up to a few % where it is small): these two matmuls
             # are fp32 whatever the hidden states' dtype.
-            d_w = d_w + w.weight_grad(x.student_hidden, g, preferred_element_type=jnp.float32)
+            d_w = w.weight_grad(x.student_hidden, g, preferred_element_type=jnp.float32)
             d_h = x.d_hidden + w.hidden_grad(jnp.where(fresh, g, 0.0), preferred_element_type=jnp.float32)
             return d_w, d_h
 
+        def token_chunk(
+            d_w: Float[Array, "S _ _"], x: _BackwardChunk
+        ) -> tuple[Float[Array, "S _ _"], Float[Array, "B P D"]]:
+            d_w_parts, d_h = jax.vmap(one_part)(jax.tree.map(lambda a: split_rows(a, parts), x))
+            return d_w + pin_rows(d_w_parts), d_h.reshape(x.d_hidden.shape)
+
         chunks = _BackwardChunk(student_hidden=hidden, coefficients=coefficients, d_hidden=d_hidden,
                                 teacher_hidden=residuals.streams.teacher_hidden if uses_teacher else None)
-        d_w, d_hidden = jax.lax.scan(token_chunk, jnp.zeros(w.weight.shape, jnp.float32), chunks)
-        d_head = d_head.with_columns(d_w, start)
+        d_w, d_hidden = jax.lax.scan(token_chunk, _zero_parts(parts, w.weight.shape), chunks)
+        d_head = d_head.with_columns(jnp.sum(d_w, axis=0), start)
         return d_head, d_hidden
 
     zero_head = dataclasses.replace(head, weight=jnp.zeros(head.weight.shape, jnp.float32))
@@ -256,6 +271,11 @@ def _blocked_backward(
     d_streams = TokenStreams(student_hidden=d_hidden.astype(hidden.dtype), teacher_hidden=None, targets=None,
                              sampler_logprobs=None)
     return d_head, None, d_streams
+
+
+def _zero_parts(parts: int, shape: tuple[int, ...]) -> Float[Array, "S ..."]:
+    """fp32 zeros `[parts, *shape]`, one part per batch shard."""
+    return pin_rows(jnp.zeros((parts, *shape), jnp.float32))
 
 
 blocked_terms.defvjp(_blocked_forward, _blocked_backward)

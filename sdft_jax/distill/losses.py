@@ -25,9 +25,11 @@ gradient twice. `python -m sdft_jax.bench loss` measures both.
 
 Chunks run along the sequence and hold every row of the batch (`chunk_size // B` positions each, at
 least one), so a batch sharded over a data axis stays sharded: each device computes its own rows of
-every chunk. `chunk_size` counts tokens of the global batch; with `n` data shards a device holds
-`chunk_size / n` of them, so raise it with the number of shards. A vocabulary sharded over a tensor
-axis needs no special code: GSPMD inserts the cross-shard reductions for the log-softmax and top-K.
+every chunk (as one part of the chunk: `models.sharding.split_rows`, so that the head's gradient is summed
+over the devices after the loops, not in every iteration). `chunk_size` counts tokens of the global batch;
+with `n` data shards a device holds `chunk_size / n` of them, so raise it with the number of shards. A
+vocabulary sharded over a tensor axis needs no special code: GSPMD inserts the cross-shard reductions for
+the log-softmax and top-K.
 
 Micro-batches. The reductions divide by counts of the whole batch (its scored positions, its rows
 with any), so a part of the batch cannot reduce alone. Given the whole batch's `ReductionTotals`
@@ -56,7 +58,7 @@ from sdft_jax.distill.token_terms import (
     token_terms,
 )
 from sdft_jax.models.lm_head import LMHead
-from sdft_jax.models.sharding import constrain
+from sdft_jax.models.sharding import active_batch_shards, constrain, pin_rows, split_rows
 from sdft_jax.pytrees import pytree_dataclass
 
 __all__ = ["LossConfig", "LossName", "Reduction", "ReductionTotals", "chunked_loss", "dense_loss", "reduction_totals"]
@@ -240,7 +242,17 @@ def _scanned_terms(
     cfg: LossConfig, student_head: LMHead, teacher_head: LMHead | None, chunks: TokenStreams
 ) -> tuple[Float[Array, "n B P"], TokenMetrics]:
     """Per-position loss and metrics over the chunks, differentiated by autodiff: each chunk is
-    rematerialised in the backward pass, except the teacher values it saves."""
+    rematerialised in the backward pass, except the teacher values it saves.
+
+    Each batch shard's rows of a chunk are computed as one part (`models.sharding.split_rows`; one part
+    outside a sharded step) with a copy of the student head of its own, so that autodiff accumulates each
+    part's share of the head's gradient on its device through the loop and sums the copies' gradients once,
+    after it: XLA's partitioner on CPU and GPU would otherwise all-reduce every chunk's share inside the loop
+    (libtpu's defers that by itself)."""
+    rows = chunks.student_hidden.shape[1]
+    parts = active_batch_shards(rows)
+    head_copies = None if parts == 1 else pin_rows(
+        jnp.broadcast_to(student_head.weight, (parts, *student_head.weight.shape)))
 
     @functools.partial(
         jax.checkpoint,
@@ -248,14 +260,21 @@ def _scanned_terms(
         prevent_cse=False,  # safe inside scan, and lets XLA share work between the recomputed parts
     )
     def chunk(
-        s_head: LMHead, t_head: LMHead | None, xc: TokenStreams
-    ) -> tuple[Float[Array, "B P"], TokenMetrics]:
+        s_weight: Float[Array, "_ _"], t_head: LMHead | None, xc: TokenStreams
+    ) -> tuple[Float[Array, "b P"], TokenMetrics]:
+        s_head = dataclasses.replace(student_head, weight=s_weight)
         t_logits = None if t_head is None else teacher_logits(xc.teacher_hidden, t_head)
         terms = token_terms(cfg, student_logits(xc.student_hidden, s_head), t_logits, xc.targets, xc.sampler_logprobs)
         return terms.loss, terms.metrics
 
-    _, (token_loss, token_metrics) = jax.lax.scan(
-        lambda carry, xc: (carry, chunk(student_head, teacher_head, xc)), None, chunks)
+    def by_parts(carry: None, xc: TokenStreams) -> tuple[None, tuple[Float[Array, "B P"], TokenMetrics]]:
+        if parts == 1:  # one device's rows: a copy of the head (one part) would only cost XLA:CPU a buffer
+            return carry, chunk(student_head.weight, teacher_head, xc)
+        split = jax.tree.map(lambda a: split_rows(a, parts), xc)
+        out = jax.vmap(chunk, in_axes=(0, None, 0))(head_copies, teacher_head, split)
+        return carry, jax.tree.map(lambda a: a.reshape(rows, *a.shape[2:]), out)
+
+    _, (token_loss, token_metrics) = jax.lax.scan(by_parts, None, chunks)
     return token_loss, token_metrics
 
 

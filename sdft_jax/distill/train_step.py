@@ -25,7 +25,6 @@ assignments; with micro-batches those come from a forward of the student over ev
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
@@ -42,7 +41,13 @@ from sdft_jax.distill.losses import LossConfig, ReductionTotals, chunked_loss, r
 from sdft_jax.distill.train_state import OptimConfig, TrainState
 from sdft_jax.models import moe as moe_lib
 from sdft_jax.models.lm_head import LMHead
-from sdft_jax.models.sharding import DEFAULT_RULES, LogicalRules, activation_sharding, active_mesh, constrain
+from sdft_jax.models.sharding import (
+    DEFAULT_RULES,
+    LogicalRules,
+    activation_sharding,
+    active_batch_shards,
+    constrain,
+)
 from sdft_jax.models.transformer import ModelOutput, Transformer, positions_from_mask
 from sdft_jax.validation import check_bool, check_int
 
@@ -173,17 +178,6 @@ def _summed(running: nnx.State, grads: nnx.State, sums: dict[str, Array]) -> nnx
     return jax.tree_util.tree_map_with_path(one, running, grads, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _batch_shards() -> int:
-    """How many ways the enclosing `activation_sharding` mesh splits a batch's rows (1 outside one)."""
-    active = active_mesh()
-    if active is None:
-        return 1
-    mesh, rules = active
-    axes = distributed.batch_spec(mesh, rules)[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def micro_batch_count(rows: int, cfg: StepConfig, shards: int = 1) -> int:
     """How many micro-batches `cfg` cuts a batch of `rows` rows into (1 = the whole batch at once);
     raises ValueError naming `micro_batch_size` when they do not split the rows evenly over `shards`
@@ -249,7 +243,7 @@ def train_step(
     sft = cfg.loss.name == "sft"
 
     # 1-3. Teacher forward, student forward and backward: the whole batch at once, or micro-batches.
-    count = micro_batch_count(batch.rows, cfg, _batch_shards())
+    count = micro_batch_count(batch.rows, cfg, active_batch_shards())
     if count == 1:
         (loss, (metrics, router_stats)), grads = step_gradients(graphdef, state, batch, cfg)
     else:

@@ -131,6 +131,51 @@ def activation_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iter
         _ACTIVATION_CONTEXT.reset(token)
 
 
+def batch_shards(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, rows: int | None = None) -> int:
+    """Into how many parts the `batch` rule splits a batch's rows on `mesh`; given `rows`, 1 when the rule's
+    mesh axes do not divide them (the rows are then replicated)."""
+    axes = logical_to_spec(("batch",), None if rows is None else (rows,), mesh, rules)[0]
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def active_batch_shards(rows: int | None = None) -> int:
+    """`batch_shards` of the enclosing `activation_sharding` block's mesh and rules; 1 outside one."""
+    ctx = _ACTIVATION_CONTEXT.get()
+    return 1 if ctx is None else batch_shards(*ctx, rows=rows)
+
+
+def split_rows(x: jax.Array, parts: int) -> jax.Array:
+    """`[B, ...]` -> `[parts, B / parts, ...]`, the leading axis split over the mesh as the batch's rows are
+    (within `activation_sharding`; the other dimensions left to the compiler).
+
+    With `parts = active_batch_shards(B)` each device holds one part: a function `jax.vmap`ped over the parts
+    runs on each device's own rows, and a sum over rows it returns stays a per-device partial sum, `[parts,
+    ...]`, until the caller sums the leading axis. Accumulated in a loop that way, the partial sums cost one
+    reduction after the loop where XLA's partitioner (XLA:CPU's and XLA:GPU's) would all-reduce in every
+    iteration (docs/benchmarks.md, "The head's gradient reduced once")."""
+    if x.shape[0] % parts:
+        raise ValueError(f"split_rows: {x.shape[0]} rows do not split into {parts} parts")
+    x = x.reshape(parts, x.shape[0] // parts, *x.shape[1:])
+    return pin_rows(x)
+
+
+def pin_rows(x: jax.Array) -> jax.Array:
+    """`x` with its leading axis split over the mesh as a batch's rows are and the other dimensions left to
+    the compiler (`with_sharding_constraint`; a no-op outside `activation_sharding`, or when the leading
+    axis does not split)."""
+    ctx = _ACTIVATION_CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    rows = logical_to_spec(("batch",), x.shape[:1], mesh, rules)[0]
+    if rows is None:
+        return x
+    spec = PartitionSpec(rows, *[PartitionSpec.UNCONSTRAINED] * (x.ndim - 1))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def target_platform() -> str:
     """The platform ("cpu", "gpu", "tpu") the program being traced is for: that of the enclosing
     `activation_sharding` mesh's devices, else JAX's default backend. The two differ only when a program

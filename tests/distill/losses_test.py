@@ -539,10 +539,10 @@ def test_a_gpu_programs_teacher_top_k_gives_the_same_loss_and_gathers_no_logits_
 @pytest.mark.parametrize("vocab_chunk_size", [0, 64])
 def test_gathering_the_heads_once_gives_the_same_loss_with_far_fewer_collectives(vocab_chunk_size, monkeypatch):
     """`LossConfig.gather_head` on an fsdp mesh (8 fake devices, the heads' hidden dimension split): the same
-    loss and gradients as the heads left split, each head gathered once, outside the loops (XLA otherwise
-    gathers it inside the chunk and vocabulary loops), and far fewer bytes gathered. The GPU program's
-    top-K, which gathers nothing (on CPU `lax.top_k` gathers each chunk's logits). (XLA:CPU still reduces
-    the head's gradient per chunk; libtpu defers it: docs/benchmarks.md.)"""
+    loss and gradients as the heads left split, each head gathered once, outside the loops; without it the
+    blocked backward (`vocab_chunk_size` > 0) gathers its vocabulary blocks inside the loops, and far more
+    bytes (the autodiff path's per-shard copies of the student head gather it once either way). The GPU
+    program's top-K, which gathers nothing (on CPU `lax.top_k` gathers each chunk's logits)."""
     import re
 
     from jax.sharding import Mesh
@@ -571,7 +571,43 @@ def test_gathering_the_heads_once_gives_the_same_loss_with_far_fewer_collectives
         return found
 
     assert head_gathers(gathered) == {"in_loops": 0, "outside": 2}  # each head once
-    assert head_gathers(split)["in_loops"] >= 2
     executed = {name: collectives(p.as_text())["all-gather"]["executed_bytes"]
                 for name, p in (("gathered", gathered), ("split", split))}
-    assert executed["gathered"] * 2 < executed["split"], executed
+    assert executed["gathered"] == 2 * d * 256 * 4, executed
+    if vocab_chunk_size:
+        assert head_gathers(split)["in_loops"] >= 2
+        assert executed["gathered"] < executed["split"], executed
+
+
+@pytest.mark.parametrize("name, vocab_chunk_size", [("topk", 64), ("full_kl", 64), ("reverse_topk", 64),
+                                                    ("topk", 0), ("jsd", 0)])
+def test_a_sharded_batchs_head_gradient_is_reduced_once_after_the_loops(name, vocab_chunk_size, monkeypatch):
+    """The rows split over 8 fake devices (`fsdp`, the heads' hidden dimension split too): the loss and
+    gradients equal one device's, and the program's all-reduces move the head's gradient once, with the
+    scalars: each device accumulates its rows' share through the chunk and vocabulary loops, where XLA's
+    CPU / GPU partitioner would all-reduce every chunk's (and vocabulary block's) share inside them: 8 chunks
+    here, 8 times the bytes (blocked backward and autodiff path)."""
+    from jax.sharding import Mesh
+
+    from sdft_jax.bench.hlo_collectives import collectives
+    from sdft_jax.models import top_k
+
+    monkeypatch.setattr(top_k, "target_platform", lambda: "gpu")  # a GPU program's top-K: no gathered logits
+    d, v = 32, 256
+    mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+    cfg = LossConfig(name=name, top_k=4, chunk_size=16, vocab_chunk_size=vocab_chunk_size)  # 8 chunks of 16
+    program, inputs = _sharded_loss_program(cfg, mesh, rows=8, length=16, d=d, v=v, seed=9, heads_split=True)
+    sharded = program(inputs)
+
+    def loss(inputs):
+        args = dict(inputs)
+        mask = jnp.ones(args["student_hidden"].shape[:2], bool)
+        return chunked_loss(args.pop("student_hidden"), args.pop("student_head"), mask, cfg, **args)[0]
+
+    one_device = jax.jit(jax.value_and_grad(loss))(jax.device_get(inputs))
+    assert_close(sharded, one_device, rtol=1e-5, atol=1e-6)
+    assert float(sharded[0]) > 0
+
+    reduced = collectives(program.as_text())["all-reduce"]
+    head_bytes = d * v * 4
+    assert head_bytes <= reduced["executed_bytes"] < head_bytes + 64, reduced

@@ -82,6 +82,36 @@ def test_constrain_is_a_noop_without_a_mesh():
     assert sharding.constrain(x, ("batch", None)) is x
 
 
+def test_batch_shards_counts_the_parts_the_batch_rule_splits_rows_into():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert sharding.batch_shards(mesh) == sharding.batch_shards(mesh, rows=8) == 4  # data x fsdp, not tensor
+    assert sharding.batch_shards(mesh, rows=6) == 1  # 4 parts do not divide 6 rows: they stay whole
+    assert sharding.batch_shards(sharding.make_mesh({"tensor": 8})) == 1
+    assert sharding.active_batch_shards(8) == 1  # outside `activation_sharding`
+    with sharding.activation_sharding(mesh):
+        assert sharding.active_batch_shards(8) == 4
+        assert sharding.active_batch_shards(6) == 1
+
+
+def test_split_rows_gives_each_device_its_own_rows_as_one_part():
+    """`[B, ...]` -> `[parts, B / parts, ...]` with part i the rows device i holds: the same values as a
+    reshape, and every device's shard of the result its shard of the input."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    rows = jax.device_put(jnp.arange(16 * 3, dtype=jnp.float32).reshape(16, 3),
+                          jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None)))
+    with sharding.activation_sharding(mesh):
+        parts = jax.jit(lambda x: sharding.split_rows(x, sharding.active_batch_shards(x.shape[0])))(rows)
+    np.testing.assert_array_equal(parts, np.asarray(rows).reshape(8, 2, 3))
+    assert parts.sharding.spec[0] == ("data", "fsdp")
+    held = {shard.device: np.asarray(shard.data) for shard in rows.addressable_shards}
+    for shard in parts.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data)[0], held[shard.device])
+    with pytest.raises(ValueError, match="16 rows do not split into 3 parts"):
+        sharding.split_rows(rows, 3)
+    x = jnp.ones((4, 2))
+    assert sharding.pin_rows(x) is x  # outside `activation_sharding`
+
+
 def test_target_platform_is_the_mesh_devices_one_when_compiling_for_a_tpu_slice():
     """A program traced for a TPU slice from this CPU process (`bench plan --compiler tpu`) takes the TPU
     pieces: `ragged_dot` for the grouped matmul, splash attention."""
