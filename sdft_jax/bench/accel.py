@@ -33,6 +33,9 @@ Four figures:
   real rows and of the gradients (q, k, v) of a loss over them; in bf16 (beside it the plain path's own
   bf16-vs-fp32 difference, the yardstick) and fp32 (cuDNN runs no fp32: there the "xla" kernel).
 
+`--loss-chunk N` / `--vocab-chunk N` set the loss's token chunk and vocabulary block (`LossConfig.chunk_size`,
+`vocab_chunk_size`; the step row reports both): the loss's loops run 32 x 10 small matmuls per pass at
+the defaults, which a device session can sweep with `--skip breakdown,top_k,rollout,parity`.
 `--tiny` shrinks every shape so the command runs on CPU in seconds (the test suite checks its fields).
 `--trace-only` traces the step on abstract weights and reports `step.matmul_flops` alone, on any machine
 in seconds: what the check's step asks of the tensor cores before a GPU is at hand.
@@ -65,6 +68,10 @@ def parse_args(argv):
                    help="the step's rematerialisation (default dots, as bench step)")
     p.add_argument("--attention", choices=["auto", "plain", "xla", "cudnn", "splash"], default="auto",
                    help="the model's attention kernel (default auto: cuDNN on GPU, splash on TPU, plain on CPU)")
+    p.add_argument("--loss-chunk", type=int, default=None,
+                   help="the loss's token chunk, LossConfig.chunk_size (default its default, 256)")
+    p.add_argument("--vocab-chunk", type=int, default=None,
+                   help="the loss's vocabulary block, LossConfig.vocab_chunk_size (default 16384; 0 = autodiff)")
     p.add_argument("--runs", type=int, default=None, help="timed steps / rollouts after the first (default 5 / 2)")
     p.add_argument("--rollout-mode", choices=ROLLOUT_MODES, default="static")
     p.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout (default 64)")
@@ -89,6 +96,7 @@ def shapes(args) -> dict:
             dict(layers=28, batch=8, prompt_len=256, teacher_prompt_len=512, completion_len=1024, runs=5,
                  rollout_prompts=64, rollout_prompt_len=256, new_tokens=512, parity_len=2048, parity_batch=4))
     base["slots"] = args.slots
+    base["loss_chunk"], base["vocab_chunk"] = args.loss_chunk, args.vocab_chunk
     for name in ("layers", "batch", "prompt_len", "teacher_prompt_len", "completion_len", "runs", "rollout_prompts",
                  "rollout_prompt_len", "new_tokens"):
         if getattr(args, name) is not None:
@@ -114,6 +122,16 @@ def chip_peak_tflops(device_kind: str) -> float | None:
     return next((peak for chip, peak in PEAK_BF16_TFLOPS.items() if chip in device_kind), None)
 
 
+def loss_config(s: dict):
+    """The step's loss: top-K (K = 20) with `LossConfig`'s chunking but where `--loss-chunk` /
+    `--vocab-chunk` set it."""
+    from sdft_jax.distill.loss_config import LossConfig
+
+    chunking = {name: s[key] for name, key in (("chunk_size", "loss_chunk"), ("vocab_chunk_size", "vocab_chunk"))
+                if s.get(key) is not None}
+    return LossConfig(name="topk", **chunking)
+
+
 def _random_model(cfg, *, remat: str, attention: str):
     import jax.numpy as jnp
     from flax import nnx
@@ -131,7 +149,6 @@ def _step_inputs(cfg, s: dict, *, remat: str, attention: str, abstract: bool = F
     from flax import nnx
 
     from sdft_jax.distill.batch import make_step_batch
-    from sdft_jax.distill.losses import LossConfig
     from sdft_jax.distill.teacher import TeacherConfig
     from sdft_jax.distill.train_state import OptimConfig, abstract_train_state, init_train_state
     from sdft_jax.distill.train_step import StepConfig, shard_batch
@@ -139,7 +156,7 @@ def _step_inputs(cfg, s: dict, *, remat: str, attention: str, abstract: bool = F
     build = lambda: _random_model(cfg, remat=remat, attention=attention)  # noqa: E731
     model = nnx.eval_shape(build) if abstract else build()
     kernel = model.attention_kernel()
-    step_cfg = StepConfig(loss=LossConfig(name="topk"), teacher=TeacherConfig(mode="ema"),
+    step_cfg = StepConfig(loss=loss_config(s), teacher=TeacherConfig(mode="ema"),
                           optim=OptimConfig(learning_rate=1e-5, schedule="constant", warmup_ratio=0.0))
     graphdef, state = (abstract_train_state if abstract else init_train_state)(model, step_cfg.optim)
     rng = np.random.default_rng(0)
@@ -147,6 +164,10 @@ def _step_inputs(cfg, s: dict, *, remat: str, attention: str, abstract: bool = F
     batch = shard_batch(make_step_batch(rows(s["prompt_len"]), rows(s["teacher_prompt_len"]),
                                         rows(s["completion_len"]), pad_id=0), None)
     return graphdef, state, batch, step_cfg, kernel
+
+
+def _chunking(step_cfg) -> dict:
+    return dict(loss_chunk_size=step_cfg.loss.chunk_size, vocab_chunk_size=step_cfg.loss.vocab_chunk_size)
 
 
 def trace_step(cfg, s: dict, *, remat: str, attention: str) -> dict:
@@ -162,8 +183,8 @@ def trace_step(cfg, s: dict, *, remat: str, attention: str) -> dict:
     flops = step_flops(cfg, s["batch"], s["prompt_len"], s["teacher_prompt_len"], s["completion_len"],
                        DEFAULT_QUERY_BLOCK)
     return dict(attention_kernel=kernel, remat=remat, batch=s["batch"], prompt_len=s["prompt_len"],
-                teacher_prompt_len=s["teacher_prompt_len"], completion_len=s["completion_len"], step_flops=flops,
-                **matmul_flops(traced.jaxpr))
+                teacher_prompt_len=s["teacher_prompt_len"], completion_len=s["completion_len"],
+                **_chunking(step_cfg), step_flops=flops, **matmul_flops(traced.jaxpr))
 
 
 def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None, breakdown: bool = False) -> dict:
@@ -204,7 +225,8 @@ def run_step(cfg, s: dict, *, remat: str, attention: str, peak: float | None, br
     loss = float(metrics["loss"]) if "loss" in metrics else None
     row = dict(attention_kernel=kernel, remat=remat, batch=s["batch"], prompt_len=s["prompt_len"],
                teacher_prompt_len=s["teacher_prompt_len"], completion_len=s["completion_len"],
-               compile_s=round(compile_s, 2), step_s=round(step_s, 6), runs=s["runs"], step_flops=flops,
+               **_chunking(step_cfg), compile_s=round(compile_s, 2), step_s=round(step_s, 6), runs=s["runs"],
+               step_flops=flops,
                tflops_per_s=round(achieved, 2), peak_tflops=peak,
                mfu=None if peak is None else round(achieved / peak, 4),
                completion_tokens_per_s=round(s["batch"] * s["completion_len"] / step_s, 1),

@@ -142,3 +142,12 @@ def test_trace_only_counts_the_matmuls_of_the_step_that_runs(tiny_row):
     step, ran = row["step"], tiny_row["step"]
     assert step["matmul_flops"] == ran["matmul_flops"] and step["step_flops"] == ran["step_flops"]
     assert "step_s" not in step and "breakdown" not in step
+
+
+def test_loss_chunking_flags_reach_the_step(tiny_row):
+    """`--loss-chunk` / `--vocab-chunk` set the step's `LossConfig` chunking (for sweeping it on a device) and
+    are reported; the loss does not depend on them."""
+    assert (tiny_row["step"]["loss_chunk_size"], tiny_row["step"]["vocab_chunk_size"]) == (256, 16384)
+    step = accel_row("--skip", "breakdown,top_k,rollout,parity", "--loss-chunk", "4", "--vocab-chunk", "0")["step"]
+    assert (step["loss_chunk_size"], step["vocab_chunk_size"]) == (4, 0)
+    assert step["loss"] == pytest.approx(tiny_row["step"]["loss"], rel=1e-4)
